@@ -1,0 +1,138 @@
+"""Chat with a LLaMA (optionally 4-bit, optionally with a LoRA adapter): prompt -> tokens -> text.
+
+    python generate.py --prompt "Once upon a time" --temperature 0
+    python generate.py --model path/to/Llama-2-7b-hf --quant nf4 --adapter out/ \\
+        --instruction "Give three tips for staying healthy."
+
+Decoding, as in gpt-fast: one forward pass over the prompt fills the KV cache (prefill), then one
+token at a time reads the cache instead of recomputing the past. Sampling: temperature scales the
+logits (0 means greedy argmax), top-k keeps the k most likely tokens, top-p keeps the smallest set
+whose probabilities sum to p. The text is streamed as it is produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Iterator, Optional
+
+import torch
+
+from data import format_prompt
+from model import Transformer, load_model, load_tokenizer
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "stories260K")
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """logits (B, vocab) -> next token ids (B,)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token if the tokens ranked above it already cover top_p (the first is always kept).
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                    top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = None,
+                    generator: Optional[torch.Generator] = None) -> Iterator[int]:
+    """Yield new token ids one by one (batch 1), using a KV cache; stop at `eos_id`."""
+    device = model.embed_tokens.weight.device
+    total = min(len(prompt_ids) + max_new_tokens, model.args.max_seq_len)
+    if len(prompt_ids) >= total:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context of "
+                         f"{model.args.max_seq_len}")
+    model.setup_cache(batch_size=1, max_seq_len=total)
+    try:
+        tokens = torch.tensor([prompt_ids], device=device)
+        input_pos = torch.arange(len(prompt_ids), device=device)
+        for pos in range(len(prompt_ids), total):
+            logits = model(tokens, input_pos=input_pos)[:, -1]
+            next_id = sample(logits, temperature, top_k, top_p, generator)
+            token = int(next_id)
+            if token == eos_id:
+                return
+            yield token
+            tokens, input_pos = next_id.view(1, 1), torch.tensor([pos], device=device)
+    finally:
+        model.remove_cache()
+
+
+def build_model(model_dir: str, device: str, dtype: torch.dtype, quant: str = "none",
+                adapter: Optional[str] = None) -> Transformer:
+    """Load the base model (quantized while loading if asked) and apply a LoRA adapter if given."""
+    quantize = None
+    if quant != "none":
+        from quant import quantize_module
+        quantize = lambda block: quantize_module(block, quant)  # noqa: E731
+    model = load_model(model_dir, device=device, dtype=dtype, quantize=quantize)
+    if adapter:
+        from lora import load_adapter
+        load_adapter(model, adapter)
+        model.to(device)
+    return model.eval()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model folder (HF layout or Meta layout), with tokenizer.model")
+    p.add_argument("--prompt", help="raw text to continue")
+    p.add_argument("--instruction", help="an instruction, wrapped in Stanford Alpaca's prompt template")
+    p.add_argument("--input", default="", help="optional input/context for --instruction")
+    p.add_argument("--adapter", help="folder of a trained LoRA adapter (adapter_model.safetensors)")
+    p.add_argument("--quant", default="none", choices=["none", "nf4", "int4"], help="4-bit base weights")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="stop after this many new tokens")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 means greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass p")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
+    args = p.parse_args(argv)
+    if (args.prompt is None) == (args.instruction is None):
+        p.error("give exactly one of --prompt or --instruction")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    tokenizer = load_tokenizer(args.model)
+    model = build_model(args.model, args.device, dtype, args.quant, args.adapter)
+    text = args.prompt if args.prompt is not None else format_prompt(args.instruction, args.input)
+    prompt_ids = tokenizer.encode(text, bos=True)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+
+    print(text, end="", flush=True)
+    new_ids, printed = [], ""
+    prefix = tokenizer.decode(prompt_ids)
+    t0 = time.perf_counter()
+    for token in generate_tokens(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
+                                 args.top_p, tokenizer.eos_id, generator):
+        new_ids.append(token)
+        # Decode everything so far and print the new suffix: sentencepiece drops a token's leading
+        # space when it is decoded alone, so the prompt is decoded with it and cut off again.
+        full = tokenizer.decode(prompt_ids + new_ids)[len(prefix):]
+        print(full[len(printed):], end="", flush=True)
+        printed = full
+    dt = time.perf_counter() - t0
+    print(f"\n\n[{len(new_ids)} tokens in {dt:.2f} s: {len(new_ids) / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
