@@ -1,0 +1,73 @@
+"""The training loss: next-token cross-entropy over response tokens, without full-vocabulary logits.
+
+For a batch of hidden states h (N tokens x dim) and the frozen LM head W (vocab x dim), the loss is
+
+    L = sum_t [ logsumexp(h_t W^T) - (h_t W^T)[y_t] ]          (summed over target tokens t)
+    dL/dh_t = (softmax(h_t W^T) - onehot(y_t)) W
+
+A 7B LLaMA has a 32,000-word vocabulary: the float32 logits of 8 x 512 tokens take 0.5 GB, and
+autograd would keep them (and their softmax) until the backward pass. Two savings:
+  1. Only positions whose label is not IGNORE_INDEX go through the head (the prompt is masked).
+  2. The head runs over chunks of tokens, and since W is frozen the gradient with respect to h is
+     computed right there, chunk by chunk: only dL/dh (N x dim, 16-bit) is kept for backward.
+This is the idea behind fused linear cross-entropy kernels (e.g. Liger), written in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum_t CE(h_t @ W^T, y_t), computed in chunks of `chunk` tokens; W gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        acc = torch.promote_types(h.dtype, torch.float32)  # float32 logits for 16-bit inputs
+        grad_h = torch.empty_like(h) if h.requires_grad else None
+        total = torch.zeros((), dtype=acc, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            hc, yc = h[start:start + chunk], targets[start:start + chunk]
+            logits = (hc @ weight.T).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if grad_h is not None:
+                probs = torch.exp(logits - lse[:, None])          # softmax, in place of the logits
+                probs[torch.arange(len(yc), device=h.device), yc] -= 1.0
+                grad_h[start:start + chunk] = probs.to(h.dtype) @ weight
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None
+
+
+def causal_lm_loss_sum(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+                       chunk: int = 2048) -> tuple[torch.Tensor, int]:
+    """(sum of next-token losses, number of target tokens) for hidden (B, T, dim), labels (B, T).
+
+    labels are aligned with the inputs (HF convention): position t predicts labels[t + 1].
+    """
+    if lm_head_weight.requires_grad:
+        raise ValueError("the chunked loss assumes a frozen LM head (it computes no gradient for it)")
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    h = hidden[:, :-1][keep]  # only target positions go through the head
+    y = targets[keep]
+    n = int(y.numel())
+    if n == 0:
+        return hidden.sum() * 0.0, 0  # keeps the graph connected (DDP needs every rank to backward)
+    return ChunkedLinearCrossEntropy.apply(h, lm_head_weight, y, chunk), n
+
+
+def reference_loss_sum(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The plain version: full logits, then F.cross_entropy (used by the tests as a reference)."""
+    logits = hidden[:, :-1] @ lm_head_weight.T
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
