@@ -156,22 +156,22 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
         raise ValueError("add_lora: no target module names given")
     if lora_modules(model):
         raise ValueError("add_lora: the model already has LoRA adapters (merge_lora or a fresh model first)")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    found = {t: 0 for t in targets}
-    # Collect first, then replace: never mutate the module tree while iterating over it.
+    # Find every site first and check them all, so that a bad target leaves the model untouched.
     sites = [(parent, name, child) for parent in model.modules()
-             for name, child in parent.named_children() if name in found]
-    for parent, name, child in sites:
+             for name, child in parent.named_children() if name in targets]
+    missing = [t for t in targets if not any(name == t for _, name, _ in sites)]
+    if missing:
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "in_features")})
+        raise ValueError(f"add_lora: target(s) {missing} match no module; linear layers here are named {linear_names}")
+    for _, name, child in sites:
         if not (hasattr(child, "in_features") and hasattr(child, "out_features")):
             raise TypeError(f"add_lora: target {name!r} is a {type(child).__name__}, not a linear layer")
-        setattr(parent, name, LoRALinear(child, r, alpha, dropout, lora_dtype))
-        found[name] += 1
-    missing = [t for t, n in found.items() if n == 0]
-    if missing:
-        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                               if hasattr(m, "in_features") and not isinstance(m, LoRALinear)})
-        raise ValueError(f"add_lora: target(s) {missing} match no module; linear layers here are named {linear_names}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for parent, name, child in sites:
+        adapter = LoRALinear(child, r, alpha, dropout, lora_dtype)
+        adapter.train(child.training)  # follow the model's train/eval mode (dropout)
+        setattr(parent, name, adapter)
     trainable = {n: p for n, p in model.named_parameters() if is_lora_param(n)}
     for p in trainable.values():
         p.requires_grad_(True)
