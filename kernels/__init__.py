@@ -1,0 +1,19 @@
+"""Triton kernels for 4-bit (NF4 / INT4) weights, one kernel per file.
+
+    dequantize(w, dtype)        kernels/dequantize.py      dense weight, e.g. for dequantize+cuBLAS
+    fused_matmul(x, w)          kernels/fused_matmul.py    y = x @ W.T, tiles dequantized on chip
+    fused_matmul_dx(dy, w)      kernels/fused_matmul_dx.py dx = dy @ W (backward), same idea
+    skinny_matmul(x, w)         kernels/skinny_matmul.py   y = x @ W.T for M <= 16 (decoding)
+
+`w` is a quant.QuantizedWeight, or anything with its attribute names (kernels/_launch.py); the
+packed layout is documented in quant.py and kernels/_tile.py. This package imports only torch and
+triton; quant.py imports it lazily, only on CUDA. On the CPU the kernels run under the Triton
+interpreter (TRITON_INTERPRET=1 set before triton is imported), which the tests use.
+"""
+
+from .dequantize import dequantize
+from .fused_matmul import fused_matmul
+from .fused_matmul_dx import fused_matmul_dx
+from .skinny_matmul import skinny_matmul
+
+__all__ = ["dequantize", "fused_matmul", "fused_matmul_dx", "skinny_matmul"]

@@ -1,0 +1,90 @@
+"""Python-side helpers of the launchers: checking a quantized weight and an activation, turning the
+weight into kernel arguments, and choosing between the autotuned kernel and a fixed config.
+
+A "quantized weight" is any object with the attributes of quant.QuantizedWeight (duck typing, so
+that kernels/ does not import quant.py): quant_type, out_features, in_features, block_size,
+packed, scales, zeros, code, double_quant, absmax2, offset, code8, dq_block_size.
+"""
+
+import os
+
+import torch
+
+FORMAT_NF4, FORMAT_NF4_DQ, FORMAT_INT4 = 0, 1, 2
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def weight_args(w):
+    """Check a quantized weight; return (FORMAT, the 7 pointer tensors, KP, QBLOCK, DQ_BLOCK).
+
+    Pointer order: packed, scales, zeros, absmax2, code, code8, offset (unused ones get `packed`).
+    """
+    n, k, qb = w.out_features, w.in_features, w.block_size
+    packed = w.packed
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or not packed.is_contiguous():
+        raise ValueError("packed must be a contiguous 2-D uint8 tensor (N, K_pad/2)")
+    kp = 2 * packed.shape[1]
+    if packed.shape[0] != n or kp < k or kp % qb:
+        raise ValueError(f"packed shape {tuple(packed.shape)} does not fit a {n}x{k} weight "
+                         f"with block size {qb}")
+    if qb < 16 or qb & (qb - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {qb}")
+    if tuple(w.scales.shape) != (kp // qb, n) or not w.scales.is_contiguous():
+        raise ValueError(f"scales must be contiguous with shape {(kp // qb, n)}, "
+                         f"got {tuple(w.scales.shape)}")
+    if w.quant_type == "nf4":
+        if w.code is None or w.code.numel() != 16 or w.code.dtype != torch.float32:
+            raise ValueError("NF4 weight needs a float32 code table of 16 values")
+        if w.double_quant:
+            fmt = FORMAT_NF4_DQ
+            if w.scales.dtype != torch.uint8 or w.code8 is None or w.code8.numel() != 256:
+                raise ValueError("double-quantized NF4 needs uint8 scales and a 256-value code8")
+            if w.absmax2 is None or w.offset is None:
+                raise ValueError("double-quantized NF4 needs absmax2 and offset")
+        else:
+            fmt = FORMAT_NF4
+            if w.scales.dtype != torch.float32:
+                raise ValueError("NF4 absmax (scales) must be float32")
+    elif w.quant_type == "int4":
+        fmt = FORMAT_INT4
+        if w.scales.dtype != torch.float32 or w.zeros is None or w.zeros.dtype != torch.uint8:
+            raise ValueError("INT4 needs float32 scales and uint8 zeros")
+    else:
+        raise ValueError(f"unknown quant_type {w.quant_type!r}")
+    tensors = [packed, w.scales, w.zeros, w.absmax2, w.code, w.code8, w.offset]
+    for t in tensors:
+        if t is not None and t.device != packed.device:
+            raise ValueError(f"all tensors of the weight must be on {packed.device}, one is on {t.device}")
+    tensors = [packed if t is None else t for t in tensors]
+    return fmt, tensors, kp, qb, getattr(w, "dq_block_size", 256)
+
+
+def check_activation(x: torch.Tensor, features: int, device: torch.device, name: str = "x"):
+    """x must be a 2-D float16/bfloat16/float32 tensor (M, features) on `device`."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a 2-D tensor (M, {features}), got {shape}")
+    if x.shape[1] != features:
+        raise ValueError(f"{name} has {x.shape[1]} columns, expected {features}")
+    if x.dtype not in ACT_DTYPES:
+        raise TypeError(f"unsupported {name} dtype {x.dtype}: expected float16, bfloat16 or float32")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, the weight on {device}")
+    if x.device.type != "cuda" and not interpreting():
+        raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+
+
+def split_config(config: dict):
+    """A config dict -> (meta-parameters, launch options num_warps/num_stages)."""
+    meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    opts = {k: config[k] for k in ("num_warps", "num_stages") if k in config}
+    return meta, opts
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
