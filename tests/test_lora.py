@@ -212,6 +212,39 @@ def test_merge_dequantizes_a_quantized_base_into_chosen_dtype():
     assert m2.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
 
 
+def _quantized_adapted(device="cpu", dtype=torch.float32, quant_type="nf4"):
+    quant = pytest.importorskip("quant")
+    m = M.load_model(TINY, device=device, dtype=dtype)
+    quant.quantize_model(m, quant_type)
+    add_lora(m, r=4, alpha=8, dropout=0.0)
+    randomize_adapters(m, std=0.05)
+    return m.eval(), quant
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int4"])
+def test_lora_on_real_4bit_base_trains_merges_and_exports(tmp_path, quant_type):
+    m, quant = _quantized_adapted(quant_type=quant_type)
+    q = m.layers[1].mlp.gate_proj
+    assert isinstance(q.base, quant.QuantLinear)
+    x = tokens()
+    with torch.no_grad():
+        ref = m(x)
+    # y = x W_hat^T + s x A^T B^T with W_hat = dequantize(): the 4-bit base is just an opaque linear
+    h = torch.randn(3, 64)
+    torch.testing.assert_close(q(h), h @ q.base.dequantize().T + 2.0 * h @ q.lora_A.weight.T @ q.lora_B.weight.T,
+                               rtol=1e-5, atol=1e-5)
+    m.train()
+    m(x).logsumexp(-1).sum().backward()
+    assert {n for n, p in m.named_parameters() if p.grad is not None} == set(lora_state_dict(m))
+    m.eval()
+    lora.export_merged(m, str(tmp_path), m.args.to_hf_config(), dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(M.load_model(str(tmp_path))(x), ref, rtol=1e-4, atol=1e-4)
+        merge_lora(m)
+        torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-4)
+    assert type(m.layers[1].mlp.gate_proj) is nn.Linear
+
+
 # ---------------------------------------------------------------------------------------------
 # Saving and loading in PEFT's layout
 # ---------------------------------------------------------------------------------------------
@@ -452,3 +485,23 @@ def test_bf16_model_with_float32_adapters_on_gpu():
         out = g(x.cuda())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float().cpu(), ref, rtol=0.1, atol=0.25)
+
+
+@cuda
+def test_bf16_lora_on_4bit_base_on_gpu():
+    """The QLoRA configuration: NF4 base (Triton kernels on CUDA), bf16 compute, float32 adapters."""
+    ref_model, _ = _quantized_adapted()
+    g, _ = _quantized_adapted(device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for n, p in lora_state_dict(g).items():
+            p.copy_(lora_state_dict(ref_model)[n])
+    x = tokens()
+    with torch.no_grad():
+        ref = ref_model(x)
+    g.train()
+    out = g(x.cuda())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float().cpu(), ref, rtol=0.1, atol=0.25)
+    out.float().logsumexp(-1).sum().backward()
+    grads = {n: p.grad for n, p in g.named_parameters() if p.grad is not None}
+    assert set(grads) == set(lora_state_dict(g)) and all(v.dtype == torch.float32 for v in grads.values())
