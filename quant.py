@@ -477,6 +477,8 @@ class QuantLinear(nn.Module):
     """A frozen 4-bit nn.Linear: y = x @ W_hat.T (+ bias). W lives in buffers (no gradient).
 
     dequantize(dtype) returns the dense (out_features, in_features) weight, e.g. to merge LoRA.
+    .to(device) moves it; .to(dtype) casts only the bias: the quantization buffers keep their
+    dtypes (see _apply). The matmul runs in the dtype of its input.
     """
 
     def __init__(self, qweight: QuantizedWeight, bias: Optional[torch.Tensor] = None,
@@ -500,6 +502,21 @@ class QuantLinear(nn.Module):
         w = linear.weight.detach()
         qw = quantize_weight(w, quant_type, block_size, double_quant)
         return cls(qw, linear.bias, weight_dtype=w.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) / .half() / .bfloat16() cast every floating-point buffer; the
+        # quantization state (float32 absmax, scales, code tables) must keep its dtypes, so only
+        # device moves reach it. The bias follows the module's dtype like any buffer.
+        kept = {name: self._buffers.pop(name) for name in _TENSOR_FIELDS if name in self._buffers}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in kept.items():
+                if t is not None:
+                    moved = fn(t)
+                    t = moved if moved.dtype == t.dtype else t.to(moved.device)
+                self._buffers[name] = t
+        return self
 
     def qweight(self) -> QuantizedWeight:
         """The buffers as a QuantizedWeight (no copies)."""
