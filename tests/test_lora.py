@@ -212,9 +212,9 @@ def test_merge_dequantizes_a_quantized_base_into_chosen_dtype():
     assert m2.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
 
 
-def _quantized_adapted(device="cpu", dtype=torch.float32, quant_type="nf4"):
+def _quantized_adapted(quant_type="nf4"):
     quant = pytest.importorskip("quant")
-    m = M.load_model(TINY, device=device, dtype=dtype)
+    m = M.load_model(TINY)
     quant.quantize_model(m, quant_type)
     add_lora(m, r=4, alpha=8, dropout=0.0)
     randomize_adapters(m, std=0.05)
@@ -468,12 +468,22 @@ def test_peft_matches_ours_on_gpu(tmp_path):
     _peft_matches_ours(tmp_path, "cuda")
 
 
+def rel_err(a, b):
+    return ((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm()).item()
+
+
+# bf16 compute vs float32: whole-model logits differ by ~0.7% (relative norm) from bf16 rounding
+# alone (measured with bf16 on the CPU: 0.0066 for the 16-bit model, 0.0096 for the NF4 model, whose
+# reference is quantized from the same bf16-rounded weights); the adapters used here move the
+# logits by ~25%, so a dropped or mis-scaled adapter cannot pass the 2% / 3% bounds.
+
 @cuda
 def test_bf16_model_with_float32_adapters_on_gpu():
     m = adapted()
     x = tokens()
     with torch.no_grad():
-        ref = m(x)
+        ref, base = m(x), tiny()(x)
+    assert rel_err(base, ref) > 0.2
     g = M.load_model(TINY, device="cuda", dtype=torch.bfloat16)
     add_lora(g, r=4, alpha=8, dropout=0.05)
     with torch.no_grad():
@@ -484,24 +494,36 @@ def test_bf16_model_with_float32_adapters_on_gpu():
     with torch.no_grad():
         out = g(x.cuda())
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float().cpu(), ref, rtol=0.1, atol=0.25)
+    assert rel_err(out, ref) < 0.02
 
 
 @cuda
 def test_bf16_lora_on_4bit_base_on_gpu():
     """The QLoRA configuration: NF4 base (Triton kernels on CUDA), bf16 compute, float32 adapters."""
-    ref_model, _ = _quantized_adapted()
-    g, _ = _quantized_adapted(device="cuda", dtype=torch.bfloat16)
+    quant = pytest.importorskip("quant")
+
+    def nf4_model(device, compute_dtype):
+        m = M.load_model(TINY, device=device, dtype=torch.bfloat16).to(compute_dtype)  # bf16-rounded weights
+        return quant.quantize_model(m, "nf4")
+
+    ref_model, base = nf4_model("cpu", torch.float32), nf4_model("cpu", torch.float32)
+    add_lora(ref_model, r=4, alpha=8, dropout=0.0)
+    randomize_adapters(ref_model, std=0.1)
+    g = nf4_model("cuda", torch.bfloat16)
+    add_lora(g, r=4, alpha=8, dropout=0.0)
+    assert isinstance(g.layers[0].self_attn.q_proj.base, quant.QuantLinear)
     with torch.no_grad():
         for n, p in lora_state_dict(g).items():
             p.copy_(lora_state_dict(ref_model)[n])
     x = tokens()
     with torch.no_grad():
-        ref = ref_model(x)
+        ref, ref_base = ref_model.eval()(x), base.eval()(x)
+    assert rel_err(ref_base, ref) > 0.2
     g.train()
     out = g(x.cuda())
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float().cpu(), ref, rtol=0.1, atol=0.25)
+    assert rel_err(out.detach(), ref) < 0.03
     out.float().logsumexp(-1).sum().backward()
     grads = {n: p.grad for n, p in g.named_parameters() if p.grad is not None}
     assert set(grads) == set(lora_state_dict(g)) and all(v.dtype == torch.float32 for v in grads.values())
+    assert all(torch.isfinite(v).all() for v in grads.values())
