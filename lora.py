@@ -6,11 +6,11 @@ A frozen linear y = W x (W: out x in) gets a trainable low-rank update (LoRA pap
 
   - A starts Kaiming-uniform and B starts at zero, so B A = 0: at step 0 the adapted model *is* the
     base model, and training moves away from it smoothly.
-  - The update is scaled by alpha / r. The paper explains why: with Adam, scaling the update by
-    1/r makes the effective step roughly independent of r, so alpha (tuned once, "like a learning
-    rate") need not be re-tuned when r changes. QLoRA trains r=64, alpha=16 adapters on *every*
-    linear of the block (q, k, v, o, gate, up, down; QLoRA paper, section 4), which is what
-    `add_lora`'s default targets do.
+  - The update is scaled by alpha / r, alpha a constant in r. With Adam, tuning alpha is roughly
+    tuning the learning rate, and the 1/r factor means alpha (set once) need not be re-tuned when
+    r changes (LoRA 4.1). QLoRA found that adapters on *every* linear of the block (q, k, v, o,
+    gate, up, down) are needed to match 16-bit full fine-tuning (QLoRA paper, section 4; its runs
+    use r = 64, alpha = 16), which is what `add_lora`'s default targets do.
   - The base W can be anything that maps x to W x and has `in_features`/`out_features`: a plain
     nn.Linear, or quant.py's 4-bit linear (QLoRA: the base is stored in NF4 and dequantized on the
     fly, gradients flow *through* it to the adapters but never *into* it).
