@@ -1,7 +1,7 @@
 """Data for instruction tuning: read Alpaca records, tokenize with masked prompts, batch or pack.
 
-This file follows the data half of Stanford Alpaca's train.py (tatsu-lab/stanford_alpaca), and the
-QLoRA recipe of training on the response only (QLoRA paper, section 5: "train on target"):
+This file follows the data half of Stanford Alpaca's train.py (tatsu-lab/stanford_alpaca), and, as
+both it and QLoRA's qlora.py do by default (train_on_source=False), trains on the response only:
   - `Tokenizer`: a thin wrapper around the LLaMA sentencepiece model. LLaMA has no pad token and we
     add none (no embedding resize): padding uses an existing id (EOS) and is masked out of the loss.
   - `PROMPT_DICT`: Alpaca's two prompt templates, with and without an `input` field.
