@@ -182,9 +182,19 @@ def ours_decode(a) -> list[dict]:
 # The Hugging Face stack (optional imports; run in a subprocess so each side has the GPU alone)
 # ---------------------------------------------------------------------------------------------
 
+def import_transformers():
+    """Import transformers without letting it see this project's top-level `kernels/` package:
+    transformers looks for an optional package of that name (Hugging Face's hub kernels)."""
+    import data  # noqa: F401  (our modules the HF side uses are imported first)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+    import transformers
+    return transformers
+
+
 def hf_prepare(shape: str, folder: str):
     if os.path.isfile(os.path.join(folder, "config.json")):
         return
+    import_transformers()
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = {k: v for k, v in hf_config(shape).items() if k not in ("architectures", "model_type")}
     torch.manual_seed(0)
@@ -196,6 +206,7 @@ def hf_prepare(shape: str, folder: str):
 
 
 def hf_load(folder: str, quant: str):
+    import_transformers()
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
     kw = dict(dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa")
     if quant == "nf4":
