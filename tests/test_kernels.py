@@ -1,0 +1,313 @@
+"""Tests of kernels/ against quant.py (the reference) and float64 matmuls.
+
+On the CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
+on small, ragged shapes: M = 1, M and N not multiples of the tile, K not a multiple of the block
+size (padding) or of the tile, several K, fp16/fp32 (the interpreter's bf16 tl.dot is broken,
+triton issue 11584), non-contiguous inputs, every weight format and both code lookups.
+With CUDA the same small tests run on the GPU (bf16 instead of fp16), plus `cuda`-marked tests on
+LLaMA-7B shapes and against bitsandbytes (importorskip).
+
+Matmul tolerance (elementwise, float64 reference ref = a @ b):
+    |y - ref| <= u * |ref| + 8 u * sqrt((a*a) @ (b*b)) + R * 2^-24 * (|a| @ |b|)
+u is the unit roundoff of the dtype (2^-8 bf16, 2^-11 fp16, 2^-24 fp32). The first term is the
+rounding of y, the second covers rounding the dequantized weight to the dtype (the skinny M = 1
+kernel skips it: each product then differs by at most u relative, and the sum of R such errors has
+a standard deviation below u / sqrt(3) * sqrt(sum (a b)^2), so 8u is a > 10 sigma bound), the third
+is the worst case of float32 accumulation over R terms. A wrong code, nibble, scale or block
+produces errors of the order of sqrt((a*a) @ (b*b)) itself, far above the bound.
+"""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kernels  # noqa: E402  (after conftest has set TRITON_INTERPRET)
+import quant  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+
+FORMATS = {  # name -> (quant_type, double_quant, block_size)
+    "nf4": ("nf4", False, 64),
+    "nf4dq": ("nf4", True, 64),
+    "nf4dq32": ("nf4", True, 32),
+    "int4": ("int4", False, 64),
+    "int4g128": ("int4", False, 128),
+}
+
+
+def small_dtype(dtype):
+    """fp16 on the CPU interpreter stands for the bf16 that the GPU runs."""
+    return torch.bfloat16 if (ON_GPU and dtype == torch.float16) else dtype
+
+
+def gaussian(*shape, seed=0, dtype=torch.float32, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
+
+
+def make_weight(fmt, n, k, seed=0, device=DEVICE):
+    qt, dq, bs = FORMATS[fmt]
+    return quant.quantize_weight(gaussian(n, k, seed=seed, device=device) * 0.05, qt, bs, dq)
+
+
+def assert_matmul_close(y, a, b, dtype):
+    """y ~ a @ b within the bound of the module docstring (a, b: float64 or castable)."""
+    a, b = a.double(), b.double()
+    ref = a @ b
+    u = UNIT_ROUNDOFF[dtype]
+    bound = (u * ref.abs() + 8 * u * torch.sqrt((a * a) @ (b * b))
+             + a.shape[1] * 2.0**-24 * (a.abs() @ b.abs()) + 1e-30)
+    assert y.shape == ref.shape and y.dtype == dtype
+    err = (y.double() - ref).abs()
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"error up to {worst:.3g} x the bound"
+
+
+def assert_dequantized_equal(got, expected, double_quant):
+    """Equal, except that on the GPU a double-quantized absmax may be computed with one fused
+    multiply-add (one rounding instead of two): then a few values move by one ulp of the dtype."""
+    if not (ON_GPU and double_quant):
+        assert torch.equal(got, expected)
+        return
+    ulp = torch.finfo(expected.dtype).eps * expected.float().abs()
+    diff = (got.float() - expected.float()).abs()
+    assert (diff <= ulp).all()
+    assert (diff > 0).float().mean().item() < 1e-3
+
+
+# ------------------------------------------------------------------------------- dequantize
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("shape", [(40, 128), (72, 100)], ids=["40x128", "72x100pad"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["16bit", "fp32"])
+def test_dequantize_equals_reference(fmt, shape, dtype):
+    dtype = small_dtype(dtype)
+    qw = make_weight(fmt, *shape)
+    got = kernels.dequantize(qw, dtype)
+    assert got.shape == shape and got.dtype == dtype
+    assert_dequantized_equal(got, quant.dequantize(qw, dtype), qw.double_quant)
+
+
+@pytest.mark.parametrize("config", [
+    {"BLOCK_R": 8, "BLOCK_C": 64, "LOOKUP": 1},
+    {"BLOCK_R": 32, "BLOCK_C": 256, "LOOKUP": 0},
+], ids=["select-64", "gather-256"])
+def test_dequantize_configs(config):
+    qw = make_weight("nf4dq", 40, 192, seed=1)
+    assert_dequantized_equal(kernels.dequantize(qw, torch.float32, config=config),
+                             quant.dequantize(qw, torch.float32), True)
+
+
+# ------------------------------------------------------------------------------- matmuls
+
+CASES = [  # (format, N, K, M, dtype): ragged N, M; K padded (100), not a multiple of tiles (320)
+    ("nf4dq", 40, 128, 1, torch.float32),
+    ("nf4dq", 72, 100, 33, torch.float16),
+    ("nf4", 48, 320, 5, torch.float16),
+    ("nf4", 40, 128, 17, torch.float32),
+    ("int4", 72, 100, 1, torch.float16),
+    ("int4g128", 48, 320, 33, torch.float32),
+    ("int4", 40, 192, 5, torch.float32),
+    ("nf4dq32", 72, 100, 7, torch.float16),
+]
+CASE_IDS = [f"{c[0]}-N{c[1]}-K{c[2]}-M{c[3]}-{str(c[4])[6:]}" for c in CASES]
+
+
+@pytest.mark.parametrize("fmt,n,k,m,dtype", CASES, ids=CASE_IDS)
+def test_fused_matmul_equals_reference(fmt, n, k, m, dtype):
+    dtype = small_dtype(dtype)
+    qw = make_weight(fmt, n, k, seed=2)
+    x = gaussian(m, k, seed=3, dtype=dtype)
+    y = kernels.fused_matmul(x, qw)
+    assert_matmul_close(y, x, quant.dequantize(qw, dtype).t(), dtype)
+
+
+@pytest.mark.parametrize("fmt,n,k,m,dtype", CASES, ids=CASE_IDS)
+def test_fused_matmul_dx_equals_reference(fmt, n, k, m, dtype):
+    dtype = small_dtype(dtype)
+    qw = make_weight(fmt, n, k, seed=4)
+    dy = gaussian(m, n, seed=5, dtype=dtype)
+    dx = kernels.fused_matmul_dx(dy, qw)
+    assert_matmul_close(dx, dy, quant.dequantize(qw, dtype), dtype)
+
+
+@pytest.mark.parametrize("fmt,n,k,m,dtype", [c for c in CASES if c[3] <= 16],
+                         ids=[i for c, i in zip(CASES, CASE_IDS) if c[3] <= 16])
+def test_skinny_matmul_equals_reference(fmt, n, k, m, dtype):
+    dtype = small_dtype(dtype)
+    qw = make_weight(fmt, n, k, seed=6)
+    x = gaussian(m, k, seed=7, dtype=dtype)
+    y = kernels.skinny_matmul(x, qw)
+    assert_matmul_close(y, x, quant.dequantize(qw, dtype).t(), dtype)
+
+
+def test_non_contiguous_inputs():
+    dtype = small_dtype(torch.float16)
+    qw = make_weight("nf4dq", 40, 128, seed=8)
+    w = quant.dequantize(qw, dtype)
+    x_t = gaussian(128, 9, seed=9, dtype=dtype).t()  # strides (1, 9)
+    x_slice = gaussian(3, 256, seed=10, dtype=dtype)[:, 64:192]  # row stride 256
+    x_row = gaussian(1, 384, seed=11, dtype=dtype)[:, ::3]  # column stride 3
+    assert not (x_t.is_contiguous() or x_slice.is_contiguous() or x_row.is_contiguous())
+    assert_matmul_close(kernels.fused_matmul(x_t, qw), x_t, w.t(), dtype)
+    assert_matmul_close(kernels.skinny_matmul(x_slice, qw), x_slice, w.t(), dtype)
+    assert_matmul_close(kernels.skinny_matmul(x_row, qw), x_row, w.t(), dtype)
+    dy_t = gaussian(40, 6, seed=12, dtype=dtype).t()
+    assert_matmul_close(kernels.fused_matmul_dx(dy_t, qw), dy_t, w, dtype)
+
+
+@pytest.mark.parametrize("fmt", ["nf4dq", "int4g128"])
+def test_tile_configs_and_lookups(fmt):
+    """Other tilings than the default: K tiles spanning several blocks or part of a block,
+    EVEN_K (no masks), and the select-tree NF4 lookup."""
+    dtype = torch.float32
+    qw = make_weight(fmt, 40, 256, seed=13)
+    w = quant.dequantize(qw, dtype)
+    x1, x5 = gaussian(1, 256, seed=14), gaussian(5, 256, seed=15)
+    dy = gaussian(21, 40, seed=16)
+    for lookup in (0, 1):
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "GROUP_M": 1, "LOOKUP": lookup}
+        assert_matmul_close(kernels.fused_matmul(dy[:, :1].expand(21, 256).contiguous() * x1, qw,
+                                                 config=cfg), dy[:, :1] * x1, w.t(), dtype)
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1, "LOOKUP": lookup}
+        assert_matmul_close(kernels.fused_matmul(x5, qw, config=cfg), x5, w.t(), dtype)
+        cfg = {"BLOCK_M": 16, "BLOCK_K": 64, "BLOCK_N": 16, "GROUP_M": 4, "LOOKUP": lookup}
+        assert_matmul_close(kernels.fused_matmul_dx(dy, qw, config=cfg), dy, w, dtype)
+        for block_k in (64, 256):
+            cfg = {"BLOCK_N": 8 if block_k == 64 else 16, "BLOCK_K": block_k, "LOOKUP": lookup}
+            assert_matmul_close(kernels.skinny_matmul(x1, qw, config=cfg), x1, w.t(), dtype)
+            cfg["BLOCK_N"] = 16
+            assert_matmul_close(kernels.skinny_matmul(x5, qw, config=cfg), x5, w.t(), dtype)
+
+
+def test_bad_input_raises_clear_errors():
+    qw = make_weight("nf4", 40, 128)
+    with pytest.raises(ValueError, match="2-D"):
+        kernels.fused_matmul(torch.randn(2, 3, 128, device=DEVICE), qw)
+    with pytest.raises(ValueError, match="columns, expected 128"):
+        kernels.fused_matmul(torch.randn(3, 127, device=DEVICE), qw)
+    with pytest.raises(TypeError, match="dtype"):
+        kernels.fused_matmul(torch.randn(3, 128, device=DEVICE, dtype=torch.float64), qw)
+    with pytest.raises(ValueError, match="columns, expected 40"):
+        kernels.fused_matmul_dx(torch.randn(3, 128, device=DEVICE), qw)
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        kernels.skinny_matmul(torch.randn(17, 128, device=DEVICE), qw)
+    with pytest.raises(TypeError, match="output dtype"):
+        kernels.dequantize(qw, torch.int8)
+    bad = quant.QuantizedWeight(**{**qw.__dict__, "scales": qw.scales.t().contiguous()})
+    with pytest.raises(ValueError, match="scales"):
+        kernels.dequantize(bad)
+    bad = quant.QuantizedWeight(**{**qw.__dict__, "quant_type": "fp4"})
+    with pytest.raises(ValueError, match="quant_type"):
+        kernels.fused_matmul(torch.randn(3, 128, device=DEVICE), bad)
+
+
+# ------------------------------------------------------------------------------- GPU only
+
+LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): q/o, gate/up, down
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,k", LLAMA_SHAPES, ids=[f"{n}x{k}" for n, k in LLAMA_SHAPES])
+def test_gpu_llama_shapes_bf16(n, k):
+    """The production path: NF4 + double quantization, bf16, as quant.py dispatches it."""
+    dtype = torch.bfloat16
+    qw = quant.quantize_nf4(gaussian(n, k, seed=20, dtype=dtype) * 0.02)
+    w = quant.dequantize(qw, dtype)
+    assert_dequantized_equal(kernels.dequantize(qw, dtype), w, True)
+    for m in (1, 7, 16, 512, 4096):
+        x = gaussian(m, k, seed=m, dtype=dtype)
+        if m <= kernels.skinny_matmul.__globals__["MAX_M"]:
+            assert_matmul_close(kernels.skinny_matmul(x, qw), x, w.t(), dtype)
+        assert_matmul_close(kernels.fused_matmul(x, qw), x, w.t(), dtype)
+        assert_matmul_close(quant._matmul(x, qw), x, w.t(), dtype)  # whatever the dispatch picks
+        if m >= 16:
+            dy = gaussian(m, n, seed=m + 1, dtype=dtype)
+            assert_matmul_close(kernels.fused_matmul_dx(dy, qw), dy, w, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int4g128"])
+def test_gpu_other_formats_bf16(fmt):
+    dtype = torch.bfloat16
+    n, k = 4096, 4096
+    qw = make_weight(fmt, n, k, seed=21)
+    w = quant.dequantize(qw, dtype)
+    assert torch.equal(kernels.dequantize(qw, dtype), w)
+    for m in (1, 16, 512):
+        x = gaussian(m, k, seed=m, dtype=dtype)
+        assert_matmul_close(quant._matmul(x, qw), x, w.t(), dtype)
+        dy = gaussian(m, n, seed=m + 1, dtype=dtype)
+        assert_matmul_close(kernels.fused_matmul_dx(dy, qw), dy, w, dtype)
+
+
+@pytest.mark.cuda
+def test_gpu_quantlinear_autograd_and_dequant_matmul_path(monkeypatch):
+    dtype = torch.bfloat16
+    ql = quant.QuantLinear.from_linear(torch.nn.Linear(1024, 768, bias=False).cuda().to(dtype))
+    w = ql.dequantize(dtype)
+    for threshold in (None, 64):  # fused for every M, then dequantize+cuBLAS from M = 64
+        monkeypatch.setattr(quant, "DEQUANT_MATMUL_MIN_M", threshold)
+        for m in (3, 200):
+            x = gaussian(m, 1024, seed=m, dtype=dtype).requires_grad_()
+            y = ql(x)
+            dy = gaussian(m, 768, seed=m + 1, dtype=dtype)
+            y.backward(dy)
+            assert_matmul_close(y.detach(), x.detach(), w.t(), dtype)
+            assert_matmul_close(x.grad, dy, w, dtype)
+
+
+def boundary_mismatches(ours, theirs, scaled, code):
+    """Codes that differ between two quantizers must be neighbours, with the value within a few
+    float32 ulps of the threshold between them (w * (1/absmax) rounded differently: bitsandbytes
+    is compiled with --use_fast_math). Returns how many differ."""
+    differ = ours != theirs
+    if not differ.any():
+        return 0
+    lo = torch.minimum(ours, theirs)[differ].long()
+    hi = torch.maximum(ours, theirs)[differ].long()
+    assert torch.equal(hi - lo, torch.ones_like(lo)), "codes differ by more than one step"
+    t = quant._midpoints(code)[lo]
+    assert ((scaled[differ] - t).abs() <= 4 * torch.finfo(torch.float32).eps * t.abs().clamp(min=1e-30)).all()
+    return int(differ.sum())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,k", LLAMA_SHAPES[:2], ids=["4096x4096", "11008x4096"])
+def test_gpu_nf4_equals_bitsandbytes(n, k):
+    bf = pytest.importorskip("bitsandbytes.functional")
+    w = gaussian(n, k, seed=22, dtype=torch.bfloat16) * 0.02
+    packed_bnb, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    deq_bnb = bf.dequantize_4bit(packed_bnb, state)
+    qw = quant.quantize_nf4(w, 64, double_quant=False)
+    absmax = state.absmax.view(n, k // 64)
+    assert torch.equal(qw.scales.t(), absmax)
+    scaled = (w.float().view(n, -1, 64) * (1.0 / absmax)[..., None]).view(n, k)
+    ours_codes = quant.unpack_4bit(qw.packed)
+    bnb_codes = quant.unpack_4bit(packed_bnb.view(n, k // 2))
+    count = boundary_mismatches(ours_codes, bnb_codes, scaled, qw.code)
+    assert count <= 1e-5 * n * k
+    same = ours_codes == bnb_codes
+    for ours in (quant.dequantize(qw, torch.bfloat16), kernels.dequantize(qw, torch.bfloat16)):
+        ulp = torch.finfo(torch.bfloat16).eps * deq_bnb.float().abs()
+        assert ((ours.float() - deq_bnb.float()).abs() <= ulp)[same].all()
+
+
+@pytest.mark.cuda
+def test_gpu_double_quant_codes_equal_bitsandbytes():
+    bf = pytest.importorskip("bitsandbytes.functional")
+    w = gaussian(4096, 4096, seed=23, dtype=torch.bfloat16)
+    qw = quant.quantize_nf4(w, 64, double_quant=False)
+    absmax = qw.scales.reshape(-1)
+    q, absmax2, offset = quant.double_quantize(absmax)
+    q_bnb, state2 = bf.quantize_blockwise(absmax - offset, blocksize=256)
+    assert torch.equal(state2.absmax, absmax2)
+    scaled = ((absmax - offset).view(-1, 256) * (1.0 / absmax2)[:, None]).view(-1)
+    code8 = quant.dynamic_code_8bit("cuda")
+    assert boundary_mismatches(q, q_bnb.view(-1), scaled, code8) <= 1e-4 * q.numel()
