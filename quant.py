@@ -417,7 +417,7 @@ def _matmul(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
             return x @ _kernels().dequantize(qw, x.dtype).t()
         return F.linear(x, dequantize(qw, x.dtype))
     m = x.shape[0]
-    if m <= SKINNY_MAX_M:
+    if 0 < m <= SKINNY_MAX_M:
         return k.skinny_matmul(x, qw)
     if DEQUANT_MATMUL_MIN_M is not None and m >= DEQUANT_MATMUL_MIN_M:
         return x @ k.dequantize(qw, x.dtype).t()

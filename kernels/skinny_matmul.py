@@ -116,6 +116,7 @@ def _cfg(bn, bk, warps, stages, lookup=0):
 
 
 M1_CONFIGS = [
+    _cfg(64, 64, 4, 4),
     _cfg(8, 256, 2, 3),
     _cfg(16, 256, 4, 3),
     _cfg(16, 512, 4, 2),

@@ -160,6 +160,8 @@ def test_non_contiguous_inputs():
     assert_matmul_close(kernels.skinny_matmul(x_row, qw), x_row, w.t(), dtype)
     dy_t = gaussian(40, 6, seed=12, dtype=dtype).t()
     assert_matmul_close(kernels.fused_matmul_dx(dy_t, qw), dy_t, w, dtype)
+    dy_0 = torch.full((1, 1), 0.5, dtype=dtype, device=DEVICE).expand(5, 40)  # strides (0, 0),
+    assert_matmul_close(kernels.fused_matmul_dx(dy_0, qw), dy_0, w, dtype)  # as from y.sum()
 
 
 @pytest.mark.parametrize("fmt", ["nf4dq", "int4g128"])
@@ -184,6 +186,71 @@ def test_tile_configs_and_lookups(fmt):
             assert_matmul_close(kernels.skinny_matmul(x1, qw, config=cfg), x1, w.t(), dtype)
             cfg["BLOCK_N"] = 16
             assert_matmul_close(kernels.skinny_matmul(x5, qw, config=cfg), x5, w.t(), dtype)
+
+
+def config_dict(cfg):
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+AUTOTUNE_LISTS = [  # (kernel module, config list, M to run it at)
+    ("fused_matmul", "LARGE_M_CONFIGS", 200),
+    ("fused_matmul", "SMALL_M_CONFIGS", 40),
+    ("fused_matmul_dx", "LARGE_M_CONFIGS", 200),
+    ("fused_matmul_dx", "SMALL_M_CONFIGS", 40),
+    ("skinny_matmul", "M1_CONFIGS", 1),
+    ("skinny_matmul", "M16_CONFIGS", 11),
+    ("dequantize", "_CONFIGS", 0),
+]
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU tests exercise these configs through the autotuner")
+@pytest.mark.parametrize("module,configs,m", AUTOTUNE_LISTS, ids=[f"{a}-{b}" for a, b, _ in AUTOTUNE_LISTS])
+def test_every_autotune_config_is_correct(module, configs, m):
+    """The autotuner only returns the result of the config it picks: check each config here."""
+    import importlib
+
+    mod = importlib.import_module(f"kernels.{module}")
+    qw = make_weight("nf4dq", 72, 192, seed=17)
+    w = quant.dequantize(qw, torch.float32)
+    for cfg in getattr(mod, configs):
+        cfg = config_dict(cfg)
+        if module == "dequantize":
+            assert torch.equal(kernels.dequantize(qw, torch.float32, config=cfg), w)
+        elif module == "fused_matmul_dx":
+            dy = gaussian(m, 72, seed=18)
+            assert_matmul_close(kernels.fused_matmul_dx(dy, qw, config=cfg), dy, w, torch.float32)
+        else:
+            x = gaussian(m, 192, seed=19)
+            fn = kernels.fused_matmul if module == "fused_matmul" else kernels.skinny_matmul
+            assert_matmul_close(fn(x, qw, config=cfg), x, w.t(), torch.float32)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on the GPU the real autotuner runs in the other tests")
+def test_autotuned_launch_path_in_interpreter(monkeypatch):
+    """The launchers' autotuned branch (grids, keys, M buckets), with timing replaced by one run."""
+    import importlib
+
+    def one_run(kernel_call, quantiles):
+        kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    tuners = {"fused_matmul": ["_large_m_tuned", "_small_m_tuned"],
+              "fused_matmul_dx": ["_large_m_tuned", "_small_m_tuned"],
+              "skinny_matmul": ["_m1_tuned", "_m16_tuned"], "dequantize": ["_dequantize_tuned"]}
+    for module, names in tuners.items():
+        mod = importlib.import_module(f"kernels.{module}")
+        monkeypatch.setattr(mod, "interpreting", lambda: False)  # take the autotuned branch
+        for name in names:
+            # (in the instance dict: reading the attribute first would look for a GPU driver)
+            monkeypatch.setitem(getattr(mod, name).__dict__, "do_bench", one_run)
+    qw = make_weight("int4g128", 40, 256, seed=20)
+    w = quant.dequantize(qw, torch.float32)
+    for m in (1, 3, 130):
+        x, dy = gaussian(m, 256, seed=m), gaussian(m, 40, seed=m + 1)
+        assert_matmul_close(kernels.fused_matmul(x, qw), x, w.t(), torch.float32)
+        assert_matmul_close(kernels.fused_matmul_dx(dy, qw), dy, w, torch.float32)
+        if m <= 16:
+            assert_matmul_close(kernels.skinny_matmul(x, qw), x, w.t(), torch.float32)
 
 
 def test_bad_input_raises_clear_errors():
