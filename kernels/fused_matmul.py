@@ -103,7 +103,6 @@ LARGE_M_CONFIGS = [
     _cfg(128, 256, 64, 8, 4),
     _cfg(128, 128, 128, 8, 3),
     _cfg(128, 256, 64, 8, 3, lookup=1),
-    _cfg(128, 128, 64, 8, 4, lookup=1),
 ]
 # 16 < M <= 128: W traffic dominates; smaller M tiles, more programs along N.
 SMALL_M_CONFIGS = [

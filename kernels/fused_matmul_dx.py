@@ -109,7 +109,6 @@ LARGE_M_CONFIGS = [
     _cfg(256, 128, 64, 8, 3),
     _cfg(128, 128, 128, 8, 3),
     _cfg(128, 256, 64, 8, 3, lookup=1),
-    _cfg(128, 128, 64, 8, 4, lookup=1),
 ]
 SMALL_M_CONFIGS = [
     _cfg(16, 128, 64, 4, 4),
