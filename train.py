@@ -1,16 +1,24 @@
 """Fine-tune a (4-bit) LLaMA with LoRA on instruction data: QLoRA in one readable loop.
 
-    python train.py                                   # bundled tiny model + Alpaca sample, CPU-friendly
+    python train.py                                   # bundled tiny model + Alpaca sample: a minute on a CPU
     python train.py --data alpaca.json --model path/to/Llama-2-7b-hf --quant nf4 --out runs/alpaca
-    torchrun --nproc_per_node 2 train.py ...          # data parallel over 2 GPUs (or 2 CPU processes)
+    torchrun --nproc_per_node 2 train.py ...          # data parallel over 2 GPUs (or 2 CPU processes: --device cpu)
 
 The order follows Stanford Alpaca's train.py: constants, argument dataclasses, data, model, the
 loop, saving. What QLoRA adds (Dettmers et al. 2023): the frozen base weights are 4-bit NF4
-(quant.py), only LoRA adapters train (lora.py), in bf16 compute with fp32 adapter weights.
+(quant.py), only the LoRA adapters train (lora.py), computing in bf16 with fp32 adapter weights.
 
-The loss of one optimizer step is the sum of token losses over the whole accumulation window (all
-micro-batches, all ranks) divided by the number of target tokens in that window: every response
-token weighs the same, whatever batch it fell in (not a mean of per-batch means).
+The loss of one optimizer step is the sum of token losses over its whole accumulation window (all
+micro-batches, all processes) divided by the number of target tokens in that window: every
+response token weighs the same whatever micro-batch it fell in (not a mean of per-batch means), so
+the same rows give the same gradient split as 1 x 8, 2 x 4 (accumulation) or 2 processes x 4.
+
+Resuming repeats the uninterrupted run exactly: the data order is a function of (seed, epoch), the
+learning rate a function of the step, and dropout draws from a generator reseeded at every step
+from (seed, step, rank); so the checkpoint needs only the step, the adapters and AdamW's moments.
+
+Left out: paged optimizers, FSDP (the trainable state is small: see README), resuming with another
+number of processes, evaluation metrics other than the held-out loss.
 """
 
 from __future__ import annotations
@@ -21,11 +29,16 @@ import dataclasses
 import json
 import math
 import os
-import random
+import signal
+import sys
 import time
+import traceback
+import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -34,52 +47,58 @@ import data
 from generate import build_model, generate_tokens
 from lora import add_lora, lora_state_dict, save_adapter
 from loss import causal_lm_loss_sum
-from model import load_tokenizer
+from model import load_tokenizer, read_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "models", "stories260K")
 DEFAULT_DATA = os.path.join(HERE, "data", "alpaca_sample.json")
-CHECKPOINT = "checkpoint.pt"  # optimizer, scheduler, RNG and data position, next to the adapter
+CHECKPOINT = "checkpoint.pt"  # step, adapters, AdamW state: all that --resume needs
+METRICS = "metrics.jsonl"
+# --resume refuses other values of these: they change the data, its order, or what the saved state means.
+SAME_ON_RESUME = ("model", "quant", "lora_r", "lora_alpha", "lora_targets", "data", "val_data", "val_frac",
+                  "max_len", "pack", "batch_size", "grad_accum", "seed")
 
 
 @dataclass
 class ModelArguments:
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model folder (HF or Meta layout, with tokenizer.model); default: the bundled tiny model"})
-    quant: str = field(default="nf4", metadata={"help": "base weights: nf4 (QLoRA), int4, or none (16-bit)", "choices": ["nf4", "int4", "none"]})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model folder (Hugging Face or Meta layout, with tokenizer.model); default: the bundled tiny stories260K"})
+    quant: str = field(default="nf4", metadata={"help": "frozen base weights: nf4 (QLoRA), int4, or none (16-bit on GPU, 32-bit on CPU)", "choices": ["nf4", "int4", "none"]})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank r"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha: the update is scaled by alpha / r"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
-    lora_targets: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={"help": "comma-separated linear names that get adapters"})
-    grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing: recompute each block in backward (less memory, ~30%% slower)"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha: the update B A x is scaled by alpha / r"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the adapters' input"})
+    lora_targets: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={"help": "comma-separated names of the linears that get adapters"})
+    grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing: recompute each block in backward (much less activation memory, ~30%% slower)"})
 
 
 @dataclass
 class DataArguments:
-    data: str = field(default=DEFAULT_DATA, metadata={"help": "Alpaca JSON (list of {instruction, input, output}) or JSON Lines; default: the bundled sample"})
-    val_data: Optional[str] = field(default=None, metadata={"help": "held-out file; default: split --val-frac off --data"})
+    data: str = field(default=DEFAULT_DATA, metadata={"help": "Alpaca JSON (a list of {instruction, input, output}) or JSON Lines (.jsonl); default: the bundled 964-record sample"})
+    val_data: Optional[str] = field(default=None, metadata={"help": "held-out file in the same format; default: hold out --val-frac of --data"})
     val_frac: float = field(default=0.02, metadata={"help": "fraction of --data held out when --val-data is not given"})
-    max_len: int = field(default=512, metadata={"help": "longest example in tokens; longer ones are truncated keeping the response"})
-    pack: bool = field(default=False, metadata={"help": "pack several examples into each row of --max-len tokens (no padding computed)"})
+    max_len: int = field(default=512, metadata={"help": "longest example in tokens; longer ones lose the start of their prompt first, keeping the response"})
+    pack: bool = field(default=False, metadata={"help": "pack several examples into each row of --max-len tokens, each attending only to itself (no compute on padding)"})
 
 
 @dataclass
 class TrainingArguments:
-    out: str = field(default="runs/alpaca", metadata={"help": "output folder: adapter, checkpoint.pt, metrics.jsonl"})
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW)"})
+    out: str = field(default="runs/alpaca", metadata={"help": "output folder: adapter_model.safetensors + adapter_config.json (PEFT layout), checkpoint.pt, metrics.jsonl"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate of AdamW (the tiny default model learns faster with 2e-3)"})
     epochs: int = field(default=1, metadata={"help": "passes over the training data"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: run all epochs)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps to run, overriding --epochs (0: run --epochs); the cosine schedule ends there"})
     batch_size: int = field(default=8, metadata={"help": "examples (or packed rows) per micro-batch, per process"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps before the cosine decay"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (global batch: batch-size x grad-accum x processes)"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warm-up steps before the cosine decay to 0"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the adapters"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: no clipping)"})
-    log_every: int = field(default=1, metadata={"help": "write metrics every N steps"})
-    eval_every: int = field(default=50, metadata={"help": "held-out loss every N steps (0: only at the end)"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end)"})
-    samples: int = field(default=3, metadata={"help": "held-out instructions to answer at the end"})
-    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda"})
-    seed: int = field(default=42, metadata={"help": "seed for data order, initialization and dropout"})
-    resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0: no clipping)"})
+    log_every: int = field(default=1, metadata={"help": "write a metrics line every N steps"})
+    eval_every: int = field(default=50, metadata={"help": "held-out loss every N steps, at step 0 and at the end (0: only at 0 and the end)"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps, and always at the end and on Ctrl-C (0: only then)"})
+    samples: int = field(default=3, metadata={"help": "held-out instructions to answer (greedy) at the end"})
+    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda (under torchrun: each process takes cuda:LOCAL_RANK)"})
+    seed: int = field(default=42, metadata={"help": "seed of the held-out split, data order, adapter initialization and dropout"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt (same flags and number of processes; --lr, --max-steps etc. may change)"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh even if OUT already holds a checkpoint"})
+    dist_timeout: int = field(default=1800, metadata={"help": "under torchrun: seconds a process waits for the others before failing instead of hanging"})
 
 
 def parse_args(argv=None):
@@ -92,42 +111,81 @@ def parse_args(argv=None):
             if f.type in ("bool", bool):
                 group.add_argument(flag, action="store_true", **kw)
             else:
-                group.add_argument(flag, type=({"int": int, "float": float}.get(f.type, str)), choices=f.metadata.get("choices"), **kw)
+                group.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), choices=f.metadata.get("choices"), **kw)
     ns = vars(p.parse_args(argv))
+    for name in ("lora_r", "batch_size", "grad_accum", "epochs", "log_every", "max_len"):
+        if ns[name] < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {ns[name]}")
     return [cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)}) for cls in (ModelArguments, DataArguments, TrainingArguments)]
 
 
 # --------------------------------------------------------------------------------------------
 # Distributed data parallel (torchrun): each rank holds its own 4-bit base model and adapters;
-# DDP all-reduces the adapter gradients. Plain `python train.py` is world size 1.
+# DDP all-reduces the adapter gradients. Plain `python train.py` is world size 1, no process group.
 # --------------------------------------------------------------------------------------------
 
-def setup_distributed(device: str) -> tuple[int, int, str]:
+def setup_distributed(device: str, timeout_s: int) -> tuple[int, int, str]:
     if "RANK" not in os.environ:
         return 0, 1, device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    # The timeout also bounds every collective: a rank that dies or hangs fails the others, not hangs them.
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(seconds=timeout_s))
     return rank, world, device
 
 
-def global_sum(x: float, world: int, device) -> float:
+def all_sum(values: list[float], world: int, device) -> list[float]:
+    """Element-wise sum over all ranks (float64; the identity for one process)."""
     if world == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.item()
+    return t.tolist()
 
 
 def lr_at(step: int, args: TrainingArguments, total_steps: int) -> float:
-    """Linear warm-up to args.lr, then cosine decay to 0 at total_steps."""
+    """Linear warm-up to args.lr over warmup_steps, then cosine decay to 0 at total_steps."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
     progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
     return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
+
+def seed_step(seed: int, step: int, rank: int):
+    """Reseed torch (CPU and CUDA) as a pure function of (seed, step, rank): dropout masks of a resumed run
+    equal the uninterrupted run's without saving RNG state, and ranks draw different masks."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C after saving a checkpoint."""
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) asks to stop after the current step, save and exit: a step is never cut in half
+    (an interrupt inside optimizer.step() would leave the adapters half updated). A second Ctrl-C aborts
+    at once, without saving; not under torchrun, which repeats the Ctrl-C itself (and kills after 30 s)."""
+
+    def __init__(self, verbose: bool, second_aborts: bool):
+        self.asked, self.verbose, self.second_aborts = False, verbose, second_aborts
+        self.previous = signal.signal(signal.SIGINT, self)
+
+    def __call__(self, signum, frame):
+        if self.asked and self.second_aborts:
+            raise KeyboardInterrupt
+        if self.verbose and not self.asked:
+            tqdm.write("Ctrl-C: stopping after this step to save a checkpoint (Ctrl-C again: abort without saving)")
+        self.asked = True
+
+    def restore(self):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+# --------------------------------------------------------------------------------------------
+# One step's pieces
+# --------------------------------------------------------------------------------------------
 
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -141,7 +199,8 @@ def forward_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[dict], device) -> float:
+def evaluate(model, batches: data.Batches, device) -> float:
+    """Mean loss per target token over the held-out batches."""
     model.eval()
     total, n = 0.0, 0
     for batch in batches:
@@ -151,39 +210,25 @@ def evaluate(model, batches: list[dict], device) -> float:
     return total / max(n, 1)
 
 
-def save_checkpoint(out: str, model, optimizer, step: int, rng: dict, args_dict: dict):
-    """Adapter in PEFT layout plus the training state, each written to a temporary file then renamed."""
-    save_adapter(model, out, base_model_path=args_dict["model"])
-    state = {"step": step, "adapter": lora_state_dict(model), "optimizer": optimizer.state_dict(), "rng": rng, "args": args_dict}
-    tmp = os.path.join(out, CHECKPOINT + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, os.path.join(out, CHECKPOINT))  # atomic: a crash leaves the old checkpoint whole
-
-
-def rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def peak_memory_gib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # the process's peak resident memory (Unix)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def train(argv=None):
     model_args, data_args, args = parse_args(argv)
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = setup_distributed(args.device, args.dist_timeout)
     main = rank == 0
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 on GPU, fp32 on CPU
+    ckpt_path = os.path.join(args.out, CHECKPOINT)
+    if not args.resume and not args.overwrite and os.path.isfile(ckpt_path):
+        raise FileExistsError(f"{ckpt_path} exists: continue that run with --resume, or start afresh with --overwrite")
+    os.makedirs(args.out, exist_ok=True)
 
     # ---- data: records -> tokenized examples with masked prompts -> batches -------------------
+    read_args(model_args.model)  # fail here, naming the folder, if it is not a LLaMA checkpoint
     tokenizer = load_tokenizer(model_args.model)
     train_set, val_set, report = data.build_datasets(data_args.data, tokenizer, val_path=data_args.val_data,
                                                      val_frac=data_args.val_frac, max_len=data_args.max_len, seed=args.seed)
@@ -191,49 +236,65 @@ def train(argv=None):
         print(report)
 
     def epoch_batches(epoch: int) -> data.Batches:
-        """The epoch's global batches of world x batch_size rows (a pure function of seed and epoch)."""
+        """The epoch's global batches of world x batch_size rows, a pure function of (seed, epoch). Always full
+        (drop_last): a short batch could not be split over the ranks, and dropping it only with several ranks
+        would make N ranks x batch b see other batches than 1 rank x batch N*b."""
         return data.make_batches(train_set, args.batch_size * world, data_args.max_len, pack=data_args.pack,
-                                 seed=args.seed, epoch=epoch, drop_last=world > 1)
+                                 seed=args.seed, epoch=epoch, drop_last=True)
 
     steps_per_epoch = len(epoch_batches(0)) // args.grad_accum
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training examples make no full step of batch {args.batch_size} x "
-                         f"{args.grad_accum} accumulation x {world} processes")
+        raise ValueError(f"{data_args.data}: {len(train_set)} training examples make no full step of batch "
+                         f"{args.batch_size} x {args.grad_accum} accumulation x {world} processes")
     total_steps = args.max_steps or steps_per_epoch * args.epochs
-    val_batches = data.make_batches(val_set, args.batch_size, data_args.max_len) if len(val_set) else []
+    val_batches = data.make_batches(val_set, args.batch_size, data_args.max_len, pack=data_args.pack) if len(val_set) else []
 
     # ---- model: load (quantizing each block as it arrives), add LoRA, freeze the rest ---------
+    torch.manual_seed(args.seed)  # the adapters' initialization, the same on every rank
     model = build_model(model_args.model, device, dtype, model_args.quant)
     add_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
              targets=tuple(model_args.lora_targets.split(",")))
-    model.to(device)
     model.gradient_checkpointing = model_args.grad_ckpt
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in params)
     if main:
-        print(f"trainable LoRA parameters: {n_train:,} of {sum(p.numel() for p in model.parameters()):,}")
+        print(f"trainable LoRA parameters: {sum(p.numel() for p in params):,}; {total_steps} steps of "
+              f"{args.batch_size} x {args.grad_accum} x {world} sequences; writing to {args.out}")
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    ddp_model = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
-        broadcast_buffers=False) if world > 1 else model  # the 4-bit weights are buffers: never broadcast them
+    ddp_model = model
+    if world > 1:
+        with warnings.catch_warnings():  # torch >= 2.12 deprecates broadcast_buffers; its replacement still syncs at init
+            warnings.simplefilter("ignore", FutureWarning)
+            # The 4-bit weights are buffers, identical on every rank: never broadcast them.
+            ddp_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None, broadcast_buffers=False)
 
+    args_dict = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(args)}
     step = 0
     if args.resume:
-        ckpt = torch.load(os.path.join(args.out, CHECKPOINT), map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["adapter"], strict=False)
+        ckpt = load_checkpoint(args.out, world, args_dict, device)
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, t in ckpt["adapter"].items():
+                named[name].copy_(t)
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
         if main:
-            print(f"resumed from {args.out}/{CHECKPOINT} at step {step}")
+            print(f"resumed from {ckpt_path} at step {step}")
+    saved_step = step if args.resume else None
+    metrics = open_metrics(args.out, step if args.resume else None) if main else None
+
+    def log(record: dict):
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
+    if main and val_batches and not args.resume:
+        log({"step": 0, "val_loss": evaluate(model, val_batches, device)})  # the baseline: the base model itself
 
     # ---- the loop ----------------------------------------------------------------------------
-    args_dict = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(args)}
-    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if main else None
     bar = tqdm(total=total_steps, initial=step, disable=not main, dynamic_ncols=True)
-    epoch, batches = -1, []
-    good_rng = rng_state()  # the RNG state at the last step boundary (saved with checkpoints)
+    stop = StopRequest(verbose=main, second_aborts=world == 1)
+    epoch, batches = -1, None
     try:
         while step < total_steps:
             t0 = time.perf_counter()
@@ -243,74 +304,146 @@ def train(argv=None):
             first = (step % steps_per_epoch) * args.grad_accum
             # This rank's share of each global batch in the accumulation window.
             window = [to_device(data.shard_batch(b, rank, world), device) for b in batches[first:first + args.grad_accum]]
-            n_window = global_sum(sum(int((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in window), world, device)
+            n_target, n_tokens = all_sum([sum(float((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in window),
+                                          sum(float(b["attention_mask"].sum()) for b in window)], world, device)
+            lr = lr_at(step, args, total_steps)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args, total_steps)
+                group["lr"] = lr
+            seed_step(args.seed, step, rank)
             loss_sum = 0.0
             for i, batch in enumerate(window):
-                sync = i == len(window) - 1  # all-reduce gradients once, after the last micro-batch
-                with (ddp_model.no_sync() if world > 1 and not sync else contextlib.nullcontext()):
+                # DDP all-reduces the gradients once per step, in the backward of the last micro-batch.
+                with ddp_model.no_sync() if world > 1 and i < len(window) - 1 else contextlib.nullcontext():
                     loss, _ = forward_loss(ddp_model, batch)
-                    # DDP averages gradients over ranks; scaling by world turns that into a sum.
-                    (loss * (world / max(n_window, 1))).backward()
+                    # DDP averages gradients over ranks; the factor world turns that into a sum.
+                    (loss * (world / max(n_target, 1))).backward()
                 loss_sum += loss.item()
-            loss_val = global_sum(loss_sum, world, device) / max(n_window, 1)
-            if not math.isfinite(loss_val):
-                raise FloatingPointError(f"loss is {loss_val} at step {step}: stopping; the last checkpoint in "
-                                         f"{args.out} is intact (try a lower --lr)")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm > 0 else torch.zeros(())
+            loss_sum, stop_asked = all_sum([loss_sum, float(stop.asked)], world, device)
+            loss_val = loss_sum / max(n_target, 1)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf))
+            if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+                kept = f"the checkpoint of step {saved_step} in {args.out} is intact" if saved_step is not None else "no checkpoint was saved"
+                raise FloatingPointError(f"loss {loss_val}, gradient norm {grad_norm} at step {step + 1}: stopped before "
+                                         f"updating the adapters; {kept} (resume it with a lower --lr)")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            good_rng = rng_state()
 
             dt = time.perf_counter() - t0
-            tokens = global_sum(sum(int(b["attention_mask"].sum()) for b in window), world, device)  # non-pad
             if main:
-                mem = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
-                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                tok_s=f"{tokens / dt:,.0f}", mem=f"{mem:.1f}G")
+                mem = peak_memory_gib(device)
+                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:,.0f}", mem=f"{mem:.2f}G")
                 bar.update(1)
                 if step % args.log_every == 0:
-                    metrics.write(json.dumps({"step": step, "epoch": epoch, "loss": loss_val, "lr": optimizer.param_groups[0]["lr"],
-                                              "grad_norm": float(grad_norm), "tokens_per_s": tokens / dt,
-                                              "target_tokens": n_window, "max_mem_gib": mem}) + "\n")
-                    metrics.flush()
-            if main and val_batches and ((args.eval_every and step % args.eval_every == 0) or step == total_steps):
-                val = evaluate(model, val_batches, device)
-                metrics.write(json.dumps({"step": step, "val_loss": val}) + "\n")
-                metrics.flush()
-                tqdm.write(f"step {step}: val_loss {val:.4f}")
-            if main and (step % args.save_every == 0 or step == total_steps):
-                save_checkpoint(args.out, model, optimizer, step, good_rng, args_dict)
-            if world > 1:
-                dist.barrier()  # others wait while rank 0 evaluates or saves
-    except KeyboardInterrupt:
-        if main:
-            save_checkpoint(args.out, model, optimizer, step, good_rng, args_dict)
-            print(f"\ninterrupted: saved step {step} to {args.out}; continue with --resume")
-        raise SystemExit(130)
+                    log({"step": step, "epoch": epoch, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
+                         "tokens_per_s": n_tokens / dt, "target_tokens": int(n_target), "max_mem_gib": mem})
+                if val_batches and ((args.eval_every and step % args.eval_every == 0) or step == total_steps):
+                    val = evaluate(model, val_batches, device)
+                    log({"step": step, "val_loss": val})
+                    tqdm.write(f"step {step}: loss {loss_val:.4f}, val_loss {val:.4f}")
+            if (args.save_every and step % args.save_every == 0) or step == total_steps or stop_asked:
+                if main:  # the other ranks move on to the next all_sum, which waits for rank 0 to save
+                    save_checkpoint(args.out, model, optimizer, step, world, args_dict)
+                saved_step = step
+            if stop_asked:
+                raise Interrupted(f"interrupted: saved step {step} to {args.out}; continue with --resume")
     finally:
+        stop.restore()
         bar.close()
         if metrics:
             metrics.close()
-
-    if main:
-        print(f"saved the adapter to {args.out}")
-        show_samples(model, tokenizer, data.val_records(val_set)[: args.samples], device)
     if world > 1:
+        dist.barrier()  # rank 0 has saved; then leave the group together
         dist.destroy_process_group()
+    if main:
+        print(f"saved the adapter to {args.out}; try it: python generate.py --adapter {args.out} "
+              f"--model {model_args.model} --quant {model_args.quant} --instruction \"...\"")
+        show_samples(model, tokenizer, data.val_records(val_set)[: args.samples], device)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving, resuming, metrics, samples
+# --------------------------------------------------------------------------------------------
+
+def save_checkpoint(out: str, model, optimizer, step: int, world: int, args_dict: dict):
+    """checkpoint.pt (step, adapters, AdamW state) then the adapter in PEFT's layout (for generate.py and PEFT).
+
+    Each file is written to a temporary file, flushed to disk, then renamed over the old one: a crash
+    mid-save leaves the previous checkpoint whole. checkpoint.pt alone is what --resume reads."""
+    state = {"step": step, "world_size": world, "adapter": lora_state_dict(model), "optimizer": optimizer.state_dict(), "args": args_dict}
+    tmp = os.path.join(out, CHECKPOINT + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave a renamed empty file
+        os.replace(tmp, os.path.join(out, CHECKPOINT))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    save_adapter(model, out, base_model_path=args_dict["model"])
+
+
+def load_checkpoint(out: str, world: int, args_dict: dict, device) -> dict:
+    path = os.path.join(out, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out} (drop --resume to start a new run)")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if ckpt["world_size"] != world:
+        raise ValueError(f"--resume: {path} was trained by {ckpt['world_size']} process(es), this run has {world}: "
+                         f"use the same number (the global batches and their order depend on it)")
+    changed = [f"--{k.replace('_', '-')} {args_dict[k]!r} (checkpoint: {ckpt['args'].get(k)!r})"
+               for k in SAME_ON_RESUME if ckpt["args"].get(k) != args_dict[k]]
+    if changed:
+        raise ValueError(f"--resume: {path} was trained with other settings: {'; '.join(changed)}")
+    return ckpt
+
+
+def open_metrics(out: str, resumed_step: Optional[int]):
+    """OUT/metrics.jsonl for appending; a resumed run first drops the lines logged after its checkpoint
+    (the interrupted run got further than it saved), so the file reads as one uninterrupted run."""
+    path = os.path.join(out, METRICS)
+    kept = []
+    if resumed_step is not None and os.path.isfile(path):
+        with open(path) as f:
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= resumed_step]
+    f = open(path, "w")
+    f.writelines(kept)
+    return f
 
 
 def show_samples(model, tokenizer, records: list[dict], device):
-    """Answer a few held-out instructions with the trained adapter (greedy)."""
+    """Answer a few held-out instructions with the trained adapter (greedy), next to the reference."""
     model.eval()
     for r in records:
-        prompt = data.format_prompt(r["instruction"], r.get("input", ""))
-        ids = tokenizer.encode(prompt, bos=True)
+        ids = tokenizer.encode(data.format_prompt(r["instruction"], r.get("input", "")), bos=True)
         out = list(generate_tokens(model, ids, 64, temperature=0.0, eos_id=tokenizer.eos_id))
-        print(f"\n### Instruction: {r['instruction']}\n### Model: {tokenizer.decode(out)}\n### Reference: {r['output']}")
+        print(f"\n### Instruction: {r['instruction']}\n### Model: {tokenizer.decode(out)}\n### Reference: {r['output'][:300]}")
+
+
+def main(argv=None):
+    """train(), with known errors (bad data, a folder that is not a model, a NaN loss...) printed as one line."""
+    rank = int(os.environ.get("RANK", 0))
+    who = f"rank {rank} failed" if "RANK" in os.environ else "error"
+    try:
+        train(argv)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, FloatingPointError) as e:
+        print(f"{who}: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        sys.exit(1)
+    except Interrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("\naborted without saving; the last checkpoint is intact", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - under torchrun, say which rank failed before torchrun stops the others
+        if "RANK" not in os.environ:
+            raise
+        traceback.print_exc()
+        print(f"rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    train()
+    main()
