@@ -33,8 +33,8 @@ value of x / absmax2, one float32 absmax2 per block). The absmax is recovered as
 Its error is at most max_gap/2 * absmax2, where max_gap/2 = 0.00703 is the largest distance from a
 point of [-1, 1] to the dynamic code (tests/test_quant.py checks this bound), i.e. about 0.7% of the
 largest |absmax - mean| in the block of 256; the NF4 round-trip error on Gaussian weights hardly
-moves (0.09198 -> 0.09200 on a 1024 x 4096 Gaussian matrix). Storage: 4 + 8/64 + 32/(64*256) = 4.127 bits per weight
-(`bits_per_weight`); without double quantization 4 + 32/64 = 4.5.
+moves (0.09198 -> 0.09200 on a 1024 x 4096 Gaussian matrix). Storage: 4 + 8/64 + 32/(64*256)
+= 4.127 bits per weight (`bits_per_weight`); without double quantization 4 + 32/64 = 4.5.
 
 INT4 (the QLoRA baseline "Int4"): asymmetric round-to-nearest with one float32 scale and one
 integer zero point per group of `block_size` (64 or 128) weights along a row. With
@@ -73,7 +73,7 @@ here, in PyTorch, once per layer while loading), storing/loading quantized check
 
 import functools
 import importlib
-import math
+import os
 from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
@@ -397,11 +397,20 @@ def bits_per_weight(qw: QuantizedWeight) -> float:
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
-    """The kernels package, or None where Triton is missing (then the reference path is used)."""
+    """This project's kernels/ package, or None where Triton is missing (then the reference path
+    is used). Only called for CUDA tensors."""
     try:
-        return importlib.import_module("kernels")
-    except ImportError:
-        return None
+        module = importlib.import_module("kernels")
+    except ModuleNotFoundError as e:
+        if e.name == "triton":
+            return None
+        raise
+    ours = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+    found = os.path.dirname(os.path.abspath(getattr(module, "__file__", None) or "?"))
+    if found != ours:  # e.g. Hugging Face's `kernels` package, imported first by transformers
+        raise RuntimeError(f"`import kernels` gives {found}, not this project's {ours}: another "
+                           "package named `kernels` shadows it; import quant (or kernels) first")
+    return module
 
 
 def _kernels_for(t: torch.Tensor):

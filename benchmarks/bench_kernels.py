@@ -157,7 +157,6 @@ def main():
                 "dequant_cublas_us": bench(lambda: torch.matmul(x, kernels.dequantize(qw, dtype).t())),
                 "cublas_us": bench(lambda: torch.matmul(x, w.t())),
             })
-        del w, qw
 
     print("| N x K | M | cuBLAS bf16 | fused | skinny | deq+cuBLAS | dispatch | dequant | dx | cuBLAS dx "
           "| bnb matmul | bnb dequant | fused/cuBLAS | skinny % HBM |")

@@ -6,7 +6,6 @@ bound, float64 dense matmuls through autograd, torch.autograd.gradcheck, and bit
 where it is installed (importorskip). Runs on the CPU; the `device` fixture adds CUDA when present.
 """
 
-import math
 import weakref
 
 import pytest
