@@ -477,3 +477,13 @@ def test_quantize_on_cuda_equals_cpu(kind):
             assert torch.allclose(t, getattr(b, name).cpu(), rtol=1e-6)
         elif name not in ("scales", "absmax2") or not dq:
             assert torch.equal(t, getattr(b, name).cpu()), name
+
+
+def test_a_shadowing_kernels_package_is_reported(monkeypatch):
+    import types
+
+    fake = types.ModuleType("kernels")
+    fake.__file__ = "/site-packages/kernels/__init__.py"  # e.g. Hugging Face's `kernels`
+    monkeypatch.setitem(__import__("sys").modules, "kernels", fake)
+    with pytest.raises(RuntimeError, match="shadows"):
+        quant._kernels.__wrapped__()
