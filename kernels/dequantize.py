@@ -26,7 +26,7 @@ from ._tile import dequantize_tile, load_block_scales
 @triton.jit
 def dequantize_kernel(
     packed_ptr, scales_ptr, zeros_ptr, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, out_ptr,
-    N, K, KP, stride_on,
+    N, K, KP, stride_pn, stride_on,
     FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, LOOKUP: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -37,7 +37,7 @@ def dequantize_kernel(
     row_ok = rows < N
     c0 = pid_c * BLOCK_C
     offs_b = c0 // 2 + tl.arange(0, BLOCK_C // 2)
-    p = tl.load(packed_ptr + rows[:, None] * (KP // 2) + offs_b[None, :],
+    p = tl.load(packed_ptr + rows[:, None] * stride_pn + offs_b[None, :],
                 mask=row_ok[:, None] & (offs_b < KP // 2)[None, :], other=0)
     kblock = c0 // QBLOCK + tl.arange(0, GROUPS)
     scale, zero_f = load_block_scales(
@@ -77,7 +77,7 @@ def dequantize(w, dtype: torch.dtype = torch.bfloat16, config: dict = None) -> t
         raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
     n, k = w.out_features, w.in_features
     out = torch.empty((n, k), dtype=dtype, device=device)
-    args = (*tensors, out, n, k, kp, out.stride(0))
+    args = (*tensors, out, n, k, kp, w.packed.stride(0), out.stride(0))
     consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block)
     if config is None and interpreting():
         config = INTERPRETER_CONFIG

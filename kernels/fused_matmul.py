@@ -33,7 +33,7 @@ from ._tile import dequantize_tile, load_block_scales
 @triton.jit
 def fused_matmul_kernel(
     x_ptr, packed_ptr, scales_ptr, zeros_ptr, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, y_ptr,
-    M, N, K, KP,
+    M, N, K, KP, stride_pn,
     stride_xm, stride_xk, stride_ym, stride_yn,
     M_BUCKET,  # only an autotuning key: next power of two of M
     FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, IEEE: tl.constexpr,
@@ -57,7 +57,7 @@ def fused_matmul_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_b = tl.arange(0, BLOCK_K // 2)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    p_ptrs = packed_ptr + offs_n[:, None] * (KP // 2) + offs_b[None, :]
+    p_ptrs = packed_ptr + offs_n[:, None] * stride_pn + offs_b[None, :]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, KP, BLOCK_K):
@@ -133,7 +133,7 @@ def fused_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    args = (x, *tensors, y, m, n, k, kp, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+    args = (x, *tensors, y, m, n, k, kp, w.packed.stride(0), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             next_power_of_2(m))
     consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, IEEE=x.dtype == torch.float32)
     if config is None and interpreting():

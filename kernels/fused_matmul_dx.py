@@ -33,7 +33,7 @@ from ._tile import dequantize_tile, load_block_scales
 @triton.jit
 def fused_matmul_dx_kernel(
     dy_ptr, packed_ptr, scales_ptr, zeros_ptr, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, dx_ptr,
-    M, N, K, KP,
+    M, N, K, KP, stride_pn,
     stride_dym, stride_dyn, stride_dxm, stride_dxk,
     M_BUCKET,  # only an autotuning key: next power of two of M
     FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, IEEE: tl.constexpr,
@@ -63,7 +63,7 @@ def fused_matmul_dx_kernel(
         b_ok = offs_b < KP // 2
         kb_ok = kblock < KP // QBLOCK
     dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
-    p_ptrs = packed_ptr + offs_n[:, None] * (KP // 2) + offs_b[None, :]
+    p_ptrs = packed_ptr + offs_n[:, None] * stride_pn + offs_b[None, :]
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -88,7 +88,7 @@ def fused_matmul_dx_kernel(
         else:
             acc = tl.dot(dy, w, acc)
         dy_ptrs += BLOCK_N * stride_dyn
-        p_ptrs += BLOCK_N * (KP // 2)
+        p_ptrs += BLOCK_N * stride_pn
 
     out_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     out_k = k0 + tl.arange(0, BLOCK_K)
@@ -137,7 +137,7 @@ def fused_matmul_dx(dy: torch.Tensor, w, config: dict = None) -> torch.Tensor:
     dx = torch.empty((m, k), dtype=dy.dtype, device=dy.device)
     if m == 0:
         return dx
-    args = (dy, *tensors, dx, m, n, k, kp, dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
+    args = (dy, *tensors, dx, m, n, k, kp, w.packed.stride(0), dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
             next_power_of_2(m))
     consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, IEEE=dy.dtype == torch.float32)
     if config is None and interpreting():

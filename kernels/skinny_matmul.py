@@ -32,7 +32,7 @@ from ._tile import code_values, dequantize_tile, load_block_scales
 @triton.jit
 def skinny_matmul_kernel(
     x_ptr, packed_ptr, scales_ptr, zeros_ptr, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, y_ptr,
-    M, N, K, KP,
+    M, N, K, KP, stride_pn,
     stride_xm, stride_xk, stride_ym, stride_yn,
     FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -44,7 +44,7 @@ def skinny_matmul_kernel(
     offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # clamped rows: loads stay in bounds
     offs_b = tl.arange(0, HALF)
     offs_k = tl.arange(0, BLOCK_K)
-    p_ptrs = packed_ptr + offs_n[:, None] * (KP // 2) + offs_b[None, :]
+    p_ptrs = packed_ptr + offs_n[:, None] * stride_pn + offs_b[None, :]
     out_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
 
     if BLOCK_M == 1:
@@ -155,7 +155,7 @@ def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
         raise ValueError(f"skinny_matmul takes 1 to {MAX_M} rows, got {m}; use fused_matmul")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_m = 1 if m == 1 else 16
-    args = (x, *tensors, y, m, n, k, kp, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
+    args = (x, *tensors, y, m, n, k, kp, w.packed.stride(0), x.stride(0), x.stride(1), y.stride(0), y.stride(1))
     consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, IEEE=x.dtype == torch.float32,
                   BLOCK_M=block_m)
     if config is None and interpreting():
