@@ -63,7 +63,7 @@ SAME_ON_RESUME = ("model", "quant", "lora_r", "lora_alpha", "lora_targets", "dat
 class ModelArguments:
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "model folder (Hugging Face or Meta layout, with tokenizer.model); default: the bundled tiny stories260K"})
     quant: str = field(default="nf4", metadata={"help": "frozen base weights: nf4 (QLoRA), int4, or none (16-bit on GPU, 32-bit on CPU)", "choices": ["nf4", "int4", "none"]})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank r"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r (A is r x in, B is out x r)"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha: the update B A x is scaled by alpha / r"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the adapters' input"})
     lora_targets: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={"help": "comma-separated names of the linears that get adapters"})

@@ -1,0 +1,313 @@
+"""train.py on the CPU: learning, exact resume, token-normalized accumulation, NaN stop, atomic saves, errors.
+
+Runs call train.train(argv) in the test process (the bundled tiny model, --max-len 128, small batches)
+except the command-line error tests, which run `python train.py` as a user would. References are
+independent of train.py where it matters: the first step's loss is recomputed from full logits with
+F.cross_entropy, example by example; resumed runs are compared with an uninterrupted run.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+import train  # noqa: E402
+from generate import build_model  # noqa: E402
+from model import load_tokenizer  # noqa: E402
+
+FAST = ["--max-len", "128", "--batch-size", "4", "--samples", "0"]
+
+
+def metrics(out):
+    with open(os.path.join(out, train.METRICS)) as f:
+        return [json.loads(line) for line in f]
+
+
+def steps(out, keys=("step", "loss", "lr", "grad_norm", "target_tokens")):
+    """The step records without the timing fields (which differ from run to run)."""
+    return [{k: r[k] for k in keys} for r in metrics(out) if "loss" in r]
+
+
+def evals(out):
+    return [(r["step"], r["val_loss"]) for r in metrics(out) if "val_loss" in r]
+
+
+def adapter(out):
+    return load_file(os.path.join(out, "adapter_model.safetensors"))
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def patch_training_forward(monkeypatch, at_step, action):
+    """Call action() inside the forward pass of training step `at_step` (1-based; evaluation passes don't count)."""
+    real, seen = train.forward_loss, {"n": 0}
+
+    def forward_loss(model, batch):
+        if model.training:
+            seen["n"] += 1
+            if seen["n"] == at_step:
+                action()
+        return real(model, batch)
+
+    monkeypatch.setattr(train, "forward_loss", forward_loss)
+
+
+# ---------------------------------------------------------------------------------- learning
+
+@pytest.fixture(scope="module")
+def run40(tmp_path_factory):
+    """40 steps on the bundled model and Alpaca sample; --lr 2e-3 because the 260K-parameter model
+    moves slowly at the 7B default of 2e-4 (one epoch at 2e-4: held-out 4.11 -> 3.25)."""
+    out = str(tmp_path_factory.mktemp("run40"))
+    train.train(["--out", out, "--max-steps", "40", "--lr", "2e-3", "--max-len", "128", "--eval-every", "20",
+                 "--samples", "1"])
+    return out
+
+
+def test_40_steps_lower_the_loss(run40):
+    losses = [r["loss"] for r in steps(run40)]
+    assert len(losses) == 40
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.5, (first, last)  # seen: 4.13 -> 3.25
+    ev = dict(evals(run40))
+    assert sorted(ev) == [0, 20, 40]
+    assert ev[40] < ev[0] - 0.5, ev  # seen: 4.16 -> 3.22
+
+
+def test_metrics_and_files(run40):
+    recs = metrics(run40)
+    for r in recs:
+        assert set(r) >= ({"step", "val_loss"} if "val_loss" in r else {"step", "loss", "lr", "tokens_per_s"})
+        assert all(isinstance(v, (int, float)) for v in r.values())
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, 41))
+    lrs = [r["lr"] for r in recs if "loss" in r]
+    # Warm-up to the peak over 10 steps, then cosine decay towards 0.
+    assert lrs[9] == pytest.approx(2e-3) and lrs[0] == pytest.approx(2e-4)
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-5
+    assert sorted(os.listdir(run40)) == ["adapter_config.json", "adapter_model.safetensors", "checkpoint.pt", "metrics.jsonl"]
+    ckpt = torch.load(os.path.join(run40, train.CHECKPOINT), weights_only=True)
+    assert ckpt["step"] == 40 and ckpt["world_size"] == 1
+    # The PEFT-layout adapter holds the same weights as the checkpoint.
+    saved = adapter(run40)
+    assert len(saved) == len(ckpt["adapter"]) == 2 * 7 * 5
+    for name, t in ckpt["adapter"].items():
+        assert torch.equal(saved["base_model.model.model." + name], t)
+
+
+# ---------------------------------------------------------------------------------- resume
+
+RESUME = FAST + ["--max-steps", "12", "--lr", "1e-3", "--save-every", "4", "--eval-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("whole"))
+    train.train(["--out", out] + RESUME)
+    return out
+
+
+def assert_same_run(out, ref):
+    assert steps(out) == steps(ref)  # exact: same data, same dropout masks, same optimizer state
+    assert evals(out) == evals(ref)
+    a, b = adapter(out), adapter(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_saves_the_step_and_resume_continues_exactly(tmp_path, monkeypatch, uninterrupted):
+    out = str(tmp_path)
+    # A real SIGINT in the middle of step 7: the step finishes, is saved, and training stops.
+    patch_training_forward(monkeypatch, 7, lambda: os.kill(os.getpid(), signal.SIGINT))
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(train.Interrupted, match="saved step 7"):
+        train.train(["--out", out] + RESUME)
+    assert torch.load(os.path.join(out, train.CHECKPOINT), weights_only=True)["step"] == 7
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    monkeypatch.undo()
+    train.train(["--out", out, "--resume"] + RESUME)
+    assert_same_run(out, uninterrupted)
+
+
+def test_crash_then_resume_from_last_checkpoint(tmp_path, monkeypatch, uninterrupted):
+    out = str(tmp_path)
+
+    def crash():
+        raise RuntimeError("simulated crash")
+
+    patch_training_forward(monkeypatch, 7, crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.train(["--out", out] + RESUME)
+    assert torch.load(os.path.join(out, train.CHECKPOINT), weights_only=True)["step"] == 4  # --save-every 4
+    assert [r["step"] for r in steps(out)] == [1, 2, 3, 4, 5, 6]  # logged past the checkpoint
+    monkeypatch.undo()
+    train.train(["--out", out, "--resume"] + RESUME)
+    assert_same_run(out, uninterrupted)  # steps 5 and 6 were logged again, once
+
+
+def test_resume_refusals(tmp_path, uninterrupted):
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt in"):
+        train.train(["--out", str(tmp_path), "--resume"] + RESUME)
+    with pytest.raises(FileExistsError, match="--resume"):  # a fresh run would overwrite the checkpoint
+        train.train(["--out", uninterrupted] + RESUME)
+    with pytest.raises(ValueError, match=r"--batch-size 2 \(checkpoint: 4\)"):
+        train.train(["--out", uninterrupted, "--resume"] + RESUME + ["--batch-size", "2"])
+    # A checkpoint written by 2 processes cannot be resumed by 1.
+    out = str(tmp_path / "two")
+    os.makedirs(out)
+    ckpt = torch.load(os.path.join(uninterrupted, train.CHECKPOINT), weights_only=True)
+    torch.save({**ckpt, "world_size": 2}, os.path.join(out, train.CHECKPOINT))
+    with pytest.raises(ValueError, match="trained by 2 process"):
+        train.train(["--out", out, "--resume"] + RESUME)
+
+
+# ---------------------------------------------------------------------------------- accumulation
+
+def test_accumulation_equals_big_batch_and_normalizes_by_tokens(tmp_path):
+    """batch 4 x accumulation 2 == batch 8 x 1 on 8 training examples (each step sees all 8: the same rows
+    whatever the grouping), and the step-1 loss is the mean over all target tokens, recomputed here."""
+    with open(train.DEFAULT_DATA) as f:
+        records = json.load(f)[:10]
+    train_file, val_file = str(tmp_path / "train.json"), str(tmp_path / "val.json")
+    with open(train_file, "w") as f:
+        json.dump(records[:8], f)
+    with open(val_file, "w") as f:
+        json.dump(records[8:], f)
+
+    def run(n_steps, batch_size, grad_accum):
+        out = str(tmp_path / f"{n_steps}_{batch_size}x{grad_accum}")
+        train.train(["--data", train_file, "--val-data", val_file, "--max-len", "128", "--max-steps", str(n_steps),
+                     "--lr", "1e-3", "--warmup-steps", "1", "--samples", "0", "--out", out, "--batch-size",
+                     str(batch_size), "--grad-accum", str(grad_accum),
+                     "--lora-dropout", "0"])  # no dropout: its masks depend on the batch shapes
+        return out
+
+    acc, big = run(3, 4, 2), run(3, 8, 1)
+    for a, b in zip(steps(acc), steps(big)):
+        assert a["target_tokens"] == b["target_tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)  # scale-sensitive, unlike Adam's step
+    wa, wb = adapter(acc), adapter(big)
+    diff = sum((wa[k] - wb[k]).norm() ** 2 for k in wa) ** 0.5 / sum(wa[k].norm() ** 2 for k in wa) ** 0.5
+    assert diff < 1e-5, diff  # seen: 4e-8
+    # Element by element after one step. Adam moves each weight by lr * m / (sqrt(v) + eps): the float noise
+    # of a gradient element near 0 (~1e-11, from summing in another order) is amplified by up to lr / eps, so
+    # the tolerance is 1% of lr (seen: 9e-7); a wrong weighting of the micro-batches flips signs: 2 * lr.
+    wa, wb = adapter(run(1, 4, 2)), adapter(run(1, 8, 1))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5)
+    acc = steps(acc)
+
+    # Step 1 runs the base model (B = 0): its loss is sum of token losses / number of target tokens.
+    tokenizer = load_tokenizer(train.DEFAULT_MODEL)
+    model = build_model(train.DEFAULT_MODEL, "cpu", torch.float32, "nf4")
+    total, count, per_example = 0.0, 0, []
+    with torch.no_grad():
+        for rec in records[:8]:
+            ex = data.tokenize_example(tokenizer, rec, max_len=128)
+            ids, labels = torch.tensor([ex.input_ids]), torch.tensor(ex.labels)
+            logits = model(ids)[0].double()
+            loss = F.cross_entropy(logits[:-1], labels[1:], ignore_index=data.IGNORE_INDEX, reduction="sum")
+            n = int((labels[1:] != data.IGNORE_INDEX).sum())
+            total, count = total + loss.item(), count + n
+            per_example.append(loss.item() / n)
+    assert acc[0]["target_tokens"] == count
+    assert acc[0]["loss"] == pytest.approx(total / count, rel=1e-5)
+    # The test can tell: a mean of per-example (or per-micro-batch) means is another number.
+    assert abs(sum(per_example) / 8 - total / count) > 1e-2
+
+
+# ---------------------------------------------------------------------------------- failures
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """An absurd learning rate (1e36, no clipping) makes the adapters overflow to inf and the loss NaN."""
+    out = str(tmp_path)
+    hashes = []
+    real_save = train.save_checkpoint
+
+    def save_and_hash(out_dir, *a, **kw):
+        real_save(out_dir, *a, **kw)
+        hashes.append(sha256(os.path.join(out_dir, train.CHECKPOINT)))
+
+    monkeypatch.setattr(train, "save_checkpoint", save_and_hash)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", out, "--lr", "1e36", "--warmup-steps", "0", "--max-grad-norm", "0", "--save-every", "1",
+                    "--max-steps", "10"] + FAST)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: loss nan" in err and "is intact" in err and "Traceback" not in err
+    done = len(steps(out))  # steps completed (all logged) before the non-finite one
+    assert done >= 1 and len(hashes) == done
+    assert sha256(os.path.join(out, train.CHECKPOINT)) == hashes[-1]  # not touched after its save
+    ckpt = torch.load(os.path.join(out, train.CHECKPOINT), weights_only=True)
+    assert ckpt["step"] == done and f"at step {done + 1}" in err
+    assert all(torch.isfinite(t).all() for t in ckpt["adapter"].values())
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch, uninterrupted):
+    """A save that fails half-way (disk full) leaves the previous checkpoint whole and no temporary file."""
+    out = str(tmp_path)
+    train.train(["--out", out] + FAST + ["--max-steps", "2", "--save-every", "1", "--eval-every", "0"])
+    before = sha256(os.path.join(out, train.CHECKPOINT))
+
+    def torch_save_fails(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train.torch, "save", torch_save_fails)
+    model = build_model(train.DEFAULT_MODEL, "cpu", torch.float32, "nf4")
+    train.add_lora(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with pytest.raises(OSError, match="No space"):
+        train.save_checkpoint(out, model, optimizer, 3, 1, {"model": train.DEFAULT_MODEL})
+    assert sha256(os.path.join(out, train.CHECKPOINT)) == before
+    for run in (out, uninterrupted):
+        assert not [f for f in os.listdir(run) if f.endswith(".tmp") or f.startswith(".")]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+def test_bad_input_errors_from_the_command_line(tmp_path):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('[{"instruction": "a", "output": "b"},\n {"instruction": "c", "output": }]')
+    bad_record = tmp_path / "record.json"
+    bad_record.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]))
+    not_a_model = tmp_path / "empty_model"
+    not_a_model.mkdir()
+    cases = [
+        (["--data", str(tmp_path / "missing.json")], [str(tmp_path / "missing.json"), "not found"]),
+        (["--data", str(bad_json)], [str(bad_json), "invalid JSON at line 2"]),
+        (["--data", str(bad_record)], [str(bad_record), "record 1", "'output'"]),
+        (["--model", str(not_a_model)], [str(not_a_model), "not a LLaMA checkpoint"]),
+    ]
+    for args, needles in cases:
+        r = cli(*args, "--out", str(tmp_path / "out"))
+        assert r.returncode == 1, (args, r.stderr)
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and all(n in last for n in needles), (args, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for cls in (train.ModelArguments, train.DataArguments, train.TrainingArguments):
+        for f in train.dataclasses.fields(cls):
+            assert "--" + f.name.replace("_", "-") in text and len(f.metadata["help"]) > 15
