@@ -408,7 +408,7 @@ def test_packed_rows_equal_examples_alone(tiny_and_data):
             x = ds[i]
             alone = model(x["input_ids"][None])
             n = len(x["input_ids"])
-            torch.testing.assert_close(logits[r, t:t + n], alone[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(logits[r, t:t + n], alone[0], rtol=1e-5, atol=1e-4)  # float32 logits ~10: reduction order (thread count) moves them ~1e-5
             total_alone += _loss_sum(alone, x["labels"][None]).item()
             t += n
     packed = _loss_sum(logits, b["labels"]).item()
@@ -429,6 +429,6 @@ def test_right_padding_changes_nothing(tiny_and_data):
     for r, row in enumerate(plan):
         x = ds[row[0]]
         alone = model(x["input_ids"][None])
-        torch.testing.assert_close(logits[r, : len(x["input_ids"])], alone[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits[r, : len(x["input_ids"])], alone[0], rtol=1e-5, atol=1e-4)  # float32 logits ~10: reduction order (thread count) moves them ~1e-5
         total_alone += _loss_sum(alone, x["labels"][None]).item()
     assert _loss_sum(logits, b["labels"]).item() == pytest.approx(total_alone, rel=1e-6)
