@@ -2,23 +2,21 @@
 
     python train.py                                   # bundled tiny model + Alpaca sample: a minute on a CPU
     python train.py --data alpaca.json --model path/to/Llama-2-7b-hf --quant nf4 --out runs/alpaca
-    torchrun --nproc_per_node 2 train.py ...          # data parallel over 2 GPUs (or 2 CPU processes: --device cpu)
+    torchrun --nproc_per_node 2 train.py ...          # data parallel: 2 GPUs (or 2 CPU processes: --device cpu)
 
-The order follows Stanford Alpaca's train.py: constants, argument dataclasses, data, model, the
-loop, saving. What QLoRA adds (Dettmers et al. 2023): the frozen base weights are 4-bit NF4
-(quant.py), only the LoRA adapters train (lora.py), computing in bf16 with fp32 adapter weights.
+The order follows Stanford Alpaca's train.py: constants, argument dataclasses, data, model, the loop,
+saving. What QLoRA adds (Dettmers et al. 2023): the frozen base weights are 4-bit NF4 (quant.py), only
+the LoRA adapters train (lora.py), computing in bf16 with fp32 adapter weights.
 
-The loss of one optimizer step is the sum of token losses over its whole accumulation window (all
-micro-batches, all processes) divided by the number of target tokens in that window: every
-response token weighs the same whatever micro-batch it fell in (not a mean of per-batch means), so
-the same rows give the same gradient split as 1 x 8, 2 x 4 (accumulation) or 2 processes x 4.
+A step's loss is the sum of token losses over its whole accumulation window (all micro-batches, all
+processes) over the number of target tokens in it: every response token weighs the same whatever
+micro-batch it fell in (not a mean of per-batch means), so the same rows train the same as 1 x 8,
+2 x 4 (accumulation) or 2 processes x 4. Resuming repeats the uninterrupted run exactly: the data order
+is a function of (seed, epoch), the learning rate of the step, and dropout draws from a generator
+reseeded every step from (seed, step, rank); a checkpoint holds the step, the adapters, AdamW's moments.
 
-Resuming repeats the uninterrupted run exactly: the data order is a function of (seed, epoch), the
-learning rate a function of the step, and dropout draws from a generator reseeded at every step
-from (seed, step, rank); so the checkpoint needs only the step, the adapters and AdamW's moments.
-
-Left out: paged optimizers, FSDP (the trainable state is small: see README), resuming with another
-number of processes, evaluation metrics other than the held-out loss.
+Left out: paged optimizers, FSDP (the trainable state is small: see README), torch.compile, resuming
+with another number of processes, evaluation metrics other than the held-out loss.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Optional
 
 import numpy as np
 import torch
@@ -73,7 +70,7 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data: str = field(default=DEFAULT_DATA, metadata={"help": "Alpaca JSON (a list of {instruction, input, output}) or JSON Lines (.jsonl); default: the bundled 964-record sample"})
-    val_data: Optional[str] = field(default=None, metadata={"help": "held-out file in the same format; default: hold out --val-frac of --data"})
+    val_data: str | None = field(default=None, metadata={"help": "held-out file in the same format; default: hold out --val-frac of --data"})
     val_frac: float = field(default=0.02, metadata={"help": "fraction of --data held out when --val-data is not given"})
     max_len: int = field(default=512, metadata={"help": "longest example in tokens; longer ones lose the start of their prompt first, keeping the response"})
     pack: bool = field(default=False, metadata={"help": "pack several examples into each row of --max-len tokens, each attending only to itself (no compute on padding)"})
@@ -91,14 +88,14 @@ class TrainingArguments:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on the adapters"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0: no clipping)"})
     log_every: int = field(default=1, metadata={"help": "write a metrics line every N steps"})
-    eval_every: int = field(default=50, metadata={"help": "held-out loss every N steps, at step 0 and at the end (0: only at 0 and the end)"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps, and always at the end and on Ctrl-C (0: only then)"})
+    eval_every: int = field(default=50, metadata={"help": "held-out loss every N steps, besides step 0 and the end (0: only those)"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps, besides the end and Ctrl-C (0: only those)"})
     samples: int = field(default=3, metadata={"help": "held-out instructions to answer (greedy) at the end"})
-    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda (under torchrun: each process takes cuda:LOCAL_RANK)"})
+    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda (under torchrun each process takes cuda:LOCAL_RANK)"})
     seed: int = field(default=42, metadata={"help": "seed of the held-out split, data order, adapter initialization and dropout"})
-    resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt (same flags and number of processes; --lr, --max-steps etc. may change)"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt (same data/model/batch flags and number of processes; --lr, --max-steps... may change)"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh even if OUT already holds a checkpoint"})
-    dist_timeout: int = field(default=1800, metadata={"help": "under torchrun: seconds a process waits for the others before failing instead of hanging"})
+    dist_timeout: int = field(default=1800, metadata={"help": "under torchrun: seconds a process waits for the others before failing (instead of hanging)"})
 
 
 def parse_args(argv=None):
@@ -120,8 +117,8 @@ def parse_args(argv=None):
 
 
 # --------------------------------------------------------------------------------------------
-# Distributed data parallel (torchrun): each rank holds its own 4-bit base model and adapters;
-# DDP all-reduces the adapter gradients. Plain `python train.py` is world size 1, no process group.
+# Data parallel (torchrun): each rank holds its own 4-bit base and adapters; DDP all-reduces the
+# adapter gradients. Plain `python train.py` is world size 1 and creates no process group.
 # --------------------------------------------------------------------------------------------
 
 def setup_distributed(device: str, timeout_s: int) -> tuple[int, int, str]:
@@ -131,13 +128,13 @@ def setup_distributed(device: str, timeout_s: int) -> tuple[int, int, str]:
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
-    # The timeout also bounds every collective: a rank that dies or hangs fails the others, not hangs them.
+    # The timeout bounds every collective too: a rank that hangs fails the others instead of hanging them.
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(seconds=timeout_s))
     return rank, world, device
 
 
 def all_sum(values: list[float], world: int, device) -> list[float]:
-    """Element-wise sum over all ranks (float64; the identity for one process)."""
+    """Element-wise sum over all ranks (in float64; the identity for one process)."""
     if world == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -154,19 +151,19 @@ def lr_at(step: int, args: TrainingArguments, total_steps: int) -> float:
 
 
 def seed_step(seed: int, step: int, rank: int):
-    """Reseed torch (CPU and CUDA) as a pure function of (seed, step, rank): dropout masks of a resumed run
-    equal the uninterrupted run's without saving RNG state, and ranks draw different masks."""
+    """Reseed torch (CPU and CUDA) from (seed, step, rank): a resumed run draws the uninterrupted run's
+    dropout masks without saving RNG state, and each rank draws its own."""
     torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
 
 
 class Interrupted(Exception):
-    """Training stopped on Ctrl-C after saving a checkpoint."""
+    """Training stopped on Ctrl-C, after saving a checkpoint."""
 
 
 class StopRequest:
-    """Ctrl-C (SIGINT) asks to stop after the current step, save and exit: a step is never cut in half
-    (an interrupt inside optimizer.step() would leave the adapters half updated). A second Ctrl-C aborts
-    at once, without saving; not under torchrun, which repeats the Ctrl-C itself (and kills after 30 s)."""
+    """Ctrl-C (SIGINT) asks to stop after the current step, save and exit: a step is never cut in half (an
+    interrupt inside optimizer.step() would leave the adapters half updated). A second Ctrl-C aborts without
+    saving; not under torchrun, which repeats the Ctrl-C to its workers itself (and kills them 30 s later)."""
 
     def __init__(self, verbose: bool, second_aborts: bool):
         self.asked, self.verbose, self.second_aborts = False, verbose, second_aborts
@@ -176,19 +173,8 @@ class StopRequest:
         if self.asked and self.second_aborts:
             raise KeyboardInterrupt
         if self.verbose and not self.asked:
-            tqdm.write("Ctrl-C: stopping after this step to save a checkpoint (Ctrl-C again: abort without saving)")
+            tqdm.write("Ctrl-C: stopping after this step to save a checkpoint" + (" (again: abort without saving)" if self.second_aborts else ""))
         self.asked = True
-
-    def restore(self):
-        signal.signal(signal.SIGINT, self.previous)
-
-
-# --------------------------------------------------------------------------------------------
-# One step's pieces
-# --------------------------------------------------------------------------------------------
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def forward_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -204,7 +190,7 @@ def evaluate(model, batches: data.Batches, device) -> float:
     model.eval()
     total, n = 0.0, 0
     for batch in batches:
-        loss, k = forward_loss(model, to_device(batch, device))
+        loss, k = forward_loss(model, {k: v.to(device) for k, v in batch.items()})
         total, n = total + loss.item(), n + k
     model.train()
     return total / max(n, 1)
@@ -213,7 +199,7 @@ def evaluate(model, batches: data.Batches, device) -> float:
 def peak_memory_gib(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource  # the process's peak resident memory (Unix)
+    import resource  # the process's peak resident memory (Unix; Linux counts KiB, macOS bytes)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
@@ -222,9 +208,8 @@ def train(argv=None):
     rank, world, device = setup_distributed(args.device, args.dist_timeout)
     main = rank == 0
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 on GPU, fp32 on CPU
-    ckpt_path = os.path.join(args.out, CHECKPOINT)
-    if not args.resume and not args.overwrite and os.path.isfile(ckpt_path):
-        raise FileExistsError(f"{ckpt_path} exists: continue that run with --resume, or start afresh with --overwrite")
+    if not args.resume and not args.overwrite and os.path.isfile(os.path.join(args.out, CHECKPOINT)):
+        raise FileExistsError(f"{os.path.join(args.out, CHECKPOINT)} exists: continue that run with --resume, or start afresh with --overwrite")
     os.makedirs(args.out, exist_ok=True)
 
     # ---- data: records -> tokenized examples with masked prompts -> batches -------------------
@@ -237,8 +222,7 @@ def train(argv=None):
 
     def epoch_batches(epoch: int) -> data.Batches:
         """The epoch's global batches of world x batch_size rows, a pure function of (seed, epoch). Always full
-        (drop_last): a short batch could not be split over the ranks, and dropping it only with several ranks
-        would make N ranks x batch b see other batches than 1 rank x batch N*b."""
+        (a short one could not be split over N ranks; dropping it only then would change the batches)."""
         return data.make_batches(train_set, args.batch_size * world, data_args.max_len, pack=data_args.pack,
                                  seed=args.seed, epoch=epoch, drop_last=True)
 
@@ -253,35 +237,24 @@ def train(argv=None):
     torch.manual_seed(args.seed)  # the adapters' initialization, the same on every rank
     model = build_model(model_args.model, device, dtype, model_args.quant)
     add_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
-             targets=tuple(model_args.lora_targets.split(",")))
+             targets=tuple(t.strip() for t in model_args.lora_targets.split(",")))
     model.gradient_checkpointing = model_args.grad_ckpt
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    if main:
-        print(f"trainable LoRA parameters: {sum(p.numel() for p in params):,}; {total_steps} steps of "
-              f"{args.batch_size} x {args.grad_accum} x {world} sequences; writing to {args.out}")
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     ddp_model = model
     if world > 1:
-        with warnings.catch_warnings():  # torch >= 2.12 deprecates broadcast_buffers; its replacement still syncs at init
+        with warnings.catch_warnings():  # torch 2.13 deprecates broadcast_buffers; its replacement syncs at init
             warnings.simplefilter("ignore", FutureWarning)
-            # The 4-bit weights are buffers, identical on every rank: never broadcast them.
+            # The 4-bit weights are buffers, made identical on every rank by quantizing: never broadcast them.
             ddp_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None, broadcast_buffers=False)
-
     args_dict = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(args)}
-    step = 0
-    if args.resume:
-        ckpt = load_checkpoint(args.out, world, args_dict, device)
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, t in ckpt["adapter"].items():
-                named[name].copy_(t)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        if main:
-            print(f"resumed from {ckpt_path} at step {step}")
+    step = restore_checkpoint(args.out, model, optimizer, world, args_dict, device) if args.resume else 0
     saved_step = step if args.resume else None
+    if main:
+        print(f"trainable LoRA parameters: {sum(p.numel() for p in params):,}; steps {step} -> {total_steps} of "
+              f"{args.batch_size} x {args.grad_accum} x {world} sequences; writing to {args.out}")
     metrics = open_metrics(args.out, step if args.resume else None) if main else None
 
     def log(record: dict):
@@ -303,7 +276,8 @@ def train(argv=None):
                 batches = epoch_batches(epoch)
             first = (step % steps_per_epoch) * args.grad_accum
             # This rank's share of each global batch in the accumulation window.
-            window = [to_device(data.shard_batch(b, rank, world), device) for b in batches[first:first + args.grad_accum]]
+            window = [{k: v.to(device) for k, v in data.shard_batch(b, rank, world).items()}
+                      for b in batches[first:first + args.grad_accum]]
             n_target, n_tokens = all_sum([sum(float((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in window),
                                           sum(float(b["attention_mask"].sum()) for b in window)], world, device)
             lr = lr_at(step, args, total_steps)
@@ -318,7 +292,7 @@ def train(argv=None):
                     # DDP averages gradients over ranks; the factor world turns that into a sum.
                     (loss * (world / max(n_target, 1))).backward()
                 loss_sum += loss.item()
-            loss_sum, stop_asked = all_sum([loss_sum, float(stop.asked)], world, device)
+            loss_sum, stop_asked = all_sum([loss_sum, float(stop.asked)], world, device)  # ranks stop together
             loss_val = loss_sum / max(n_target, 1)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf))
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
@@ -342,41 +316,41 @@ def train(argv=None):
                     log({"step": step, "val_loss": val})
                     tqdm.write(f"step {step}: loss {loss_val:.4f}, val_loss {val:.4f}")
             if (args.save_every and step % args.save_every == 0) or step == total_steps or stop_asked:
-                if main:  # the other ranks move on to the next all_sum, which waits for rank 0 to save
+                if main:  # the other ranks go on to the next all_sum, which waits for rank 0
                     save_checkpoint(args.out, model, optimizer, step, world, args_dict)
                 saved_step = step
             if stop_asked:
                 raise Interrupted(f"interrupted: saved step {step} to {args.out}; continue with --resume")
     finally:
-        stop.restore()
+        signal.signal(signal.SIGINT, stop.previous)
         bar.close()
         if metrics:
             metrics.close()
     if world > 1:
-        dist.barrier()  # rank 0 has saved; then leave the group together
+        dist.barrier()  # rank 0 has saved; leave the group together, then generate alone (no collectives)
         dist.destroy_process_group()
     if main:
         print(f"saved the adapter to {args.out}; try it: python generate.py --adapter {args.out} "
               f"--model {model_args.model} --quant {model_args.quant} --instruction \"...\"")
-        show_samples(model, tokenizer, data.val_records(val_set)[: args.samples], device)
+        show_samples(model, tokenizer, data.val_records(val_set)[: args.samples])
 
 
 # --------------------------------------------------------------------------------------------
-# Saving, resuming, metrics, samples
+# Saving and resuming
 # --------------------------------------------------------------------------------------------
 
 def save_checkpoint(out: str, model, optimizer, step: int, world: int, args_dict: dict):
-    """checkpoint.pt (step, adapters, AdamW state) then the adapter in PEFT's layout (for generate.py and PEFT).
+    """checkpoint.pt (what --resume reads), then the adapter in PEFT's layout (for generate.py and PEFT).
 
-    Each file is written to a temporary file, flushed to disk, then renamed over the old one: a crash
-    mid-save leaves the previous checkpoint whole. checkpoint.pt alone is what --resume reads."""
+    Each file goes to a temporary file, flushed to disk, then renamed over the old one (atomic on POSIX):
+    a crash mid-save leaves the previous checkpoint whole."""
     state = {"step": step, "world_size": world, "adapter": lora_state_dict(model), "optimizer": optimizer.state_dict(), "args": args_dict}
     tmp = os.path.join(out, CHECKPOINT + ".tmp")
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave a renamed empty file
+            os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave a renamed empty file
         os.replace(tmp, os.path.join(out, CHECKPOINT))
     except BaseException:
         if os.path.exists(tmp):
@@ -385,7 +359,8 @@ def save_checkpoint(out: str, model, optimizer, step: int, world: int, args_dict
     save_adapter(model, out, base_model_path=args_dict["model"])
 
 
-def load_checkpoint(out: str, world: int, args_dict: dict, device) -> dict:
+def restore_checkpoint(out: str, model, optimizer, world: int, args_dict: dict, device) -> int:
+    """Load OUT/checkpoint.pt into the adapters and the optimizer, after checking it fits this run; its step."""
     path = os.path.join(out, CHECKPOINT)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out} (drop --resume to start a new run)")
@@ -397,11 +372,16 @@ def load_checkpoint(out: str, world: int, args_dict: dict, device) -> dict:
                for k in SAME_ON_RESUME if ckpt["args"].get(k) != args_dict[k]]
     if changed:
         raise ValueError(f"--resume: {path} was trained with other settings: {'; '.join(changed)}")
-    return ckpt
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in ckpt["adapter"].items():
+            named[name].copy_(t)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt["step"]
 
 
-def open_metrics(out: str, resumed_step: Optional[int]):
-    """OUT/metrics.jsonl for appending; a resumed run first drops the lines logged after its checkpoint
+def open_metrics(out: str, resumed_step: int | None):
+    """OUT/metrics.jsonl for appending. A resumed run first drops the lines logged after its checkpoint
     (the interrupted run got further than it saved), so the file reads as one uninterrupted run."""
     path = os.path.join(out, METRICS)
     kept = []
@@ -413,7 +393,7 @@ def open_metrics(out: str, resumed_step: Optional[int]):
     return f
 
 
-def show_samples(model, tokenizer, records: list[dict], device):
+def show_samples(model, tokenizer, records: list[dict]):
     """Answer a few held-out instructions with the trained adapter (greedy), next to the reference."""
     model.eval()
     for r in records:
@@ -423,7 +403,7 @@ def show_samples(model, tokenizer, records: list[dict], device):
 
 
 def main(argv=None):
-    """train(), with known errors (bad data, a folder that is not a model, a NaN loss...) printed as one line."""
+    """train(), with the known errors (bad data, a folder that is not a model, a NaN loss...) as one line."""
     rank = int(os.environ.get("RANK", 0))
     who = f"rank {rank} failed" if "RANK" in os.environ else "error"
     try:
@@ -432,12 +412,13 @@ def main(argv=None):
         print(f"{who}: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         sys.exit(1)
     except Interrupted as e:
-        print(f"\n{e}", file=sys.stderr)
+        if rank == 0:
+            print(f"\n{e}", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
         print("\naborted without saving; the last checkpoint is intact", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - under torchrun, say which rank failed before torchrun stops the others
+    except Exception as e:  # under torchrun: say which rank failed; torchrun then stops the others
         if "RANK" not in os.environ:
             raise
         traceback.print_exc()

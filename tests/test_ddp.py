@@ -1,0 +1,129 @@
+"""train.py under torchrun on the CPU (gloo, 2 processes): same training as one process, rank 0 writes, resume, failures.
+
+Each run is `python -m torch.distributed.run --standalone --nproc_per_node 2 train.py --device cpu ...` in a
+subprocess (--standalone picks a free port, so parallel test runs do not collide on torchrun's default 29500).
+The reference for "2 ranks x batch b" is one plain process with batch 2b, run in this process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import train  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+# 3 steps, no dropout (each rank draws its own masks, so 2 x b and 1 x 2b would drop different units).
+COMMON = ["--device", "cpu", "--max-len", "128", "--max-steps", "3", "--lr", "1e-3", "--warmup-steps", "1",
+          "--lora-dropout", "0", "--samples", "0", "--save-every", "1", "--eval-every", "0"]
+
+FAILING_RANK = """
+import os, sys
+sys.path.insert(0, {root!r})
+import train
+real, seen = train.forward_loss, {{"n": 0}}
+
+def forward_loss(model, batch):
+    if model.training:
+        seen["n"] += 1
+        if os.environ["RANK"] == "1" and seen["n"] == {fail_at}:
+            raise RuntimeError("injected failure")
+    return real(model, batch)
+
+train.forward_loss = forward_loss
+train.main(sys.argv[1:])
+"""
+
+
+def torchrun(*args, script=os.path.join(ROOT, "train.py"), timeout=300):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           script, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def metrics(out):
+    with open(os.path.join(out, train.METRICS)) as f:
+        return [json.loads(line) for line in f]
+
+
+def steps(out):
+    return [{k: r[k] for k in ("step", "loss", "lr", "grad_norm", "target_tokens")} for r in metrics(out) if "loss" in r]
+
+
+def adapter(out):
+    return load_file(os.path.join(out, "adapter_model.safetensors"))
+
+
+def relative_difference(a, b):
+    return (sum((a[k] - b[k]).norm() ** 2 for k in a) / sum(a[k].norm() ** 2 for k in a)).sqrt().item()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ddp"))
+    r = torchrun(*COMMON, "--batch-size", "2", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_two_ranks_train_like_one_rank_with_twice_the_batch(two_ranks, tmp_path):
+    one = str(tmp_path / "one")
+    train.train(COMMON + ["--batch-size", "4", "--out", one])
+    a, b = steps(two_ranks), steps(one)
+    assert [r["step"] for r in a] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert x["target_tokens"] == y["target_tokens"]  # the global batch: both shards together
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)  # normalized by the global target tokens
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)  # gradients summed, not averaged twice
+    wa, wb = adapter(two_ranks), adapter(one)
+    assert wa.keys() == wb.keys()
+    assert relative_difference(wa, wb) < 1e-5  # float summation order only (seen ~1e-8)
+    ckpt = torch.load(os.path.join(two_ranks, train.CHECKPOINT), weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 3
+
+
+def test_torchrun_cpu_default_run_writes_one_checkpoint(tmp_path):
+    """The documented command, with the default 3 samples: only rank 0 logs, saves and generates."""
+    out = str(tmp_path / "run")
+    r = torchrun("--device", "cpu", "--max-steps", "5", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "checkpoint.pt", "metrics.jsonl"]
+    ckpt = torch.load(os.path.join(out, train.CHECKPOINT), weights_only=True)
+    assert ckpt["step"] == 5 and ckpt["world_size"] == 2
+    recs = metrics(out)
+    assert [x["step"] for x in recs if "loss" in x] == [1, 2, 3, 4, 5]  # one writer
+    assert [x["step"] for x in recs if "val_loss" in x] == [0, 5]
+    assert r.stdout.count("### Instruction:") == 3 and r.stdout.count("trainable LoRA parameters") == 1
+
+
+def test_failing_rank_ends_the_job_and_resume_continues(two_ranks, tmp_path):
+    """Rank 1 raises in step 3: the job ends (no hang) naming the rank; the step-2 checkpoint resumes with
+    2 ranks to the same result as the uninterrupted 2-rank run, and refuses 1 rank."""
+    out = str(tmp_path / "fail")
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK.format(root=ROOT, fail_at=3))
+    t0 = time.monotonic()
+    r = torchrun(*COMMON, "--batch-size", "2", "--out", out, "--dist-timeout", "60", script=str(script))
+    assert r.returncode != 0
+    assert "rank 1 failed: RuntimeError: injected failure" in r.stderr
+    assert time.monotonic() - t0 < 120  # ended by torchrun / the peer's error, well before any timeout
+    assert torch.load(os.path.join(out, train.CHECKPOINT), weights_only=True)["step"] == 2
+
+    with pytest.raises(ValueError, match="trained by 2 process"):
+        train.train(COMMON + ["--batch-size", "2", "--out", out, "--resume"])
+    r = torchrun(*COMMON, "--batch-size", "2", "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert steps(out) == steps(two_ranks)
+    wa, wb = adapter(out), adapter(two_ranks)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
