@@ -211,8 +211,9 @@ def test_bf16_on_gpu_close_to_reference(p):
     with torch.no_grad():
         last = m(ids)[0, -1].float().cpu()
     ref = torch.tensor(p["last_logits"])
-    # bf16 keeps 8 bits of mantissa: over 5 layers the logits drift by a few 1e-2 at most.
-    assert (last - ref).abs().max() < 5e-2, (last - ref).abs().max()
+    # bf16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4%): logits of magnitude ~15 move by
+    # ~0.1 (measured in bf16 on a CPU: max 0.14, relative norm 0.3-0.5%).
     assert (last - ref).norm() / ref.norm() < 1e-2
+    assert (last - ref).abs().max() < 0.3
     first = greedy(m, p["input_ids"], 8, use_cache=True)
     assert first == p["greedy_new_ids"][:8]
