@@ -14,14 +14,22 @@ Math (float32, as quant.dequantize):  NF4  w = code[q] * absmax;   INT4  w = (q 
 The kernels take the packed row stride as its own argument (stride_pn, = KP/2) rather than
 computing KP // 2: Triton then sees that it is a multiple of 16 and issues 16-byte loads.
 
-Two cheap tricks:
-  - INT4: float(q) - float(zero) is computed as bitcast(0x4B000000 | q) - bitcast(0x4B000000 |
-    zero): 0x4B000000 is 2^23 as float32, so OR-ing an integer below 2^23 into its mantissa gives
-    2^23 + q exactly; the difference is exact. This avoids the slow int-to-float conversion.
-  - NF4: the 16-entry code lookup is either a gather from the 64-byte table (LOOKUP=0: one L1 load
-    per value, all lanes hit the same cache line) or a 4-level tree of selects on the bits of the
-    code (LOOKUP=1: no memory traffic, 15 selects). Which is faster depends on what else
-    saturates; the autotuner of each kernel tries both.
+Three ways to turn a code into its value (meta-parameter LOOKUP of each kernel):
+  - LOOKUP=0: a gather from the 64-byte table in global memory (one L1 load per value, all lanes
+    hit the same cache line). Good where nothing is pipelined (dequantize, the skinny kernels).
+    Inside a loop that feeds tl.dot it is harmful: Triton's software pipeliner walks back from the
+    dot operands through every op and turns each load of >= 32 bits it meets into an async copy to
+    shared memory, so this gather becomes one 4-byte cp.async per weight plus a shared-memory
+    round trip.
+  - LOOKUP=1: a 4-level tree of selects on the bits of the code (15 selects, no memory).
+  - LOOKUP=2: per row (and quantization block) build the 16 scaled values
+    table[r, c] = value(c) * scale[r] in float32, round them once to the output dtype, and pick
+    with tl.gather (a register/shared-memory gather, not a load: the pipeliner leaves it alone).
+    The result is bit-identical to value * scale rounded per weight, and per weight it costs one
+    gather instead of lookup + multiply + conversion. Made for the tl.dot kernels.
+  - INT4 never needs a table for LOOKUP 0/1: float(q) - float(zero) is computed as
+    bitcast(0x4B000000 | q) - bitcast(0x4B000000 | zero): 0x4B000000 is 2^23 as float32, so OR-ing
+    an integer below 2^23 into its mantissa gives 2^23 + q exactly; the difference is exact.
 """
 
 import triton
@@ -97,25 +105,64 @@ def load_block_scales(scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
 
 
 @triton.jit
+def scaled_table(scale, zero_f, code_ptr, FORMAT: tl.constexpr, DTYPE: tl.constexpr,
+                 GROUPED: tl.constexpr):
+    """Table of the 16 scaled code values in DTYPE, for LOOKUP=2: value(c) * scale, shape
+    (ROWS, 16) for scale (ROWS,) or, GROUPED, (ROWS, GROUPS, 16) for scale (ROWS, GROUPS).
+
+    value(c) = code[c] (NF4) or c - zero (INT4, zero_f = 2^23 + zero as from load_block_scales).
+    """
+    c = tl.arange(0, 16)
+    if FORMAT == 2:
+        v = (c | 0x4B000000).to(tl.float32, bitcast=True)
+    else:
+        v = tl.load(code_ptr + c)
+    if GROUPED:
+        if FORMAT == 2:
+            t = (v[None, None, :] - zero_f[:, :, None]) * scale[:, :, None]
+        else:
+            t = v[None, None, :] * scale[:, :, None]
+    else:
+        if FORMAT == 2:
+            t = (v[None, :] - zero_f[:, None]) * scale[:, None]
+        else:
+            t = v[None, :] * scale[:, None]
+    return t.to(DTYPE)
+
+
+@triton.jit
 def dequantize_tile(p, scale, zero_f, code_ptr,
                     ROWS: tl.constexpr, BYTES: tl.constexpr, GROUPS: tl.constexpr,
-                    FORMAT: tl.constexpr, LOOKUP: tl.constexpr):
-    """uint8 p (ROWS, BYTES) -> float32 weights (ROWS, 2 * BYTES), on chip.
+                    FORMAT: tl.constexpr, LOOKUP: tl.constexpr, DTYPE: tl.constexpr):
+    """uint8 p (ROWS, BYTES) -> weights (ROWS, 2 * BYTES) in DTYPE, on chip.
 
-    scale, zero_f: (ROWS, GROUPS), one per quantization block; the BYTES columns split evenly
-    into GROUPS blocks. Column 2j comes from the high nibble of byte j, 2j+1 from its low nibble.
+    scale, zero_f: (ROWS, GROUPS) float32, one per quantization block; the BYTES columns split
+    evenly into GROUPS blocks. Column 2j comes from the high nibble of byte j, 2j+1 from its low
+    nibble (tl.interleave: a join along a new in-thread axis, then a reshape, both register-local).
+    Every LOOKUP gives value * scale computed in float32 and rounded once to DTYPE.
     """
     hi = (p >> 4).to(tl.int32)
     lo = (p & 0xF).to(tl.int32)
-    if GROUPS == 1:
-        w_hi = code_values(hi, zero_f, code_ptr, FORMAT, LOOKUP) * scale
-        w_lo = code_values(lo, zero_f, code_ptr, FORMAT, LOOKUP) * scale
+    if LOOKUP == 2:
+        if GROUPS == 1:
+            table = scaled_table(tl.reshape(scale, (ROWS,)), tl.reshape(zero_f, (ROWS,)),
+                                 code_ptr, FORMAT, DTYPE, False)
+            w_hi = tl.gather(table, hi, axis=1)
+            w_lo = tl.gather(table, lo, axis=1)
+        else:
+            PER: tl.constexpr = BYTES // GROUPS
+            table = scaled_table(scale, zero_f, code_ptr, FORMAT, DTYPE, True)  # (ROWS, GROUPS, 16)
+            w_hi = tl.reshape(tl.gather(table, tl.reshape(hi, (ROWS, GROUPS, PER)), axis=2), (ROWS, BYTES))
+            w_lo = tl.reshape(tl.gather(table, tl.reshape(lo, (ROWS, GROUPS, PER)), axis=2), (ROWS, BYTES))
+    elif GROUPS == 1:
+        w_hi = (code_values(hi, zero_f, code_ptr, FORMAT, LOOKUP) * scale).to(DTYPE)
+        w_lo = (code_values(lo, zero_f, code_ptr, FORMAT, LOOKUP) * scale).to(DTYPE)
     else:
         PER: tl.constexpr = BYTES // GROUPS
         hi3 = tl.reshape(hi, (ROWS, GROUPS, PER))
         lo3 = tl.reshape(lo, (ROWS, GROUPS, PER))
         z3 = zero_f[:, :, None]
         s3 = scale[:, :, None]
-        w_hi = tl.reshape(code_values(hi3, z3, code_ptr, FORMAT, LOOKUP) * s3, (ROWS, BYTES))
-        w_lo = tl.reshape(code_values(lo3, z3, code_ptr, FORMAT, LOOKUP) * s3, (ROWS, BYTES))
+        w_hi = tl.reshape((code_values(hi3, z3, code_ptr, FORMAT, LOOKUP) * s3).to(DTYPE), (ROWS, BYTES))
+        w_lo = tl.reshape((code_values(lo3, z3, code_ptr, FORMAT, LOOKUP) * s3).to(DTYPE), (ROWS, BYTES))
     return tl.interleave(w_hi, w_lo)

@@ -44,10 +44,11 @@ def dequantize_kernel(
         scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
         kblock[None, :], rows[:, None], row_ok[:, None] & (kblock < KP // QBLOCK)[None, :], N,
         FORMAT, DQ_BLOCK)
-    w = dequantize_tile(p, scale, zero_f, code_ptr, BLOCK_R, BLOCK_C // 2, GROUPS, FORMAT, LOOKUP)
+    w = dequantize_tile(p, scale, zero_f, code_ptr, BLOCK_R, BLOCK_C // 2, GROUPS, FORMAT, LOOKUP,
+                        out_ptr.dtype.element_ty)
     cols = c0 + tl.arange(0, BLOCK_C)
     tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :],
-             w.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < K)[None, :])
+             w, mask=row_ok[:, None] & (cols < K)[None, :])
 
 
 _CONFIGS = [

@@ -12,7 +12,9 @@ Tiling (as the Triton matmul tutorial, with grouped program order for L2 reuse):
 owns a BLOCK_M x BLOCK_N tile of y. Per K step it loads a BLOCK_M x BLOCK_K tile of x, a
 BLOCK_N x BLOCK_K/2 tile of bytes (BLOCK_K/2 contiguous bytes per row) and the BLOCK_N x
 BLOCK_K/B block scales (contiguous along N), unpacks the nibbles, looks up / shifts them to
-float32, multiplies by the scales, rounds to x's dtype and feeds tl.dot. The 16-bit weight only
+float32, multiplies by the scales, rounds to x's dtype and feeds tl.dot. With LOOKUP=2 (the
+default configs) the last three steps are one tl.gather from a per-row table of the 16 scaled
+values (kernels/_tile.py says why the global-memory gather of LOOKUP=0 is slow here). The 16-bit weight only
 ever exists in registers / shared memory: global memory traffic for W is 4.1-4.6 bits per weight
 per pass over it.
 
@@ -73,8 +75,8 @@ def fused_matmul_kernel(
         scale, zero_f = load_block_scales(
             scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
             kblock[None, :], offs_n[:, None], kb_ok[None, :], N, FORMAT, DQ_BLOCK)
-        w = dequantize_tile(p, scale, zero_f, code_ptr, BLOCK_N, BLOCK_K // 2, GROUPS, FORMAT, LOOKUP)
-        w = w.to(x.dtype)
+        w = dequantize_tile(p, scale, zero_f, code_ptr, BLOCK_N, BLOCK_K // 2, GROUPS, FORMAT, LOOKUP,
+                            x.dtype)
         if IEEE:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
@@ -94,31 +96,28 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8, lookup=0):
 
 
 # Hopper-oriented configs for M > 128 (training): big tiles so that each dequantized W tile is
-# reused by many rows of x.
+# reused by many rows of x; BLOCK_K = 64 is one NF4 block (one scale per row per step, no
+# reshape); LOOKUP=2 (scaled table + tl.gather, see _tile.py) except one select-tree config.
 LARGE_M_CONFIGS = [
-    _cfg(128, 256, 64, 8, 3),
-    _cfg(128, 128, 64, 8, 4),
-    _cfg(128, 128, 64, 4, 4),
-    _cfg(256, 128, 64, 8, 3),
-    _cfg(128, 256, 64, 8, 4),
-    _cfg(128, 128, 128, 8, 3),
+    _cfg(128, 256, 64, 8, 3, lookup=2),
+    _cfg(128, 128, 64, 8, 4, lookup=2),
+    _cfg(256, 128, 64, 8, 3, lookup=2),
+    _cfg(128, 128, 64, 4, 4, lookup=2),
     _cfg(128, 256, 64, 8, 3, lookup=1),
 ]
 # 16 < M <= 128: W traffic dominates; smaller M tiles, more programs along N.
 SMALL_M_CONFIGS = [
-    _cfg(16, 64, 128, 4, 4),
-    _cfg(32, 64, 128, 4, 4),
-    _cfg(64, 64, 128, 4, 4),
-    _cfg(32, 128, 64, 4, 4),
-    _cfg(64, 128, 64, 4, 3),
-    _cfg(128, 64, 64, 4, 4),
-    _cfg(64, 64, 128, 4, 4, lookup=1),
+    _cfg(64, 128, 64, 4, 4, lookup=2),
+    _cfg(32, 128, 64, 4, 4, lookup=2),
+    _cfg(64, 64, 128, 4, 3, lookup=2),
+    _cfg(128, 64, 64, 4, 4, lookup=2),
+    _cfg(64, 128, 64, 4, 4, lookup=1),
 ]
 _KEY = ["M_BUCKET", "N", "K", "FORMAT", "QBLOCK"]
 _large_m_tuned = triton.autotune(configs=LARGE_M_CONFIGS, key=_KEY)(fused_matmul_kernel)
 _small_m_tuned = triton.autotune(configs=SMALL_M_CONFIGS, key=_KEY)(fused_matmul_kernel)
 
-INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2, "LOOKUP": 0}
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2, "LOOKUP": 2}
 
 
 def fused_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:

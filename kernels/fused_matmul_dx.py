@@ -81,8 +81,8 @@ def fused_matmul_dx_kernel(
         scale, zero_f = load_block_scales(
             scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
             kblock[None, :], rows[:, None], n_ok[:, None] & kb_ok[None, :], N, FORMAT, DQ_BLOCK)
-        w = dequantize_tile(p, scale, zero_f, code_ptr, BLOCK_N, BLOCK_K // 2, GROUPS, FORMAT, LOOKUP)
-        w = w.to(dy.dtype)
+        w = dequantize_tile(p, scale, zero_f, code_ptr, BLOCK_N, BLOCK_K // 2, GROUPS, FORMAT, LOOKUP,
+                            dy.dtype)
         if IEEE:
             acc = tl.dot(dy, w, acc, input_precision="ieee")
         else:
@@ -101,28 +101,28 @@ def _cfg(bm, bk, bn, warps, stages, group_m=8, lookup=0):
                           "LOOKUP": lookup}, num_warps=warps, num_stages=stages)
 
 
-# (BLOCK_M, BLOCK_K = output columns, BLOCK_N = reduction step)
+# (BLOCK_M, BLOCK_K = output columns, BLOCK_N = reduction step); LOOKUP=2 (_tile.py) except one
+# select-tree config. BLOCK_K = 64 is one NF4 block (one scale per row, no reshape); wider output
+# tiles reuse each dy tile more but gather from a (rows, blocks, 16) table.
 LARGE_M_CONFIGS = [
-    _cfg(128, 256, 64, 8, 3),
-    _cfg(128, 128, 64, 8, 4),
-    _cfg(128, 128, 64, 4, 4),
-    _cfg(256, 128, 64, 8, 3),
-    _cfg(128, 128, 128, 8, 3),
-    _cfg(128, 256, 64, 8, 3, lookup=1),
+    _cfg(128, 128, 64, 8, 4, lookup=2),
+    _cfg(128, 256, 64, 8, 3, lookup=2),
+    _cfg(256, 64, 64, 8, 4, lookup=2),
+    _cfg(128, 64, 128, 8, 4, lookup=2),
+    _cfg(128, 128, 64, 8, 4, lookup=1),
 ]
 SMALL_M_CONFIGS = [
-    _cfg(16, 128, 64, 4, 4),
-    _cfg(32, 128, 64, 4, 4),
-    _cfg(64, 128, 64, 4, 4),
-    _cfg(64, 64, 128, 4, 4),
-    _cfg(32, 256, 64, 4, 3),
+    _cfg(64, 128, 64, 4, 4, lookup=2),
+    _cfg(32, 128, 64, 4, 4, lookup=2),
+    _cfg(64, 64, 128, 4, 4, lookup=2),
+    _cfg(32, 256, 64, 4, 3, lookup=2),
     _cfg(64, 128, 64, 4, 4, lookup=1),
 ]
 _KEY = ["M_BUCKET", "N", "K", "FORMAT", "QBLOCK"]
 _large_m_tuned = triton.autotune(configs=LARGE_M_CONFIGS, key=_KEY)(fused_matmul_dx_kernel)
 _small_m_tuned = triton.autotune(configs=SMALL_M_CONFIGS, key=_KEY)(fused_matmul_dx_kernel)
 
-INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_K": 128, "BLOCK_N": 32, "GROUP_M": 2, "LOOKUP": 0}
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_K": 128, "BLOCK_N": 32, "GROUP_M": 2, "LOOKUP": 2}
 
 
 def fused_matmul_dx(dy: torch.Tensor, w, config: dict = None) -> torch.Tensor:

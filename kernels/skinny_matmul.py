@@ -1,20 +1,39 @@
 """Skinny dequantize-matmul for decoding: y = x @ W.T with M = 1..16 rows of x and W 4-bit.
 
-At M <= 16 the matmul is bound by reading W (N*K/2 bytes), so each program owns BLOCK_N rows of W
-(all of K) and reads every packed byte exactly once, with wide loads of BLOCK_K/2 contiguous bytes
-per row per step; x (a few KB) stays in cache. One program per BLOCK_N rows: no split-K, no
-atomics, no second reduction pass.
+At M <= 16 the matmul is bound by reading W (N*K/2 bytes), so the kernel must keep enough loads in
+flight to saturate HBM. One program per BLOCK_N rows walking all of K (16-43 dependent steps, each
+one global load whose latency nothing hides: Triton does not software-pipeline loads that do not
+feed tl.dot) reaches 10-20% of the bandwidth. So the work is split along K as well (split-K):
+
+    grid (cdiv(N, BLOCK_N), SPLIT_K); program (i, s) reads rows [i*BLOCK_N, (i+1)*BLOCK_N) of W
+    over the K range [s*K_PER_SPLIT, (s+1)*K_PER_SPLIT) (K_PER_SPLIT a multiple of BLOCK_K, so of
+    the quantization block: every step sees whole blocks), 1-4 steps of BLOCK_K/2 contiguous
+    bytes per row (16-byte loads), and writes a float32 partial sum to partials[s, m, n].
+
+SPLIT_K is chosen so that there are about PROGRAMS_PER_SM programs per SM: thousands of
+independent programs, each with a few wide loads in flight. A second tiny kernel then adds the
+SPLIT_K partials in a fixed order (deterministic, no atomics) and rounds to x's dtype; with
+SPLIT_K = 1 the first kernel writes y directly. Both are plain launches with fixed arguments once
+the config is chosen, so the pair can be captured in a CUDA graph (the partial buffer comes from
+the caching allocator, which graph capture supports).
 
 M == 1 (BLOCK_M = 1), on CUDA cores, float32 throughout:
     y[n] = sum_b s[b, n] * sum_{k in block b} v(q[n, k]) * x[k]
 where v(q) = code[q] (NF4) or q - zero (INT4) and s = absmax or scale: the block scale is applied
-once per block sum instead of once per weight, and x is split into even / odd columns to meet the
-high / low nibbles of each byte without interleaving W. Unlike the other kernels, the weight is
-*not* rounded to x's dtype before multiplying (no tensor cores here), so y differs from
-x @ quant.dequantize(w, x.dtype).T by that rounding (relative 2^-9 per product in bf16,
-averaging out over K); the tests bound it.
+once per block sum instead of once per weight, and x is loaded as its even and odd columns (two
+stride-2 loads of a few hundred bytes, from cache) to meet the high / low nibbles of each byte
+without interleaving W. The code lookup is LOOKUP 0 (gather from L1) or 1 (select tree); LOOKUP 2
+means 0 here (nothing is pipelined in this path, see _tile.py). Unlike the other kernels, the
+weight is *not* rounded to x's dtype before multiplying (no tensor cores here), so y differs from
+x @ quant.dequantize(w, x.dtype).T by that rounding (relative 2^-9 per product in bf16, averaging
+out over K); the tests bound it.
 1 < M <= 16 (BLOCK_M = 16): the dequantized tile (rounded to x's dtype) goes through tl.dot with
 x padded to 16 rows, float32 accumulation; equal to the reference up to accumulation order.
+
+Config choice: a small list of candidates (CANDIDATES_M1, CANDIDATES_M16) timed once per
+(shape, format, dtype, device) in a CUDA graph (so that the ~20 us of Python launch overhead does
+not drown a ~5 us kernel) and cached; during graph capture, or in the interpreter, no timing
+happens (the first candidate / INTERPRETER_CONFIG is used).
 
 Memory layout: x (M, K) any strides; packed uint8 (N, KP/2), two codes per byte, column 2j high
 nibble; per-block scales (KP/B, N); y (M, N) contiguous.
@@ -22,6 +41,7 @@ nibble; per-block scales (KP/B, N); y (M, N) contiguous.
 
 import torch
 import triton
+import triton.testing
 import triton.language as tl
 
 from ._launch import check_activation, interpreting, split_config, weight_args
@@ -31,61 +51,69 @@ from ._tile import code_values, dequantize_tile, load_block_scales
 @triton.heuristics({"EVEN_K": lambda a: a["K"] == a["KP"] and a["KP"] % a["BLOCK_K"] == 0})
 @triton.jit
 def skinny_matmul_kernel(
-    x_ptr, packed_ptr, scales_ptr, zeros_ptr, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, y_ptr,
-    M, N, K, KP, stride_pn,
-    stride_xm, stride_xk, stride_ym, stride_yn,
+    x_ptr, packed_ptr, scales_ptr, zeros_ptr, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, out_ptr,
+    M, N, K, KP, stride_pn, K_PER_SPLIT,
+    stride_xm, stride_xk, stride_os, stride_om, stride_on,
     FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     LOOKUP: tl.constexpr, EVEN_K: tl.constexpr,
 ):
+    """out[s, m, n] = partial sum over split s (out is y itself when SPLIT_K == 1)."""
     GROUPS: tl.constexpr = BLOCK_K // QBLOCK if BLOCK_K > QBLOCK else 1
     HALF: tl.constexpr = BLOCK_K // 2
-    pid = tl.program_id(0)
-    offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # clamped rows: loads stay in bounds
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    k_begin = pid_s * K_PER_SPLIT
+    k_end = min(k_begin + K_PER_SPLIT, KP)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # clamped rows: loads stay in bounds
     offs_b = tl.arange(0, HALF)
-    offs_k = tl.arange(0, BLOCK_K)
-    p_ptrs = packed_ptr + offs_n[:, None] * stride_pn + offs_b[None, :]
-    out_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_ptrs = packed_ptr + offs_n[:, None] * stride_pn + (k_begin // 2 + offs_b)[None, :]
+    out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_base = out_ptr + pid_s * stride_os
 
     if BLOCK_M == 1:
+        LK: tl.constexpr = 0 if LOOKUP == 2 else LOOKUP
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, KP, BLOCK_K):
+        for k0 in range(k_begin, k_end, BLOCK_K):
             kblock = k0 // QBLOCK + tl.arange(0, GROUPS)
+            x_even_ptrs = x_ptr + (k0 + 2 * offs_b) * stride_xk
             if EVEN_K:
                 p = tl.load(p_ptrs)
-                x = tl.load(x_ptr + (k0 + offs_k) * stride_xk).to(tl.float32)
+                x_even = tl.load(x_even_ptrs).to(tl.float32)
+                x_odd = tl.load(x_even_ptrs + stride_xk).to(tl.float32)
                 kb_ok = kblock >= 0
             else:
                 p = tl.load(p_ptrs, mask=(k0 // 2 + offs_b < KP // 2)[None, :], other=0)
-                x = tl.load(x_ptr + (k0 + offs_k) * stride_xk, mask=k0 + offs_k < K,
-                            other=0.0).to(tl.float32)
+                x_even = tl.load(x_even_ptrs, mask=k0 + 2 * offs_b < K, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_even_ptrs + stride_xk, mask=k0 + 2 * offs_b + 1 < K,
+                                other=0.0).to(tl.float32)
                 kb_ok = kblock < KP // QBLOCK
-            x_even, x_odd = tl.split(tl.reshape(x, (HALF, 2)))
             scale, zero_f = load_block_scales(
                 scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
                 kblock[None, :], offs_n[:, None], kb_ok[None, :], N, FORMAT, DQ_BLOCK)
             hi = (p >> 4).to(tl.int32)
             lo = (p & 0xF).to(tl.int32)
             if GROUPS == 1:
-                t = (code_values(hi, zero_f, code_ptr, FORMAT, LOOKUP) * x_even[None, :]
-                     + code_values(lo, zero_f, code_ptr, FORMAT, LOOKUP) * x_odd[None, :])
+                t = (code_values(hi, zero_f, code_ptr, FORMAT, LK) * x_even[None, :]
+                     + code_values(lo, zero_f, code_ptr, FORMAT, LK) * x_odd[None, :])
                 acc += tl.sum(t, axis=1) * tl.sum(scale, axis=1)  # scale is (BLOCK_N, 1)
             else:
                 PER: tl.constexpr = HALF // GROUPS
                 z3 = zero_f[:, :, None]
-                t = (code_values(tl.reshape(hi, (BLOCK_N, GROUPS, PER)), z3, code_ptr, FORMAT, LOOKUP)
+                t = (code_values(tl.reshape(hi, (BLOCK_N, GROUPS, PER)), z3, code_ptr, FORMAT, LK)
                      * tl.reshape(x_even, (1, GROUPS, PER))
-                     + code_values(tl.reshape(lo, (BLOCK_N, GROUPS, PER)), z3, code_ptr, FORMAT, LOOKUP)
+                     + code_values(tl.reshape(lo, (BLOCK_N, GROUPS, PER)), z3, code_ptr, FORMAT, LK)
                      * tl.reshape(x_odd, (1, GROUPS, PER)))
                 acc += tl.sum(tl.sum(t, axis=2) * scale, axis=1)
             p_ptrs += HALF
-        tl.store(y_ptr + out_n * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=out_n < N)
+        tl.store(out_base + out_n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=out_n < N)
     else:
         offs_m = tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
         m_ok = offs_m < M
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_begin + offs_k)[None, :] * stride_xk
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, KP, BLOCK_K):
+        for k0 in range(k_begin, k_end, BLOCK_K):
             kblock = k0 // QBLOCK + tl.arange(0, GROUPS)
             if EVEN_K:
                 p = tl.load(p_ptrs)
@@ -98,74 +126,160 @@ def skinny_matmul_kernel(
             scale, zero_f = load_block_scales(
                 scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
                 kblock[None, :], offs_n[:, None], kb_ok[None, :], N, FORMAT, DQ_BLOCK)
-            w = dequantize_tile(p, scale, zero_f, code_ptr, BLOCK_N, HALF, GROUPS, FORMAT, LOOKUP)
-            w = w.to(x.dtype)
+            w = dequantize_tile(p, scale, zero_f, code_ptr, BLOCK_N, HALF, GROUPS, FORMAT, LOOKUP,
+                                x.dtype)
             if IEEE:
                 acc2 = tl.dot(x, tl.trans(w), acc2, input_precision="ieee")
             else:
                 acc2 = tl.dot(x, tl.trans(w), acc2)
             p_ptrs += HALF
             x_ptrs += BLOCK_K * stride_xk
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + out_n[None, :] * stride_yn,
-                 acc2.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & (out_n < N)[None, :])
+        tl.store(out_base + offs_m[:, None] * stride_om + out_n[None, :] * stride_on,
+                 acc2.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (out_n < N)[None, :])
 
 
-def _cfg(bn, bk, warps, stages, lookup=0):
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "LOOKUP": lookup},
-                         num_warps=warps, num_stages=stages)
+@triton.jit
+def reduce_partials_kernel(part_ptr, y_ptr, SIZE, SPLIT_K, BLOCK: tl.constexpr):
+    """y.flat[i] = sum_s partials[s].flat[i], s in order (float32), rounded to y's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < SIZE
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLIT_K):
+        acc += tl.load(part_ptr + s * SIZE + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-M1_CONFIGS = [
-    _cfg(64, 64, 4, 4),
-    _cfg(8, 256, 2, 3),
-    _cfg(16, 256, 4, 3),
-    _cfg(16, 512, 4, 2),
-    _cfg(32, 128, 4, 4),
-    _cfg(32, 256, 4, 3),
-    _cfg(64, 128, 4, 3),
-    _cfg(16, 256, 4, 3, lookup=1),
-    _cfg(32, 256, 8, 3, lookup=1),
+def _cand(bn, bk, lookup, warps, stages, per_sm):
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "LOOKUP": lookup, "num_warps": warps,
+            "num_stages": stages, "PROGRAMS_PER_SM": per_sm}
+
+
+# BLOCK_K = 256: 128 contiguous bytes per row per step (8 threads x 16-byte loads).
+# The first candidate of each list is the default when no timing is possible.
+CANDIDATES_M1 = [
+    _cand(32, 256, 0, 4, 1, 4),
+    _cand(64, 256, 0, 4, 1, 4),
+    _cand(32, 512, 0, 4, 1, 4),
+    _cand(32, 256, 0, 4, 1, 8),
+    _cand(16, 256, 0, 2, 1, 8),
+    _cand(64, 128, 0, 4, 1, 4),
+    _cand(32, 256, 1, 4, 1, 4),
 ]
-M16_CONFIGS = [
-    _cfg(16, 256, 4, 3),
-    _cfg(32, 128, 4, 4),
-    _cfg(32, 256, 4, 3),
-    _cfg(64, 128, 4, 3),
-    _cfg(64, 64, 4, 4),
-    _cfg(32, 256, 4, 3, lookup=1),
+CANDIDATES_M16 = [
+    _cand(32, 256, 2, 4, 1, 4),
+    _cand(64, 256, 2, 4, 1, 4),
+    _cand(64, 128, 2, 4, 1, 4),
+    _cand(32, 256, 2, 4, 1, 8),
+    _cand(32, 256, 1, 4, 1, 4),
+    _cand(32, 256, 0, 4, 1, 4),
 ]
-_KEY = ["N", "K", "FORMAT", "QBLOCK"]
-_m1_tuned = triton.autotune(configs=M1_CONFIGS, key=_KEY)(skinny_matmul_kernel)
-_m16_tuned = triton.autotune(configs=M16_CONFIGS, key=_KEY)(skinny_matmul_kernel)
-
-INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 128, "LOOKUP": 0}
+# Small enough for the interpreter; SPLIT_K = 2 so that the tests exercise the reduction.
+INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "LOOKUP": 2, "SPLIT_K": 2}
 MAX_M = 16
+REDUCE_BLOCK = 1024
+
+_sm_count = {}
+_chosen = {}  # (shape, format, M class, dtype, device) -> config dict
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 in the CPU interpreter)."""
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sm_count:
+        _sm_count[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sm_count[idx]
+
+
+def split_k_for(n: int, kp: int, block_n: int, block_k: int, programs: int) -> int:
+    """Smallest SPLIT_K giving at least `programs` programs, without empty splits."""
+    n_blocks = triton.cdiv(n, block_n)
+    k_steps = triton.cdiv(kp, block_k)
+    split = max(1, min(k_steps, triton.cdiv(programs, n_blocks)))
+    steps_per_split = triton.cdiv(k_steps, split)
+    return triton.cdiv(k_steps, steps_per_split)
+
+
+def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
+    m, n, k = x.shape[0], w.out_features, w.in_features
+    meta, opts = split_config(config)
+    per_sm = meta.pop("PROGRAMS_PER_SM", 4)
+    split_k = meta.pop("SPLIT_K", None)
+    block_n, block_k = meta["BLOCK_N"], meta["BLOCK_K"]
+    if block_k % qb and qb % block_k:
+        raise ValueError(f"BLOCK_K {block_k} and the block size {qb} must divide one another")
+    if split_k is None:
+        split_k = split_k_for(n, kp, block_n, block_k, per_sm * sm_count(x.device))
+    k_steps = triton.cdiv(kp, block_k)
+    split_k = max(1, min(split_k, k_steps))
+    k_per_split = triton.cdiv(k_steps, split_k) * block_k
+    split_k = triton.cdiv(kp, k_per_split)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = y if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    stride_os = 0 if split_k == 1 else out.stride(0)
+    stride_om, stride_on = (y.stride(0), y.stride(1)) if split_k == 1 else (out.stride(1), out.stride(2))
+    skinny_matmul_kernel[(triton.cdiv(n, block_n), split_k)](
+        x, *tensors, out, m, n, k, kp, w.packed.stride(0), k_per_split,
+        x.stride(0), x.stride(1), stride_os, stride_om, stride_on,
+        FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, IEEE=x.dtype == torch.float32,
+        BLOCK_M=1 if m == 1 else 16, **meta, **opts)
+    if split_k > 1:
+        size = m * n
+        reduce_partials_kernel[(triton.cdiv(size, REDUCE_BLOCK),)](out, y, size, split_k,
+                                                                  BLOCK=REDUCE_BLOCK, num_warps=4)
+    return y
+
+
+def _tune(x, w, candidates, args):
+    """Time each candidate once in a CUDA graph; return the fastest (first on ties)."""
+    timings = []
+    for cand in candidates:
+        fn = lambda: _launch(x, w, cand, *args)  # noqa: E731
+        try:
+            fn()  # compile outside the graph
+            torch.cuda.synchronize(x.device)
+            t = triton.testing.do_bench_cudagraph(fn, rep=10)
+        except Exception as e:  # a candidate that does not compile here (e.g. out of resources)
+            if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e).lower():
+                raise
+            t = float("inf")
+        timings.append(t)
+    best = min(range(len(candidates)), key=lambda i: timings[i])
+    return candidates[best]
+
+
+def chosen_config(x, w):
+    """The config that skinny_matmul(x, w) uses (after the first call), or None."""
+    return _chosen.get(_key(x, w))
+
+
+def _key(x, w):
+    return (w.out_features, w.in_features, w.quant_type, w.double_quant, w.block_size,
+            x.shape[0] == 1, x.dtype, x.device)
 
 
 def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
     """y = x @ W.T for a 2-D x with 1 <= M <= 16 rows; y (M, out_features) in x's dtype.
 
-    config: fixed meta-parameters (BLOCK_N, BLOCK_K, LOOKUP, num_warps, num_stages) instead of
-    autotuning; the CPU interpreter uses INTERPRETER_CONFIG by default.
+    config: fixed meta-parameters (BLOCK_N, BLOCK_K, LOOKUP, num_warps, num_stages, and either
+    SPLIT_K or PROGRAMS_PER_SM) instead of the tuned choice; SPLIT_K = 1 is the classic
+    one-program-per-row-block kernel. The CPU interpreter uses INTERPRETER_CONFIG by default.
     """
     fmt, tensors, kp, qb, dq_block = weight_args(w)
     check_activation(x, w.in_features, w.packed.device, "x")
-    m, n, k = x.shape[0], w.out_features, w.in_features
+    m = x.shape[0]
     if not 1 <= m <= MAX_M:
         raise ValueError(f"skinny_matmul takes 1 to {MAX_M} rows, got {m}; use fused_matmul")
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_m = 1 if m == 1 else 16
-    args = (x, *tensors, y, m, n, k, kp, w.packed.stride(0), x.stride(0), x.stride(1), y.stride(0), y.stride(1))
-    consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, IEEE=x.dtype == torch.float32,
-                  BLOCK_M=block_m)
+    args = (fmt, tensors, kp, qb, dq_block)
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
     if config is None:
-        tuned = _m1_tuned if m == 1 else _m16_tuned
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
-        tuned[grid](*args, **consts)
-    else:
-        meta, opts = split_config(config)
-        grid = (triton.cdiv(n, meta["BLOCK_N"]),)
-        skinny_matmul_kernel[grid](*args, **consts, **meta, **opts)
-    return y
+        key = _key(x, w)
+        config = _chosen.get(key)
+        if config is None:
+            candidates = CANDIDATES_M1 if m == 1 else CANDIDATES_M16
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                return _launch(x, w, candidates[0], *args)  # no timing inside a capture
+            config = _chosen[key] = _tune(x, w, candidates, args)
+    return _launch(x, w, config, *args)

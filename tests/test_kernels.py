@@ -185,7 +185,7 @@ def test_tile_configs_and_lookups(fmt):
     w = quant.dequantize(qw, dtype)
     x1, x5 = gaussian(1, 256, seed=14), gaussian(5, 256, seed=15)
     dy = gaussian(21, 40, seed=16)
-    for lookup in (0, 1):
+    for lookup in (0, 1, 2):
         cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "GROUP_M": 1, "LOOKUP": lookup}
         assert_matmul_close(kernels.fused_matmul(dy[:, :1].expand(21, 256).contiguous() * x1, qw,
                                                  config=cfg), dy[:, :1] * x1, w.t(), dtype)
@@ -201,6 +201,9 @@ def test_tile_configs_and_lookups(fmt):
 
 
 def config_dict(cfg):
+    """A triton.Config as the dict that the launchers' `config` takes (dicts pass through)."""
+    if isinstance(cfg, dict):
+        return cfg
     return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
@@ -209,8 +212,8 @@ AUTOTUNE_LISTS = [  # (kernel module, config list, M to run it at)
     ("fused_matmul", "SMALL_M_CONFIGS", 40),
     ("fused_matmul_dx", "LARGE_M_CONFIGS", 200),
     ("fused_matmul_dx", "SMALL_M_CONFIGS", 40),
-    ("skinny_matmul", "M1_CONFIGS", 1),
-    ("skinny_matmul", "M16_CONFIGS", 11),
+    ("skinny_matmul", "CANDIDATES_M1", 1),
+    ("skinny_matmul", "CANDIDATES_M16", 11),
     ("dequantize", "_CONFIGS", 0),
 ]
 
@@ -223,7 +226,7 @@ def test_every_autotune_config_is_correct(module, configs, m):
     qw = make_weight("nf4dq", 72, 192, seed=17)
     w = quant.dequantize(qw, torch.float32)
     for cfg in getattr(mod, configs):
-        cfg = config_dict(cfg)
+        cfg = cfg if isinstance(cfg, dict) else config_dict(cfg)
         if module == "dequantize":
             assert torch.equal(kernels.dequantize(qw, torch.float32, config=cfg), w)
         elif module == "fused_matmul_dx":
@@ -245,13 +248,25 @@ def test_autotuned_launch_path_in_interpreter(monkeypatch):
 
     tuners = {"fused_matmul": ["_large_m_tuned", "_small_m_tuned"],
               "fused_matmul_dx": ["_large_m_tuned", "_small_m_tuned"],
-              "skinny_matmul": ["_m1_tuned", "_m16_tuned"], "dequantize": ["_dequantize_tuned"]}
+              "skinny_matmul": [], "dequantize": ["_dequantize_tuned"]}
     for module, names in tuners.items():
         mod = importlib.import_module(f"kernels.{module}")
         monkeypatch.setattr(mod, "interpreting", lambda: False)  # take the autotuned branch
         for name in names:
             # (in the instance dict: reading the attribute first would look for a GPU driver)
             monkeypatch.setitem(getattr(mod, name).__dict__, "do_bench", one_run)
+    # skinny_matmul tunes by itself (CUDA-graph timing): run every candidate once, pick the last
+    skinny = importlib.import_module("kernels.skinny_matmul")
+    tried = []
+
+    def run_all(x, w, candidates, args):
+        for cand in candidates:
+            skinny._launch(x, w, cand, *args)
+            tried.append(cand)
+        return candidates[-1]
+
+    monkeypatch.setattr(skinny, "_tune", run_all)
+    monkeypatch.setattr(skinny, "_chosen", {})
     qw = make_weight("int4g128", 40, 256, seed=20)
     w = quant.dequantize(qw, torch.float32)
     for m in (1, 3, 130):
@@ -260,6 +275,35 @@ def test_autotuned_launch_path_in_interpreter(monkeypatch):
         assert_matmul_close(kernels.fused_matmul_dx(dy, qw), dy, w, torch.float32)
         if m <= 16:
             assert_matmul_close(kernels.skinny_matmul(x, qw), x, w.t(), torch.float32)
+            assert skinny.chosen_config(x, qw) is not None
+            assert_matmul_close(kernels.skinny_matmul(x, qw), x, w.t(), torch.float32)  # cached
+    assert len(tried) == len(skinny.CANDIDATES_M1) + len(skinny.CANDIDATES_M16)
+
+
+def test_skinny_split_k_values():
+    """split_k_for: enough programs, never an empty split; the launcher's K ranges cover K."""
+    from kernels.skinny_matmul import split_k_for
+    assert split_k_for(4096, 4096, 32, 256, 4 * 132) == 4  # 128 row blocks x 4 = 512 programs
+    assert split_k_for(11008, 4096, 32, 256, 4 * 132) == 2
+    assert split_k_for(4096, 11008, 32, 256, 4 * 132) == 5  # 43 steps: 9 per split, 5 splits
+    assert split_k_for(64, 128, 32, 256, 1000) == 1  # one step of K: nothing to split
+    for n, kp, bk, programs in [(40, 192, 64, 100), (4096, 11008, 256, 528), (72, 448, 128, 7)]:
+        split = split_k_for(n, kp, 16, bk, programs)
+        steps = -(-kp // bk)
+        per = -(-steps // split)
+        assert (split - 1) * per < steps <= split * per  # the last split is not empty
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU tests use the tuned configs")
+@pytest.mark.parametrize("split_k", [1, 2, 3, 5])
+@pytest.mark.parametrize("m", [1, 6])
+def test_skinny_split_k(split_k, m):
+    """Every split of K (with a ragged last split and a padded K) gives the same product."""
+    qw = make_weight("int4", 24, 300, seed=30)  # K 300 -> KP 320: 5 steps of 64
+    w = quant.dequantize(qw, torch.float32)
+    x = gaussian(m, 300, seed=31)
+    cfg = {"BLOCK_N": 16, "BLOCK_K": 64, "LOOKUP": 2, "SPLIT_K": split_k}
+    assert_matmul_close(kernels.skinny_matmul(x, qw, config=cfg), x, w.t(), torch.float32)
 
 
 def test_bad_input_raises_clear_errors():
@@ -325,7 +369,7 @@ def test_gpu_other_formats_bf16(fmt):
         x = gaussian(m, k, seed=m, dtype=dtype)
         dy = gaussian(m, n, seed=m + 1, dtype=dtype)
         if m <= 16:
-            cfgs = mods["skinny_matmul"].M1_CONFIGS if m == 1 else mods["skinny_matmul"].M16_CONFIGS
+            cfgs = mods["skinny_matmul"].CANDIDATES_M1 if m == 1 else mods["skinny_matmul"].CANDIDATES_M16
             y = kernels.skinny_matmul(x, qw, config=config_dict(cfgs[0]))
             assert_matmul_close(y, x, w.t(), dtype)
         cfgs = mods["fused_matmul"].LARGE_M_CONFIGS if m > 128 else mods["fused_matmul"].SMALL_M_CONFIGS
