@@ -411,12 +411,9 @@ def main(argv=None):
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, FloatingPointError) as e:
         print(f"{who}: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         sys.exit(1)
-    except Interrupted as e:
+    except (Interrupted, KeyboardInterrupt) as e:  # a bare KeyboardInterrupt: the second Ctrl-C
         if rank == 0:
-            print(f"\n{e}", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("\naborted without saving; the last checkpoint is intact", file=sys.stderr)
+            print(f"\n{e or 'aborted without saving; the last checkpoint is intact'}", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # under torchrun: say which rank failed; torchrun then stops the others
         if "RANK" not in os.environ:
