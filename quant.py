@@ -115,7 +115,10 @@ __all__ = [
 # M >= DEQUANT_MATMUL_MIN_M. None disables the dequantize+cuBLAS path.
 # float32 activations on CUDA always take the dequantize+cuBLAS path.
 SKINNY_MAX_M = 16
-DEQUANT_MATMUL_MIN_M: Optional[int] = None
+# First H100 run (torch 2.11, triton 3.6): at M = 4096 dequantize+cuBLAS took 1.05-1.2 x cuBLAS,
+# the first fused kernel 5 x; at M = 16 fused was ahead on 4096x4096. Re-set from the M sweep of
+# benchmarks/bench_kernels.py once the LOOKUP=2 fused kernel is measured.
+DEQUANT_MATMUL_MIN_M: Optional[int] = 1024
 # ---------------------------------------------------------------------------------------------
 
 QUANT_TYPES = ("nf4", "int4")

@@ -1,26 +1,38 @@
 """Benchmark of the 4-bit kernels on LLaMA-7B linear shapes, against cuBLAS bf16 and bitsandbytes.
 
-    python3 benchmarks/bench_kernels.py --out kernels.json
+    python3 benchmarks/bench_kernels.py --out kernels.json          (about 2-3 minutes on an H100)
 
 For (N, K) in (4096, 4096), (11008, 4096), (4096, 11008) (y = x @ W.T, W is N x K: q/o, gate/up,
 down projections) and M in 1, 16, 4096 tokens it times, in one run, with
 triton.testing.do_bench (median, fresh random bf16 inputs, never zeros):
     cublas        torch.matmul(x, W_bf16.T)                    (the 16-bit baseline)
-    fused         kernels.fused_matmul(x, W_nf4)               (dequantized on chip)
-    skinny        kernels.skinny_matmul(x, W_nf4)              (M <= 16)
+    fused         kernels.fused_matmul(x, W_nf4)               (autotuned; tiles dequantized on chip)
+    fused old     the same kernel with the first commit's lookup (LOOKUP=0: global-memory gather
+                  of the code per weight, which Triton pipelines into one 4-byte cp.async per
+                  weight), same tile as the autotuner's first config
+    skinny        kernels.skinny_matmul(x, W_nf4), M <= 16, split-K (config tuned once per shape)
+    skinny graph  the same, timed inside a CUDA graph (20 calls captured, replayed, divided):
+                  what decoding sees, without the ~20 us of Python launch overhead per call
+    skinny old    SPLIT_K = 1, LOOKUP 0 (the first commit's one-program-per-row-block kernel),
+                  eager and in a graph
     deq+cublas    x @ kernels.dequantize(W_nf4).T              (the alternative for large M)
     dispatch      quant._matmul: what QuantLinear runs at this M
     dequant       kernels.dequantize(W_nf4, bf16)              (independent of M)
-    dx            kernels.fused_matmul_dx(dy, W_nf4)           (backward, dy is M x N)
+    dx, dx old    kernels.fused_matmul_dx(dy, W_nf4), autotuned / LOOKUP=0 (backward, dy is M x N)
     cublas dx     dy @ W_bf16
     bnb           bitsandbytes.matmul_4bit and bnb dequantize_4bit (if bitsandbytes imports),
                   NF4, block 64, double quantization (compress_statistics), as QLoRA uses it.
 Our weight: quant.quantize_nf4 with double quantization (4.127 bits per weight).
-Then a sweep of M for fused vs deq+cublas, to set quant.DEQUANT_MATMUL_MIN_M.
+Then:
+  - a lookup table (4096x4096, M = 4096, one fixed tile): fused and dx with LOOKUP 0 / 1 / 2 and
+    with INT4 weights (no code lookup at all), to see what the dequantization costs;
+  - a sweep of M for fused vs deq+cublas, to set quant.DEQUANT_MATMUL_MIN_M.
 
 Prints markdown tables and checks the targets (fused <= 1.05 x cuBLAS at M = 4096; skinny at
-M = 1 >= 60% of HBM bandwidth, --hbm-gbps, default 3350 GB/s for the H100 SXM); writes JSON to
---out. Needs CUDA. Autotuning happens during the first (warm-up) calls and is not timed.
+M = 1 >= 60% of HBM bandwidth in a graph, --hbm-gbps, default 3350 GB/s for the H100 SXM);
+writes JSON to --out. A measurement that fails (e.g. a config that does not compile) prints ERR
+and the error on stderr; the run goes on. Needs CUDA. Autotuning and config choice happen in the
+first (warm-up) call of each measurement and are not timed.
 """
 
 import argparse
@@ -29,16 +41,19 @@ import json
 import os
 import platform
 import sys
+import time
+import traceback
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+GRAPH_CALLS = 20
 
 
 def bench(fn):
-    """Median time of fn() in microseconds."""
+    """Median time of fn() in microseconds (do_bench: back-to-back eager calls)."""
     import triton.testing
 
     fn()  # compile / autotune outside the timing
@@ -47,11 +62,54 @@ def bench(fn):
     return 1000.0 * (q[0] if isinstance(q, (list, tuple)) else q)
 
 
+def bench_graph(fn, calls=GRAPH_CALLS, replays=30):
+    """Microseconds per call of fn() inside a CUDA graph of `calls` calls (median of replays)."""
+    fn()  # compile / choose the config outside the capture
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm the allocator on a side stream, as capture requires
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(1000.0 * start.elapsed_time(end) / calls)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def attempt(label, fn, *args):
+    """fn(*args), or None after printing the error (the benchmark goes on)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 (report every failure, keep measuring the rest)
+        print(f"ERR {label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+              file=sys.stderr)
+        if os.environ.get("BENCH_TRACEBACK"):
+            traceback.print_exc()
+        return None
+
+
 def best_config(module_name, attr):
     """The config the autotuner last used for kernels.<module>.<attr>, as a string."""
     tuner = getattr(importlib.import_module(f"kernels.{module_name}"), attr)
     cfg = getattr(tuner, "best_config", None)
     return None if cfg is None else str(cfg)
+
+
+def config_dict(cfg):
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
 def load_bnb():
@@ -69,15 +127,16 @@ def weight_bytes(qw):
 
 
 def fmt_us(v):
-    return "-" if v is None else f"{v:.1f}"
+    return "ERR" if v is None else ("-" if v == "-" else f"{v:.1f}")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write the results as JSON to this path")
     ap.add_argument("--ms", default="1,16,4096", help="token counts M, comma-separated")
-    ap.add_argument("--sweep", default="64,128,256,512,1024,2048",
+    ap.add_argument("--sweep", default="128,512,2048",
                     help="M values for the fused vs dequantize+cuBLAS sweep ('' to skip)")
+    ap.add_argument("--no-lookup-table", action="store_true", help="skip the LOOKUP comparison")
     ap.add_argument("--hbm-gbps", type=float, default=3350.0, help="peak HBM bandwidth (GB/s)")
     ap.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes")
     args = ap.parse_args()
@@ -88,7 +147,9 @@ def main():
 
     import kernels
     import quant
+    from kernels import fused_matmul as fm, fused_matmul_dx as fdx, skinny_matmul as sk
 
+    t_start = time.time()
     ms = [int(m) for m in args.ms.split(",") if m]
     sweep = [int(m) for m in args.sweep.split(",") if m]
     bnb, bnb_note = (None, "bitsandbytes skipped (--no-bnb)") if args.no_bnb else load_bnb()
@@ -99,102 +160,172 @@ def main():
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device=dev, dtype=torch.float32) * scale).to(dtype)
 
+    # "old" = the first commit's kernels: LOOKUP=0 on the tile of each list's first config;
+    # skinny with SPLIT_K=1 and the old kernel's first M=1 / M=16 tile.
+    def old(cfg):
+        return {**config_dict(cfg), "LOOKUP": 0}
+
+    old_fused = {"large": old(fm.LARGE_M_CONFIGS[0]), "small": old(fm.SMALL_M_CONFIGS[0])}
+    old_dx = {"large": old(fdx.LARGE_M_CONFIGS[0]), "small": old(fdx.SMALL_M_CONFIGS[0])}
+    old_skinny = {1: {"BLOCK_N": 32, "BLOCK_K": 256, "LOOKUP": 0, "SPLIT_K": 1, "num_warps": 4,
+                      "num_stages": 3},
+                  16: {"BLOCK_N": 32, "BLOCK_K": 128, "LOOKUP": 0, "SPLIT_K": 1, "num_warps": 4,
+                       "num_stages": 4}}
+
     env = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "python": platform.python_version(), "bitsandbytes": bnb_note,
+        "sms": torch.cuda.get_device_properties(dev).multi_processor_count,
         "SKINNY_MAX_M": quant.SKINNY_MAX_M, "DEQUANT_MATMUL_MIN_M": quant.DEQUANT_MATMUL_MIN_M,
     }
-    print(f"# 4-bit kernels: {env['gpu']}, torch {env['torch']}, triton {env['triton']}; {bnb_note}\n")
+    print(f"# 4-bit kernels: {env['gpu']} ({env['sms']} SMs), torch {env['torch']}, "
+          f"triton {env['triton']}; {bnb_note}\n")
 
-    rows, sweep_rows = [], []
+    rows, sweep_rows, lookup_rows = [], [], []
     for n, k in SHAPES:
         w = randn(n, k, scale=0.02)
         qw = quant.quantize_nf4(w, 64, double_quant=True)
         wq_bytes = weight_bytes(qw)
-        t_dequant = bench(lambda: kernels.dequantize(qw, dtype))
+        t_dequant = attempt("dequant", bench, lambda: kernels.dequantize(qw, dtype))
         cfg_dequant = best_config("dequantize", "_dequantize_tuned")
-        bnb_w = None
+        bnb_w, t_bnb_dequant = None, None
         if bnb is not None:
             _, bf = bnb
             packed_bnb, state_bnb = bf.quantize_4bit(w, blocksize=64, quant_type="nf4",
                                                      compress_statistics=True)
             bnb_w = (packed_bnb, state_bnb)
-            t_bnb_dequant = bench(lambda: bf.dequantize_4bit(packed_bnb, state_bnb))
+            t_bnb_dequant = attempt("bnb dequant", bench, lambda: bf.dequantize_4bit(packed_bnb, state_bnb))
         for m in ms:
             x = randn(m, k)
             dy = randn(m, n)
+            size = "large" if m > 128 else "small"
             r = {"N": n, "K": k, "M": m, "weight_bytes": wq_bytes, "configs": {}}
-            r["cublas_us"] = bench(lambda: torch.matmul(x, w.t()))
-            r["fused_us"] = bench(lambda: kernels.fused_matmul(x, qw))
-            r["configs"]["fused"] = best_config("fused_matmul", "_large_m_tuned" if m > 128 else "_small_m_tuned")
-            r["skinny_us"] = None
+            r["cublas_us"] = attempt("cublas", bench, lambda: torch.matmul(x, w.t()))
+            r["fused_us"] = attempt(f"fused {n}x{k} M={m}", bench, lambda: kernels.fused_matmul(x, qw))
+            r["configs"]["fused"] = best_config("fused_matmul", f"_{size}_m_tuned")
+            r["fused_old_us"] = attempt(f"fused old {n}x{k} M={m}", bench,
+                                        lambda: kernels.fused_matmul(x, qw, config=old_fused[size]))
+            r["skinny_us"] = r["skinny_graph_us"] = r["skinny_old_us"] = r["skinny_old_graph_us"] = "-"
             if m <= 16:
-                r["skinny_us"] = bench(lambda: kernels.skinny_matmul(x, qw))
-                r["configs"]["skinny"] = best_config("skinny_matmul", "_m1_tuned" if m == 1 else "_m16_tuned")
+                r["skinny_us"] = attempt(f"skinny {n}x{k} M={m}", bench, lambda: kernels.skinny_matmul(x, qw))
+                r["configs"]["skinny"] = str(sk.chosen_config(x, qw))
+                r["skinny_graph_us"] = attempt(f"skinny graph {n}x{k} M={m}", bench_graph,
+                                               lambda: kernels.skinny_matmul(x, qw))
+                oc = old_skinny[1 if m == 1 else 16]
+                r["skinny_old_us"] = attempt("skinny old", bench, lambda: kernels.skinny_matmul(x, qw, config=oc))
+                r["skinny_old_graph_us"] = attempt("skinny old graph", bench_graph,
+                                                   lambda: kernels.skinny_matmul(x, qw, config=oc))
                 moved = wq_bytes + x.numel() * 2 + m * n * 2
-                r["skinny_hbm_pct"] = 100.0 * moved / (r["skinny_us"] * 1e-6) / (args.hbm_gbps * 1e9)
-            r["dequant_cublas_us"] = bench(lambda: torch.matmul(x, kernels.dequantize(qw, dtype).t()))
-            r["dispatch_us"] = bench(lambda: quant._matmul(x, qw))
+                for name in ("skinny_graph_us", "skinny_us"):
+                    if isinstance(r[name], float):
+                        r[name.replace("_us", "_hbm_pct")] = 100.0 * moved / (r[name] * 1e-6) / (args.hbm_gbps * 1e9)
+            r["dequant_cublas_us"] = attempt("deq+cublas", bench,
+                                             lambda: torch.matmul(x, kernels.dequantize(qw, dtype).t()))
+            r["dispatch_us"] = attempt("dispatch", bench, lambda: quant._matmul(x, qw))
             r["dequant_us"] = t_dequant
             r["configs"]["dequant"] = cfg_dequant
-            r["dx_us"] = bench(lambda: kernels.fused_matmul_dx(dy, qw))
-            r["configs"]["dx"] = best_config("fused_matmul_dx", "_large_m_tuned" if m > 128 else "_small_m_tuned")
-            r["cublas_dx_us"] = bench(lambda: torch.matmul(dy, w))
-            r["bnb_matmul_us"] = r["bnb_dequant_us"] = None
+            r["dx_us"] = attempt(f"dx {n}x{k} M={m}", bench, lambda: kernels.fused_matmul_dx(dy, qw))
+            r["configs"]["dx"] = best_config("fused_matmul_dx", f"_{size}_m_tuned")
+            r["dx_old_us"] = attempt(f"dx old {n}x{k} M={m}", bench,
+                                     lambda: kernels.fused_matmul_dx(dy, qw, config=old_dx[size]))
+            r["cublas_dx_us"] = attempt("cublas dx", bench, lambda: torch.matmul(dy, w))
+            r["bnb_matmul_us"] = r["bnb_dequant_us"] = "-"
             if bnb_w is not None:
                 lib = bnb[0]
                 packed_bnb, state_bnb = bnb_w
-                r["bnb_matmul_us"] = bench(lambda: lib.matmul_4bit(x, packed_bnb.t(), quant_state=state_bnb))
+                r["bnb_matmul_us"] = attempt("bnb matmul", bench,
+                                             lambda: lib.matmul_4bit(x, packed_bnb.t(), quant_state=state_bnb))
                 r["bnb_dequant_us"] = t_bnb_dequant
-            r["fused_vs_cublas"] = r["fused_us"] / r["cublas_us"]
+            ok = isinstance(r["fused_us"], float) and isinstance(r["cublas_us"], float)
+            r["fused_vs_cublas"] = r["fused_us"] / r["cublas_us"] if ok else None
             rows.append(r)
-            print(f"  measured N={n} K={k} M={m}", file=sys.stderr)
+            print(f"  measured N={n} K={k} M={m}  ({time.time() - t_start:.0f} s)", file=sys.stderr)
         for m in sweep:
             x = randn(m, k)
             sweep_rows.append({
                 "N": n, "K": k, "M": m,
-                "fused_us": bench(lambda: kernels.fused_matmul(x, qw)),
-                "dequant_cublas_us": bench(lambda: torch.matmul(x, kernels.dequantize(qw, dtype).t())),
-                "cublas_us": bench(lambda: torch.matmul(x, w.t())),
+                "fused_us": attempt("sweep fused", bench, lambda: kernels.fused_matmul(x, qw)),
+                "dequant_cublas_us": attempt("sweep deq+cublas", bench,
+                                             lambda: torch.matmul(x, kernels.dequantize(qw, dtype).t())),
+                "cublas_us": attempt("sweep cublas", bench, lambda: torch.matmul(x, w.t())),
             })
+        print(f"  sweep N={n} K={k}  ({time.time() - t_start:.0f} s)", file=sys.stderr)
 
-    print("| N x K | M | cuBLAS bf16 | fused | skinny | deq+cuBLAS | dispatch | dequant | dx | cuBLAS dx "
-          "| bnb matmul | bnb dequant | fused/cuBLAS | skinny % HBM |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    if not args.no_lookup_table:
+        n, k, m = 4096, 4096, 4096
+        x, dy = randn(m, k), randn(m, n)
+        w = randn(n, k, scale=0.02)
+        weights = {"nf4dq": quant.quantize_nf4(w, 64, double_quant=True),
+                   "int4": quant.quantize_int4(w, 64)}
+        tile_f, tile_dx = config_dict(fm.LARGE_M_CONFIGS[0]), config_dict(fdx.LARGE_M_CONFIGS[0])
+        for fmt_name, lookups in (("nf4dq", (0, 1, 2)), ("int4", (0, 2))):
+            qw = weights[fmt_name]
+            for lookup in lookups:
+                lookup_rows.append({
+                    "format": fmt_name, "LOOKUP": lookup, "tile_fused": str(tile_f), "tile_dx": str(tile_dx),
+                    "fused_us": attempt(f"lookup fused {fmt_name} {lookup}", bench,
+                                        lambda: kernels.fused_matmul(x, qw, config={**tile_f, "LOOKUP": lookup})),
+                    "dx_us": attempt(f"lookup dx {fmt_name} {lookup}", bench,
+                                     lambda: kernels.fused_matmul_dx(dy, qw, config={**tile_dx, "LOOKUP": lookup})),
+                })
+        print(f"  lookup table  ({time.time() - t_start:.0f} s)", file=sys.stderr)
+
+    print("| N x K | M | cuBLAS bf16 | fused | fused old | skinny | skinny graph | skinny old | "
+          "skinny old graph | deq+cuBLAS | dispatch | dequant | dx | dx old | cuBLAS dx | bnb matmul "
+          "| bnb dequant | fused/cuBLAS | skinny graph % HBM |")
+    print("|" + "---|" * 19)
     for r in rows:
-        hbm = f"{r['skinny_hbm_pct']:.0f}%" if r.get("skinny_hbm_pct") else "-"
-        print(f"| {r['N']}x{r['K']} | {r['M']} | {fmt_us(r['cublas_us'])} | {fmt_us(r['fused_us'])} "
-              f"| {fmt_us(r['skinny_us'])} | {fmt_us(r['dequant_cublas_us'])} | {fmt_us(r['dispatch_us'])} "
-              f"| {fmt_us(r['dequant_us'])} | {fmt_us(r['dx_us'])} | {fmt_us(r['cublas_dx_us'])} "
-              f"| {fmt_us(r['bnb_matmul_us'])} | {fmt_us(r['bnb_dequant_us'])} | {r['fused_vs_cublas']:.2f} | {hbm} |")
-    print("\n(times in microseconds, median of do_bench)\n")
+        hbm = f"{r['skinny_graph_hbm_pct']:.0f}%" if r.get("skinny_graph_hbm_pct") else "-"
+        ratio = "ERR" if r["fused_vs_cublas"] is None else f"{r['fused_vs_cublas']:.2f}"
+        cols = [r[c] for c in ("cublas_us", "fused_us", "fused_old_us", "skinny_us", "skinny_graph_us",
+                               "skinny_old_us", "skinny_old_graph_us", "dequant_cublas_us", "dispatch_us",
+                               "dequant_us", "dx_us", "dx_old_us", "cublas_dx_us", "bnb_matmul_us",
+                               "bnb_dequant_us")]
+        print(f"| {r['N']}x{r['K']} | {r['M']} | " + " | ".join(fmt_us(c) for c in cols)
+              + f" | {ratio} | {hbm} |")
+    print("\n(times in microseconds: median of do_bench, or per call inside a CUDA graph)\n")
+    print("Configs chosen:")
+    for r in rows:
+        print(f"  {r['N']}x{r['K']} M={r['M']}: {r['configs']}")
+    print()
+
+    if lookup_rows:
+        print("| format | LOOKUP | fused (4096^3) | dx (4096^3) |")
+        print("|---|---|---|---|")
+        for lr in lookup_rows:
+            print(f"| {lr['format']} | {lr['LOOKUP']} | {fmt_us(lr['fused_us'])} | {fmt_us(lr['dx_us'])} |")
+        print(f"(fixed tiles: fused {lookup_rows[0]['tile_fused']}, dx {lookup_rows[0]['tile_dx']}; "
+              "LOOKUP 0 = global gather, 1 = select tree, 2 = scaled table + tl.gather)\n")
 
     if sweep_rows:
         print("| N x K | M | fused | deq+cuBLAS | cuBLAS bf16 | faster |")
         print("|---|---|---|---|---|---|")
         for s in sweep_rows:
-            faster = "fused" if s["fused_us"] <= s["dequant_cublas_us"] else "deq+cuBLAS"
-            print(f"| {s['N']}x{s['K']} | {s['M']} | {s['fused_us']:.1f} | {s['dequant_cublas_us']:.1f} "
-                  f"| {s['cublas_us']:.1f} | {faster} |")
+            f, d = s["fused_us"], s["dequant_cublas_us"]
+            faster = "?" if f is None or d is None else ("fused" if f <= d else "deq+cuBLAS")
+            print(f"| {s['N']}x{s['K']} | {s['M']} | {fmt_us(f)} | {fmt_us(d)} | {fmt_us(s['cublas_us'])} "
+                  f"| {faster} |")
         print()
 
     checks = []
     for r in rows:
-        if r["M"] == 4096:
+        if r["M"] == 4096 and r["fused_vs_cublas"] is not None:
             checks.append({"target": f"fused <= 1.05 x cuBLAS, {r['N']}x{r['K']} M=4096",
                            "value": round(r["fused_vs_cublas"], 3), "ok": r["fused_vs_cublas"] <= 1.05})
-        if r["M"] == 1 and r.get("skinny_hbm_pct") is not None:
-            checks.append({"target": f"skinny >= 60% HBM, {r['N']}x{r['K']} M=1",
-                           "value": f"{r['skinny_hbm_pct']:.0f}% ({r['skinny_us']:.1f} us)",
-                           "ok": r["skinny_hbm_pct"] >= 60.0})
+        if r["M"] == 1 and r.get("skinny_graph_hbm_pct") is not None:
+            checks.append({"target": f"skinny (graph) >= 60% HBM, {r['N']}x{r['K']} M=1",
+                           "value": f"{r['skinny_graph_hbm_pct']:.0f}% ({r['skinny_graph_us']:.1f} us)",
+                           "ok": r["skinny_graph_hbm_pct"] >= 60.0})
     for c in checks:
         print(f"{'PASS' if c['ok'] else 'MISS'}  {c['target']}: {c['value']}")
+    print(f"\ntotal {time.time() - t_start:.0f} s")
 
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"env": env, "rows": rows, "sweep": sweep_rows, "checks": checks}, f, indent=1)
-        print(f"\nwrote {args.out}")
+            json.dump({"env": env, "rows": rows, "sweep": sweep_rows, "lookups": lookup_rows,
+                       "checks": checks}, f, indent=1)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

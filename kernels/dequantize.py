@@ -55,7 +55,7 @@ _CONFIGS = [
     triton.Config({"BLOCK_R": 32, "BLOCK_C": 256, "LOOKUP": 0}, num_warps=4),
     triton.Config({"BLOCK_R": 16, "BLOCK_C": 512, "LOOKUP": 0}, num_warps=4),
     triton.Config({"BLOCK_R": 64, "BLOCK_C": 256, "LOOKUP": 0}, num_warps=8),
-    triton.Config({"BLOCK_R": 8, "BLOCK_C": 1024, "LOOKUP": 0}, num_warps=4),
+    triton.Config({"BLOCK_R": 32, "BLOCK_C": 256, "LOOKUP": 2}, num_warps=4),
     triton.Config({"BLOCK_R": 32, "BLOCK_C": 256, "LOOKUP": 1}, num_warps=4),
 ]
 _dequantize_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "FORMAT", "QBLOCK"])(

@@ -102,15 +102,12 @@ LARGE_M_CONFIGS = [
     _cfg(128, 256, 64, 8, 3, lookup=2),
     _cfg(128, 128, 64, 8, 4, lookup=2),
     _cfg(256, 128, 64, 8, 3, lookup=2),
-    _cfg(128, 128, 64, 4, 4, lookup=2),
     _cfg(128, 256, 64, 8, 3, lookup=1),
 ]
 # 16 < M <= 128: W traffic dominates; smaller M tiles, more programs along N.
 SMALL_M_CONFIGS = [
     _cfg(64, 128, 64, 4, 4, lookup=2),
     _cfg(32, 128, 64, 4, 4, lookup=2),
-    _cfg(64, 64, 128, 4, 3, lookup=2),
-    _cfg(128, 64, 64, 4, 4, lookup=2),
     _cfg(64, 128, 64, 4, 4, lookup=1),
 ]
 _KEY = ["M_BUCKET", "N", "K", "FORMAT", "QBLOCK"]

@@ -161,17 +161,13 @@ CANDIDATES_M1 = [
     _cand(64, 256, 0, 4, 1, 4),
     _cand(32, 512, 0, 4, 1, 4),
     _cand(32, 256, 0, 4, 1, 8),
-    _cand(16, 256, 0, 2, 1, 8),
-    _cand(64, 128, 0, 4, 1, 4),
     _cand(32, 256, 1, 4, 1, 4),
 ]
 CANDIDATES_M16 = [
     _cand(32, 256, 2, 4, 1, 4),
-    _cand(64, 256, 2, 4, 1, 4),
     _cand(64, 128, 2, 4, 1, 4),
     _cand(32, 256, 2, 4, 1, 8),
     _cand(32, 256, 1, 4, 1, 4),
-    _cand(32, 256, 0, 4, 1, 4),
 ]
 # Small enough for the interpreter; SPLIT_K = 2 so that the tests exercise the reduction.
 INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "LOOKUP": 2, "SPLIT_K": 2}

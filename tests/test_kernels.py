@@ -442,3 +442,64 @@ def test_gpu_double_quant_codes_equal_bitsandbytes():
     scaled = ((absmax - offset).view(-1, 256) * (1.0 / absmax2)[:, None]).view(-1)
     code8 = quant.dynamic_code_8bit("cuda")
     assert boundary_mismatches(q, q_bnb.view(-1), scaled, code8) <= 1e-4 * q.numel()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 5])
+def test_gpu_skinny_every_candidate_and_old_kernel(m):
+    """Every split-K candidate (K = 11008: 43 steps of 256, a ragged last split) and the
+    unsplit kernel (SPLIT_K = 1) on a LLaMA down-projection shape."""
+    from kernels import skinny_matmul as sk
+    dtype = torch.bfloat16
+    n, k = 4096, 11008
+    qw = quant.quantize_nf4(gaussian(n, k, seed=40, dtype=dtype) * 0.02)
+    w = quant.dequantize(qw, dtype)
+    x = gaussian(m, k, seed=41, dtype=dtype)
+    cands = sk.CANDIDATES_M1 if m == 1 else sk.CANDIDATES_M16
+    for cfg in cands + [{**cands[0], "SPLIT_K": 1}, {**cands[0], "SPLIT_K": 7}]:
+        assert_matmul_close(kernels.skinny_matmul(x, qw, config=cfg), x, w.t(), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 7])
+def test_gpu_skinny_in_cuda_graph(m):
+    """Decoding replays a CUDA graph: the split-K kernel + reduction must capture, and replaying
+    must give exactly the eager result (fixed summation order: deterministic)."""
+    dtype = torch.bfloat16
+    n, k = 11008, 4096
+    qw = quant.quantize_nf4(gaussian(n, k, seed=42, dtype=dtype) * 0.02)
+    x = gaussian(m, k, seed=43, dtype=dtype)
+    eager = kernels.skinny_matmul(x, qw)  # chooses the config (timing) outside the capture
+    assert torch.equal(kernels.skinny_matmul(x, qw), eager)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        kernels.skinny_matmul(x, qw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = kernels.skinny_matmul(x, qw)
+    x.copy_(gaussian(m, k, seed=44, dtype=dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, kernels.skinny_matmul(x, qw))
+    assert_matmul_close(y, x, quant.dequantize(qw, dtype).t(), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["nf4dq", "int4"])
+def test_gpu_every_lookup(fmt):
+    """LOOKUP 0 (global gather), 1 (select tree), 2 (scaled table + tl.gather) on the GPU, on the
+    first large tile of each kernel, a 4096x4096 weight and 512 rows."""
+    from kernels import fused_matmul as fm, fused_matmul_dx as fdx
+    dtype = torch.bfloat16
+    qw = make_weight(fmt, 4096, 4096, seed=45)
+    w = quant.dequantize(qw, dtype)
+    x, dy = gaussian(512, 4096, seed=46, dtype=dtype), gaussian(512, 4096, seed=47, dtype=dtype)
+    for lookup in (0, 1, 2):
+        cfg = {**config_dict(fm.LARGE_M_CONFIGS[0]), "LOOKUP": lookup}
+        assert_matmul_close(kernels.fused_matmul(x, qw, config=cfg), x, w.t(), dtype)
+        cfg = {**config_dict(fdx.LARGE_M_CONFIGS[0]), "LOOKUP": lookup}
+        assert_matmul_close(kernels.fused_matmul_dx(dy, qw, config=cfg), dy, w, dtype)
+        cfg = {"BLOCK_R": 32, "BLOCK_C": 256, "LOOKUP": lookup, "num_warps": 4}
+        assert_dequantized_equal(kernels.dequantize(qw, dtype, config=cfg), w, qw.double_quant)
