@@ -24,7 +24,7 @@ Three ways to turn a code into its value (meta-parameter LOOKUP of each kernel):
   - LOOKUP=1: a 4-level tree of selects on the bits of the code (15 selects, no memory).
   - LOOKUP=2: per row (and quantization block) build the 16 scaled values
     table[r, c] = value(c) * scale[r] in float32, round them once to the output dtype, and pick
-    with tl.gather (a register/shared-memory gather, not a load: the pipeliner leaves it alone).
+    with tl.gather (a tile spanning G blocks uses one (rows, 16 G) table, index + 16 * block) (a register/shared-memory gather, not a load: the pipeliner leaves it alone).
     The result is bit-identical to value * scale rounded per weight, and per weight it costs one
     gather instead of lookup + multiply + conversion. Made for the tl.dot kernels.
   - INT4 never needs a table for LOOKUP 0/1: float(q) - float(zero) is computed as
@@ -150,10 +150,14 @@ def dequantize_tile(p, scale, zero_f, code_ptr,
             w_hi = tl.gather(table, hi, axis=1)
             w_lo = tl.gather(table, lo, axis=1)
         else:
+            # one 2-D table (ROWS, GROUPS * 16) and the index moved to its block's 16 entries:
+            # the big tiles stay 2-D (no reshape of them, no 3-D gather)
             PER: tl.constexpr = BYTES // GROUPS
-            table = scaled_table(scale, zero_f, code_ptr, FORMAT, DTYPE, True)  # (ROWS, GROUPS, 16)
-            w_hi = tl.reshape(tl.gather(table, tl.reshape(hi, (ROWS, GROUPS, PER)), axis=2), (ROWS, BYTES))
-            w_lo = tl.reshape(tl.gather(table, tl.reshape(lo, (ROWS, GROUPS, PER)), axis=2), (ROWS, BYTES))
+            table = tl.reshape(scaled_table(scale, zero_f, code_ptr, FORMAT, DTYPE, True),
+                               (ROWS, GROUPS * 16))
+            base = (tl.arange(0, BYTES) // PER * 16)[None, :]
+            w_hi = tl.gather(table, hi + base, axis=1)
+            w_lo = tl.gather(table, lo + base, axis=1)
     elif GROUPS == 1:
         w_hi = (code_values(hi, zero_f, code_ptr, FORMAT, LOOKUP) * scale).to(DTYPE)
         w_lo = (code_values(lo, zero_f, code_ptr, FORMAT, LOOKUP) * scale).to(DTYPE)
