@@ -4,8 +4,12 @@ On the CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRI
 on small, ragged shapes: M = 1, M and N not multiples of the tile, K not a multiple of the block
 size (padding) or of the tile, several K, fp16/fp32 (the interpreter's bf16 tl.dot is broken,
 triton issue 11584), non-contiguous inputs, every weight format and both code lookups.
+The skinny kernel is also run with every split of K (1, 2, 3, 5 splits of a padded K: the float32
+partials and their reduction) and every code lookup (LOOKUP 0 global gather, 1 select tree,
+2 scaled table + tl.gather) is checked in every kernel.
 With CUDA the same small tests run on the GPU (bf16 instead of fp16), plus `cuda`-marked tests on
-LLaMA-7B shapes and against bitsandbytes (importorskip).
+LLaMA-7B shapes, every skinny candidate and SPLIT_K = 1, the skinny kernel captured in a CUDA graph
+(replay == eager, bit for bit), every LOOKUP on the GPU, and against bitsandbytes (importorskip).
 
 Matmul tolerance (elementwise, float64 reference ref = a @ b):
     |y - ref| <= u * |ref| + 8 u * sqrt((a*a) @ (b*b)) + R * 2^-24 * (|a| @ |b|)
