@@ -4,6 +4,7 @@ Runs call train.train(argv) in the test process (the bundled tiny model, --max-l
 except the command-line error tests, which run `python train.py` as a user would. References are
 independent of train.py where it matters: the first step's loss is recomputed from full logits with
 F.cross_entropy, example by example; resumed runs are compared with an uninterrupted run.
+The CPU tests pin --device cpu (exact comparisons need fp32); one bf16 test runs when CUDA is there.
 """
 
 import hashlib
