@@ -308,6 +308,15 @@ def permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
+def _read_json(path: str) -> dict:
+    """json.load with the file's name in the error (a truncated download is a common cause)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
 def _check_folder(folder: str):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"model folder not found: {folder}")
@@ -329,8 +338,7 @@ def _hf_tensor_reader(folder: str):
     index = os.path.join(folder, "model.safetensors.index.json")
     single = os.path.join(folder, "model.safetensors")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = _read_json(index)["weight_map"]
     elif os.path.isfile(single):
         weight_map = None
     else:
@@ -364,8 +372,7 @@ _META_NAMES = {
 
 
 def _meta_args(folder: str) -> tuple[ModelArgs, list[str]]:
-    with open(os.path.join(folder, "params.json")) as f:
-        p = json.load(f)
+    p = _read_json(os.path.join(folder, "params.json"))
     shards = sorted(glob.glob(os.path.join(folder, "consolidated.*.pth")))
     if not shards:
         raise FileNotFoundError(f"{folder} has params.json but no consolidated.*.pth")
@@ -424,8 +431,7 @@ def _meta_tensor_reader(folder: str, args: ModelArgs):
 def read_args(folder: str) -> ModelArgs:
     _check_folder(folder)
     if os.path.isfile(os.path.join(folder, "config.json")):
-        with open(os.path.join(folder, "config.json")) as f:
-            return ModelArgs.from_hf_config(json.load(f))
+        return ModelArgs.from_hf_config(_read_json(os.path.join(folder, "config.json")))
     if os.path.isfile(os.path.join(folder, "params.json")):
         return _meta_args(folder)[0]
     raise FileNotFoundError(f"{folder} is not a LLaMA checkpoint: it has neither config.json (Hugging Face "

@@ -198,6 +198,12 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
         M.load_model(str(tmp_path / "gpt2"))
 
+    os.makedirs(tmp_path / "truncated")
+    with open(tmp_path / "truncated" / "config.json", "w") as f:
+        f.write('{"hidden_size": 64,')
+    with pytest.raises(ValueError, match=r"truncated/config.json is not valid JSON"):
+        M.load_model(str(tmp_path / "truncated"))
+
 
 # ---------------------------------------------------------------------------------------------
 # GPU: bf16 close to the float32 reference
