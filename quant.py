@@ -115,10 +115,11 @@ __all__ = [
 # M >= DEQUANT_MATMUL_MIN_M. None disables the dequantize+cuBLAS path.
 # float32 activations on CUDA always take the dequantize+cuBLAS path.
 SKINNY_MAX_M = 16
-# First H100 run (torch 2.11, triton 3.6): at M = 4096 dequantize+cuBLAS took 1.05-1.2 x cuBLAS,
-# the first fused kernel 5 x; at M = 16 fused was ahead on 4096x4096. Re-set from the M sweep of
-# benchmarks/bench_kernels.py once the LOOKUP=2 fused kernel is measured.
-DEQUANT_MATMUL_MIN_M: Optional[int] = 1024
+# Measured on an H100 (torch 2.11, triton 3.6, BENCHMARKS.md): from M = 64 up, dequantize+cuBLAS
+# beat the fused kernel on all three LLaMA-7B shapes (at M = 4096: 1.05-1.2 x cuBLAS against 5 x),
+# and a 7B training step went from 1471 ms to about 480-640 ms when this threshold went from None
+# to 64. The fused kernel keeps 17 <= M < 64 (short prompts, small batches).
+DEQUANT_MATMUL_MIN_M: Optional[int] = 64
 # ---------------------------------------------------------------------------------------------
 
 QUANT_TYPES = ("nf4", "int4")
