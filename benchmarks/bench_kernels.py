@@ -1,6 +1,6 @@
 """Benchmark of the 4-bit kernels on LLaMA-7B linear shapes, against cuBLAS bf16 and bitsandbytes.
 
-    python3 benchmarks/bench_kernels.py --out kernels.json          (about 2-3 minutes on an H100)
+    python3 benchmarks/bench_kernels.py --out kernels.json          (under 3 minutes on an H100)
 
 For (N, K) in (4096, 4096), (11008, 4096), (4096, 11008) (y = x @ W.T, W is N x K: q/o, gate/up,
 down projections) and M in 1, 16, 4096 tokens it times, in one run, with
@@ -26,7 +26,9 @@ Our weight: quant.quantize_nf4 with double quantization (4.127 bits per weight).
 Then:
   - a lookup table (4096x4096, M = 4096, one fixed tile): fused and dx with LOOKUP 0 / 1 / 2 and
     with INT4 weights (no code lookup at all), to see what the dequantization costs;
-  - a sweep of M for fused vs deq+cublas, to set quant.DEQUANT_MATMUL_MIN_M.
+  - a sweep of M (64, 256, 1024, and 4096 from above) for fused vs deq+cublas, to set
+    quant.DEQUANT_MATMUL_MIN_M.
+The sweep and the LOOKUP table are skipped once the run is past --budget-s (170 s).
 
 Prints markdown tables and checks the targets (fused <= 1.05 x cuBLAS at M = 4096; skinny at
 M = 1 >= 60% of HBM bandwidth in a graph, --hbm-gbps, default 3350 GB/s for the H100 SXM);
@@ -134,8 +136,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write the results as JSON to this path")
     ap.add_argument("--ms", default="1,16,4096", help="token counts M, comma-separated")
-    ap.add_argument("--sweep", default="128,512,2048",
-                    help="M values for the fused vs dequantize+cuBLAS sweep ('' to skip)")
+    ap.add_argument("--sweep", default="64,256,1024",
+                    help="M values for the fused vs dequantize+cuBLAS sweep ('' to skip); the "
+                         "table adds the M = 4096 rows of the main measurement")
+    ap.add_argument("--budget-s", type=float, default=170.0,
+                    help="after this many seconds the sweep and the LOOKUP table are skipped")
     ap.add_argument("--no-lookup-table", action="store_true", help="skip the LOOKUP comparison")
     ap.add_argument("--hbm-gbps", type=float, default=3350.0, help="peak HBM bandwidth (GB/s)")
     ap.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes")
@@ -147,7 +152,10 @@ def main():
 
     import kernels
     import quant
-    from kernels import fused_matmul as fm, fused_matmul_dx as fdx, skinny_matmul as sk
+    # the modules (for their config lists): `from kernels import fused_matmul` would give the
+    # function that kernels/__init__.py re-exports under the module's name
+    fm, fdx, sk = (importlib.import_module(f"kernels.{name}")
+                   for name in ("fused_matmul", "fused_matmul_dx", "skinny_matmul"))
 
     t_start = time.time()
     ms = [int(m) for m in args.ms.split(",") if m]
@@ -191,10 +199,12 @@ def main():
         bnb_w, t_bnb_dequant = None, None
         if bnb is not None:
             _, bf = bnb
-            packed_bnb, state_bnb = bf.quantize_4bit(w, blocksize=64, quant_type="nf4",
-                                                     compress_statistics=True)
-            bnb_w = (packed_bnb, state_bnb)
-            t_bnb_dequant = attempt("bnb dequant", bench, lambda: bf.dequantize_4bit(packed_bnb, state_bnb))
+            bnb_w = attempt("bnb quantize", lambda: bf.quantize_4bit(w, blocksize=64, quant_type="nf4",
+                                                                     compress_statistics=True))
+            if bnb_w is not None:
+                packed_bnb, state_bnb = bnb_w
+                t_bnb_dequant = attempt("bnb dequant", bench,
+                                        lambda: bf.dequantize_4bit(packed_bnb, state_bnb))
         for m in ms:
             x = randn(m, k)
             dy = randn(m, n)
@@ -208,7 +218,7 @@ def main():
             r["skinny_us"] = r["skinny_graph_us"] = r["skinny_old_us"] = r["skinny_old_graph_us"] = "-"
             if m <= 16:
                 r["skinny_us"] = attempt(f"skinny {n}x{k} M={m}", bench, lambda: kernels.skinny_matmul(x, qw))
-                r["configs"]["skinny"] = str(sk.chosen_config(x, qw))
+                r["configs"]["skinny"] = str(attempt("skinny config", sk.chosen_config, x, qw))
                 r["skinny_graph_us"] = attempt(f"skinny graph {n}x{k} M={m}", bench_graph,
                                                lambda: kernels.skinny_matmul(x, qw))
                 oc = old_skinny[1 if m == 1 else 16]
@@ -241,6 +251,9 @@ def main():
             rows.append(r)
             print(f"  measured N={n} K={k} M={m}  ({time.time() - t_start:.0f} s)", file=sys.stderr)
         for m in sweep:
+            if time.time() - t_start > args.budget_s:
+                print(f"  SKIP sweep N={n} K={k} M={m}: past --budget-s", file=sys.stderr)
+                continue
             x = randn(m, k)
             sweep_rows.append({
                 "N": n, "K": k, "M": m,
@@ -251,7 +264,9 @@ def main():
             })
         print(f"  sweep N={n} K={k}  ({time.time() - t_start:.0f} s)", file=sys.stderr)
 
-    if not args.no_lookup_table:
+    if not args.no_lookup_table and time.time() - t_start > args.budget_s:
+        print("  SKIP lookup table: past --budget-s", file=sys.stderr)
+    elif not args.no_lookup_table:
         n, k, m = 4096, 4096, 4096
         x, dy = randn(m, k), randn(m, n)
         w = randn(n, k, scale=0.02)
@@ -297,6 +312,10 @@ def main():
         print(f"(fixed tiles: fused {lookup_rows[0]['tile_fused']}, dx {lookup_rows[0]['tile_dx']}; "
               "LOOKUP 0 = global gather, 1 = select tree, 2 = scaled table + tl.gather)\n")
 
+    sweep_rows += [{"N": r["N"], "K": r["K"], "M": r["M"], "fused_us": r["fused_us"],
+                    "dequant_cublas_us": r["dequant_cublas_us"], "cublas_us": r["cublas_us"]}
+                   for r in rows if r["M"] > max(sweep, default=0) and sweep_rows]
+    sweep_rows.sort(key=lambda s: (s["N"], s["K"], s["M"]))
     if sweep_rows:
         print("| N x K | M | fused | deq+cuBLAS | cuBLAS bf16 | faster |")
         print("|---|---|---|---|---|---|")
