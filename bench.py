@@ -106,10 +106,14 @@ def make_step(model, opt):
 
 
 def ours_train(a) -> list[dict]:
-    rows = []
     model = build_random_model(a.shape, a.quant, "cuda")
     params, opt = prepare_training(model, a.rank, grad_ckpt=not a.no_grad_ckpt)
-    step = make_step(model, opt)
+    return time_configs(f"ours-{a.quant}", make_step(model, opt), params, a)
+
+
+def time_configs(stack: str, step, params, a) -> list[dict]:
+    """Time `step` on random tokens for each BATCHxSEQ of --configs; one result row each."""
+    rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
     for cfg in a.configs.split(","):
         bs, seq = map(int, cfg.split("x"))
@@ -120,7 +124,7 @@ def ours_train(a) -> list[dict]:
             x = torch.randint(3, 32000, (bs, seq), device="cuda", generator=g)
             batches.append({"input_ids": x, "labels": x})  # every position supervised, as the anchors
         dt, loss = time_steps(step, batches, a.warmup)
-        rows.append(dict(stack=f"ours-{a.quant}", shape=a.shape, bs=bs, seq=seq, gc=int(not a.no_grad_ckpt),
+        rows.append(dict(stack=stack, shape=a.shape, bs=bs, seq=seq, gc=int(not a.no_grad_ckpt),
                          tok_s=round(bs * seq * a.steps / dt, 1), step_ms=round(1000 * dt / a.steps, 1),
                          peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GiB, 3),
                          peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GiB, 3),
@@ -144,7 +148,11 @@ def ours_alpaca(a) -> list[dict]:
                for b in make_batches(train_set, a.batch_size, a.max_len, pack=not a.no_pack, seed=0, epoch=0)]
     model = build_random_model(a.shape, a.quant, "cuda")
     _, opt = prepare_training(model, a.rank, grad_ckpt=not a.no_grad_ckpt)
-    step = make_step(model, opt)
+    return [time_pass(f"ours-{a.quant}", make_step(model, opt), batches, train_set, packed=int(not a.no_pack))]
+
+
+def time_pass(stack: str, step, batches: list[dict], train_set, packed: int) -> dict:
+    """Time one pass of `step` over `batches` (after two untimed warm-up batches)."""
     torch.cuda.reset_peak_memory_stats()
     for b in batches[:2]:  # warm-up (kernel autotuning) outside the timed pass
         step(b)
@@ -155,11 +163,11 @@ def ours_alpaca(a) -> list[dict]:
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     tokens = sum(len(x) for x in train_set.input_ids)
-    row = dict(stack=f"ours-{a.quant}", what="alpaca-pass", examples=len(train_set), tokens=tokens,
-               batches=len(batches), packed=int(not a.no_pack), wall_s=round(dt, 2), tok_s=round(tokens / dt, 1),
+    row = dict(stack=stack, what="alpaca-pass", examples=len(train_set), tokens=tokens, batches=len(batches),
+               packed=packed, wall_s=round(dt, 2), tok_s=round(tokens / dt, 1),
                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GiB, 3))
     print("RESULT " + json.dumps(row), flush=True)
-    return [row]
+    return row
 
 
 def ours_decode(a) -> list[dict]:
@@ -237,25 +245,8 @@ def hf_training_model(a):
 
 
 def hf_train(a) -> list[dict]:
-    rows = []
     _, params, step = hf_training_model(a)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for cfg in a.configs.split(","):
-        bs, seq = map(int, cfg.split("x"))
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        batches = []
-        for _ in range(a.warmup + a.steps):
-            x = torch.randint(3, 32000, (bs, seq), device="cuda", generator=g)
-            batches.append({"input_ids": x, "labels": x})
-        dt, loss = time_steps(step, batches, a.warmup)
-        rows.append(dict(stack=f"hf+peft+bnb-{a.quant}", shape=a.shape, bs=bs, seq=seq, gc=int(not a.no_grad_ckpt),
-                         tok_s=round(bs * seq * a.steps / dt, 1), step_ms=round(1000 * dt / a.steps, 1),
-                         peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GiB, 3),
-                         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GiB, 3),
-                         trainable=sum(p.numel() for p in params), loss=round(loss, 3)))
-        print("RESULT " + json.dumps(rows[-1]), flush=True)
-    return rows
+    return time_configs(f"hf+peft+bnb-{a.quant}", step, params, a)
 
 
 def hf_alpaca(a) -> list[dict]:
@@ -269,21 +260,7 @@ def hf_alpaca(a) -> list[dict]:
         batches.append({"input_ids": b["input_ids"].cuda(), "labels": b["labels"].cuda(),
                         "attention_mask": b["attention_mask"].long().cuda()})
     _, _, step = hf_training_model(a)
-    torch.cuda.reset_peak_memory_stats()
-    for b in batches[:2]:
-        step(b)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for b in batches:
-        step(b)
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    tokens = sum(len(x) for x in train_set.input_ids)
-    row = dict(stack=f"hf+peft+bnb-{a.quant}", what="alpaca-pass", examples=len(train_set), tokens=tokens,
-               batches=len(batches), packed=0, wall_s=round(dt, 2), tok_s=round(tokens / dt, 1),
-               peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GiB, 3))
-    print("RESULT " + json.dumps(row), flush=True)
-    return [row]
+    return [time_pass(f"hf+peft+bnb-{a.quant}", step, batches, train_set, packed=0)]
 
 
 def hf_decode(a) -> list[dict]:
