@@ -335,7 +335,9 @@ def quantize_int4(weight: torch.Tensor, block_size: int = 64) -> QuantizedWeight
     groups = _blocks(weight, block_size)
     lo = groups.amin(dim=2).clamp(max=0.0)
     hi = groups.amax(dim=2).clamp(min=0.0)
-    scale = (hi - lo) / 15.0
+    # A tensor divisor, not the Python scalar 15: PyTorch's CUDA kernels turn division by a scalar
+    # into multiplication by its reciprocal (a different rounding), and CPU and GPU must agree.
+    scale = (hi - lo) / torch.full_like(hi, 15.0)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group
     zero = torch.round(-lo / scale).clamp(0, 15)
     q = (torch.round(groups / scale[..., None]) + zero[..., None]).clamp(0, 15)
@@ -427,7 +429,7 @@ def _matmul(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     """y = x @ W_hat.T for 2-D x, in x.dtype."""
     k = _kernels_for(x)
     if k is None:
-        if x.is_cuda and _kernels() is not None:  # float32 on CUDA: dequantize kernel + cuBLAS
+        if x.dtype == torch.float32 and x.is_cuda and _kernels() is not None:  # dequantize kernel + cuBLAS
             return x @ _kernels().dequantize(qw, x.dtype).t()
         return F.linear(x, dequantize(qw, x.dtype))
     m = x.shape[0]
@@ -442,7 +444,7 @@ def _matmul_dx(dy: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     """dx = dy @ W_hat for 2-D dy, in dy.dtype."""
     k = _kernels_for(dy)
     if k is None:
-        if dy.is_cuda and _kernels() is not None:
+        if dy.dtype == torch.float32 and dy.is_cuda and _kernels() is not None:
             return dy @ _kernels().dequantize(qw, dy.dtype)
         return dy @ dequantize(qw, dy.dtype)
     if DEQUANT_MATMUL_MIN_M is not None and dy.shape[0] >= DEQUANT_MATMUL_MIN_M:
@@ -554,7 +556,7 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         dtype = dtype or self.weight_dtype
         qw = self.qweight()
-        if qw.device.type == "cuda" and _kernels() is not None:
+        if qw.device.type == "cuda" and dtype != torch.float64 and _kernels() is not None:
             return _kernels().dequantize(qw, dtype)
         return dequantize(qw, dtype)
 

@@ -211,6 +211,8 @@ def train(argv=None):
     if not args.resume and not args.overwrite and os.path.isfile(os.path.join(args.out, CHECKPOINT)):
         raise FileExistsError(f"{os.path.join(args.out, CHECKPOINT)} exists: continue that run with --resume, or start afresh with --overwrite")
     os.makedirs(args.out, exist_ok=True)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)  # metrics report this run's peak, not the process's
 
     # ---- data: records -> tokenized examples with masked prompts -> batches -------------------
     read_args(model_args.model)  # fail here, naming the folder, if it is not a LLaMA checkpoint
