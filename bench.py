@@ -332,11 +332,14 @@ def main():
     p.add_argument("--no-pack", action="store_true", help="alpaca: length-grouped padded batches instead of packing")
     p.add_argument("--new", type=int, default=128, help="decode: new tokens")
     p.add_argument("--vs-hf", action="store_true", help="also run transformers + PEFT + bitsandbytes, same machine")
-    p.add_argument("--hf-dir", default="/tmp/bench_hf_ckpt", help="where the HF side's random checkpoint is saved")
+    p.add_argument("--hf-dir", default=None, help="where the HF side's random checkpoint is saved (default: /tmp/bench_hf_ckpt_SHAPE)")
     p.add_argument("--out", default=None, help="append the result rows as JSON lines to this file")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench.py measures GPU speed: it needs CUDA")
+    a.hf_dir = a.hf_dir or f"/tmp/bench_hf_ckpt_{a.shape}"
+    if a.vs_hf and a.quant != "nf4":
+        sys.exit("--vs-hf compares with bitsandbytes NF4: use --quant nf4")
     if a.cmd.startswith("_hf"):
         if a.cmd == "_hf_prepare":
             return hf_prepare(a.shape, a.hf_dir)

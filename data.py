@@ -367,7 +367,7 @@ def _pad_right(seqs: list[torch.Tensor], value: int, width: int) -> torch.Tensor
 class DataCollatorForSupervisedDataset:
     """Right-pad a list of examples to the longest: dict(input_ids, labels, attention_mask), (B, T).
 
-    Padding uses `pad_id` (train.py passes EOS: LLaMA has no pad token, and any existing id will do)
+    Padding uses `pad_id` (EOS by default, the dataset's pad_id: LLaMA has no pad token, and any existing id will do)
     with labels IGNORE_INDEX, so padding is never a target. Right padding needs no attention mask in
     a causal model: a real token at position t attends only to positions <= t, which are all real,
     so its hidden state and logits are exactly those of the unpadded example (and RoPE positions

@@ -118,13 +118,12 @@ def build_model(model_dir: str, device: str, dtype: torch.dtype, quant: str = "n
     """Load the base model (quantized while loading if asked) and apply a LoRA adapter if given."""
     quantize = None
     if quant != "none":
-        from quant import quantize_module
-        quantize = lambda block: quantize_module(block, quant)  # noqa: E731
+        from quant import make_quantize_fn
+        quantize = make_quantize_fn(quant)  # quantizes each block as it is loaded
     model = load_model(model_dir, device=device, dtype=dtype, quantize=quantize)
     if adapter:
         from lora import load_adapter
-        load_adapter(model, adapter)
-        model.to(device)
+        load_adapter(model, adapter)  # adapters are made on the device of the layer they wrap
     return model.eval()
 
 
@@ -148,6 +147,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.instruction is None):
         p.error("give exactly one of --prompt or --instruction")
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
     return args
 
 
@@ -177,4 +178,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:  # bad folder, adapter or prompt: one line
+        sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")

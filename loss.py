@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from data import IGNORE_INDEX  # label of positions that are not targets (the prompt, padding)
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):

@@ -115,10 +115,11 @@ __all__ = [
 # M >= DEQUANT_MATMUL_MIN_M. None disables the dequantize+cuBLAS path.
 # float32 activations on CUDA always take the dequantize+cuBLAS path.
 SKINNY_MAX_M = 16
-# Measured on an H100 (torch 2.11, triton 3.6, BENCHMARKS.md): from M = 64 up, dequantize+cuBLAS
-# beat the fused kernel on all three LLaMA-7B shapes (at M = 4096: 1.05-1.2 x cuBLAS against 5 x),
-# and a 7B training step went from 1471 ms to about 480-640 ms when this threshold went from None
-# to 64. The fused kernel keeps 17 <= M < 64 (short prompts, small batches).
+# Measured (torch 2.11, triton 3.6, BENCHMARKS.md): from M = 64 up, dequantize+cuBLAS beat the
+# fused kernel on all three LLaMA-7B shapes, on an H100 (first fused kernel) and on an H200 (at
+# M = 4096: 1.04 x cuBLAS against 2.7-3.0 x). A 7B 8 x 512 training step took 1471 ms on the H100
+# with the fused kernel, 482-637 ms on the H200 with this threshold at 64. The fused kernel keeps
+# 17 <= M < 64 (short prompts, small batches).
 DEQUANT_MATMUL_MIN_M: Optional[int] = 64
 # ---------------------------------------------------------------------------------------------
 

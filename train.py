@@ -41,13 +41,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from generate import build_model, generate_tokens
+from generate import DEFAULT_MODEL, build_model, generate_tokens
 from lora import add_lora, lora_state_dict, save_adapter
 from loss import causal_lm_loss_sum
 from model import load_tokenizer, read_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL = os.path.join(HERE, "models", "stories260K")
 DEFAULT_DATA = os.path.join(HERE, "data", "alpaca_sample.json")
 CHECKPOINT = "checkpoint.pt"  # step, adapters, AdamW state: all that --resume needs
 METRICS = "metrics.jsonl"
@@ -215,7 +214,13 @@ def train(argv=None):
         torch.cuda.reset_peak_memory_stats(device)  # metrics report this run's peak, not the process's
 
     # ---- data: records -> tokenized examples with masked prompts -> batches -------------------
-    read_args(model_args.model)  # fail here, naming the folder, if it is not a LLaMA checkpoint
+    model_config = read_args(model_args.model)  # fail here, naming the folder, if it is not a LLaMA checkpoint
+    if data_args.max_len > model_config.max_seq_len:
+        raise ValueError(f"--max-len {data_args.max_len} exceeds the model's context of {model_config.max_seq_len} tokens")
+    targets = tuple(t.strip() for t in model_args.lora_targets.split(","))
+    if {"lm_head", "embed_tokens"} & set(targets):
+        raise ValueError("--lora-targets: the LM head and the embedding stay frozen here (loss.py computes no gradient "
+                         "for the head); choose among the block linears q_proj ... down_proj")
     tokenizer = load_tokenizer(model_args.model)
     train_set, val_set, report = data.build_datasets(data_args.data, tokenizer, val_path=data_args.val_data,
                                                      val_frac=data_args.val_frac, max_len=data_args.max_len, seed=args.seed)
@@ -239,7 +244,7 @@ def train(argv=None):
     torch.manual_seed(args.seed)  # the adapters' initialization, the same on every rank
     model = build_model(model_args.model, device, dtype, model_args.quant)
     add_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
-             targets=tuple(t.strip() for t in model_args.lora_targets.split(",")))
+             targets=targets)
     model.gradient_checkpointing = model_args.grad_ckpt
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -400,6 +405,8 @@ def show_samples(model, tokenizer, records: list[dict]):
     model.eval()
     for r in records:
         ids = tokenizer.encode(data.format_prompt(r["instruction"], r.get("input", "")), bos=True)
+        if len(ids) + 64 > model.args.max_seq_len:
+            continue  # no room to answer within the context
         out = list(generate_tokens(model, ids, 64, temperature=0.0, eos_id=tokenizer.eos_id))
         print(f"\n### Instruction: {r['instruction']}\n### Model: {tokenizer.decode(out)}\n### Reference: {r['output'][:300]}")
 
