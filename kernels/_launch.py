@@ -86,5 +86,15 @@ def split_config(config: dict):
     return meta, opts
 
 
+def launch(kernel, tuned, grid, args, consts: dict, config: dict = None):
+    """Run `tuned` (the autotuned kernel), or `kernel` with the fixed `config` when one is given.
+    grid: meta-parameters -> launch grid."""
+    if config is None:
+        tuned[grid](*args, **consts)
+    else:
+        meta, opts = split_config(config)
+        kernel[grid(meta)](*args, **consts, **meta, **opts)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import interpreting, split_config, weight_args
+from ._launch import interpreting, launch, weight_args
 from ._tile import dequantize_tile, load_block_scales
 
 
@@ -80,13 +80,8 @@ def dequantize(w, dtype: torch.dtype = torch.bfloat16, config: dict = None) -> t
     out = torch.empty((n, k), dtype=dtype, device=device)
     args = (*tensors, out, n, k, kp, w.packed.stride(0), out.stride(0))
     consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_R"]), triton.cdiv(kp, meta["BLOCK_C"]))  # noqa: E731
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
-    if config is None:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_R"]), triton.cdiv(kp, meta["BLOCK_C"]))
-        _dequantize_tuned[grid](*args, **consts)
-    else:
-        meta, opts = split_config(config)
-        grid = (triton.cdiv(n, meta["BLOCK_R"]), triton.cdiv(kp, meta["BLOCK_C"]))
-        dequantize_kernel[grid](*args, **consts, **meta, **opts)
+    launch(dequantize_kernel, _dequantize_tuned, grid, args, consts, config)
     return out

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_activation, interpreting, next_power_of_2, split_config, weight_args
+from ._launch import check_activation, interpreting, launch, next_power_of_2, weight_args
 from ._tile import dequantize_tile, load_block_scales
 
 
@@ -132,14 +132,8 @@ def fused_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
     args = (x, *tensors, y, m, n, k, kp, w.packed.stride(0), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             next_power_of_2(m))
     consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, IEEE=x.dtype == torch.float32)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
-    if config is None:
-        tuned = _large_m_tuned if m > 128 else _small_m_tuned
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        tuned[grid](*args, **consts)
-    else:
-        meta, opts = split_config(config)
-        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        fused_matmul_kernel[grid](*args, **consts, **meta, **opts)
+    launch(fused_matmul_kernel, _large_m_tuned if m > 128 else _small_m_tuned, grid, args, consts, config)
     return y

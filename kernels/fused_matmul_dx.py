@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_activation, interpreting, next_power_of_2, split_config, weight_args
+from ._launch import check_activation, interpreting, launch, next_power_of_2, weight_args
 from ._tile import dequantize_tile, load_block_scales
 
 
@@ -137,14 +137,8 @@ def fused_matmul_dx(dy: torch.Tensor, w, config: dict = None) -> torch.Tensor:
     args = (dy, *tensors, dx, m, n, k, kp, w.packed.stride(0), dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
             next_power_of_2(m))
     consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, IEEE=dy.dtype == torch.float32)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kp, meta["BLOCK_K"]),)  # noqa: E731
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
-    if config is None:
-        tuned = _large_m_tuned if m > 128 else _small_m_tuned
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kp, meta["BLOCK_K"]),)
-        tuned[grid](*args, **consts)
-    else:
-        meta, opts = split_config(config)
-        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kp, meta["BLOCK_K"]),)
-        fused_matmul_dx_kernel[grid](*args, **consts, **meta, **opts)
+    launch(fused_matmul_dx_kernel, _large_m_tuned if m > 128 else _small_m_tuned, grid, args, consts, config)
     return dx
