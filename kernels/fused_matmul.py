@@ -40,7 +40,7 @@ def fused_matmul_kernel(
     M_BUCKET,  # only an autotuning key: next power of two of M
     FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    LOOKUP: tl.constexpr, EVEN_K: tl.constexpr,
+    LOOKUP: tl.constexpr, EVEN_K: tl.constexpr, SWAP: tl.constexpr = 0,
 ):
     GROUPS: tl.constexpr = BLOCK_K // QBLOCK if BLOCK_K > QBLOCK else 1
     # grouped ordering: GROUP_M row-tiles share the same W column-tiles while they are in L2
@@ -61,7 +61,10 @@ def fused_matmul_kernel(
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     p_ptrs = packed_ptr + offs_n[:, None] * stride_pn + offs_b[None, :]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:  # y.T tile = W tile @ x tile.T: the dequantized W is the register operand A
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, KP, BLOCK_K):
         kblock = k0 // QBLOCK + tl.arange(0, GROUPS)
         if EVEN_K:
@@ -77,7 +80,12 @@ def fused_matmul_kernel(
             kblock[None, :], offs_n[:, None], kb_ok[None, :], N, FORMAT, DQ_BLOCK)
         w = dequantize_tile(p, scale, zero_f, code_ptr, BLOCK_N, BLOCK_K // 2, GROUPS, FORMAT, LOOKUP,
                             x.dtype)
-        if IEEE:
+        if SWAP:
+            if IEEE:
+                acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, tl.trans(x), acc)
+        elif IEEE:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w), acc)
@@ -86,8 +94,12 @@ def fused_matmul_kernel(
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+    if SWAP:
+        tl.store(y_ptr + rows[None, :] * stride_ym + cols[:, None] * stride_yn,
+                 acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[None, :] & (cols < N)[:, None])
+    else:
+        tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+                 acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
 def _cfg(bm, bn, bk, warps, stages, group_m=8, lookup=0):

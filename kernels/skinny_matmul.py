@@ -56,7 +56,7 @@ def skinny_matmul_kernel(
     stride_xm, stride_xk, stride_os, stride_om, stride_on,
     FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    LOOKUP: tl.constexpr, EVEN_K: tl.constexpr,
+    LOOKUP: tl.constexpr, EVEN_K: tl.constexpr, XPAIR: tl.constexpr = 0,
 ):
     """out[s, m, n] = partial sum over split s (out is y itself when SPLIT_K == 1)."""
     GROUPS: tl.constexpr = BLOCK_K // QBLOCK if BLOCK_K > QBLOCK else 1
@@ -72,40 +72,55 @@ def skinny_matmul_kernel(
     out_base = out_ptr + pid_s * stride_os
 
     if BLOCK_M == 1:
+        # 3-D tile (BLOCK_N rows, G quantization blocks, HQ bytes per block): the block sums and
+        # their scales line up without any reshape (a reshape can cost a shared-memory round trip)
+        G: tl.constexpr = BLOCK_K // QBLOCK
+        HQ: tl.constexpr = QBLOCK // 2
         LK: tl.constexpr = 0 if LOOKUP == 2 else LOOKUP
+        offs_g = tl.arange(0, G)
+        offs_j = tl.arange(0, HQ)
+        col_b = offs_g[:, None] * HQ + offs_j[None, :]  # (G, HQ): byte index within the step
+        p3_ptrs = (packed_ptr + offs_n[:, None, None] * stride_pn
+                   + (k_begin // 2 + col_b)[None, :, :])
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(k_begin, k_end, BLOCK_K):
-            kblock = k0 // QBLOCK + tl.arange(0, GROUPS)
-            x_even_ptrs = x_ptr + (k0 + 2 * offs_b) * stride_xk
+            kblock = k0 // QBLOCK + offs_g
+            if XPAIR:
+                # x viewed as 32-bit pairs (x[2j], x[2j+1]): one load per byte of W, and the two
+                # 16-bit halves become float32 by bit operations (bf16: exact shift into the top)
+                if EVEN_K:
+                    xw = tl.load(x_ptr + k0 // 2 + col_b)
+                else:
+                    xw = tl.load(x_ptr + k0 // 2 + col_b, mask=k0 // 2 + col_b < K // 2, other=0)
+                if XPAIR == 1:  # bfloat16
+                    x_even = (xw << 16).to(tl.float32, bitcast=True)
+                    x_odd = (xw & -65536).to(tl.float32, bitcast=True)
+                else:  # float16
+                    x_even = (xw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    x_odd = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            else:
+                xe_ptrs = x_ptr + (k0 + 2 * col_b) * stride_xk
+                if EVEN_K:
+                    x_even = tl.load(xe_ptrs).to(tl.float32)
+                    x_odd = tl.load(xe_ptrs + stride_xk).to(tl.float32)
+                else:
+                    k_even = k0 + 2 * col_b
+                    x_even = tl.load(xe_ptrs, mask=k_even < K, other=0.0).to(tl.float32)
+                    x_odd = tl.load(xe_ptrs + stride_xk, mask=k_even + 1 < K, other=0.0).to(tl.float32)
             if EVEN_K:
-                p = tl.load(p_ptrs)
-                x_even = tl.load(x_even_ptrs).to(tl.float32)
-                x_odd = tl.load(x_even_ptrs + stride_xk).to(tl.float32)
+                p = tl.load(p3_ptrs)
                 kb_ok = kblock >= 0
             else:
-                p = tl.load(p_ptrs, mask=(k0 // 2 + offs_b < KP // 2)[None, :], other=0)
-                x_even = tl.load(x_even_ptrs, mask=k0 + 2 * offs_b < K, other=0.0).to(tl.float32)
-                x_odd = tl.load(x_even_ptrs + stride_xk, mask=k0 + 2 * offs_b + 1 < K,
-                                other=0.0).to(tl.float32)
+                p = tl.load(p3_ptrs, mask=(k0 // 2 + col_b < KP // 2)[None, :, :], other=0)
                 kb_ok = kblock < KP // QBLOCK
             scale, zero_f = load_block_scales(
                 scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
                 kblock[None, :], offs_n[:, None], kb_ok[None, :], N, FORMAT, DQ_BLOCK)
-            hi = (p >> 4).to(tl.int32)
-            lo = (p & 0xF).to(tl.int32)
-            if GROUPS == 1:
-                t = (code_values(hi, zero_f, code_ptr, FORMAT, LK) * x_even[None, :]
-                     + code_values(lo, zero_f, code_ptr, FORMAT, LK) * x_odd[None, :])
-                acc += tl.sum(t, axis=1) * tl.sum(scale, axis=1)  # scale is (BLOCK_N, 1)
-            else:
-                PER: tl.constexpr = HALF // GROUPS
-                z3 = zero_f[:, :, None]
-                t = (code_values(tl.reshape(hi, (BLOCK_N, GROUPS, PER)), z3, code_ptr, FORMAT, LK)
-                     * tl.reshape(x_even, (1, GROUPS, PER))
-                     + code_values(tl.reshape(lo, (BLOCK_N, GROUPS, PER)), z3, code_ptr, FORMAT, LK)
-                     * tl.reshape(x_odd, (1, GROUPS, PER)))
-                acc += tl.sum(tl.sum(t, axis=2) * scale, axis=1)
-            p_ptrs += HALF
+            z3 = zero_f[:, :, None]
+            t = (code_values((p >> 4).to(tl.int32), z3, code_ptr, FORMAT, LK) * x_even[None, :, :]
+                 + code_values((p & 0xF).to(tl.int32), z3, code_ptr, FORMAT, LK) * x_odd[None, :, :])
+            acc += tl.sum(tl.sum(t, axis=2) * scale, axis=1)  # block scale once per block sum
+            p3_ptrs += BLOCK_K // 2
         tl.store(out_base + out_n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=out_n < N)
     else:
         offs_m = tl.arange(0, BLOCK_M)
@@ -205,6 +220,17 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     block_n, block_k = meta["BLOCK_N"], meta["BLOCK_K"]
     if block_k % qb and qb % block_k:
         raise ValueError(f"BLOCK_K {block_k} and the block size {qb} must divide one another")
+    x_arg = x
+    if m == 1:
+        # M = 1 tiles whole quantization blocks; x as 32-bit pairs where its layout allows
+        block_k = meta["BLOCK_K"] = max(block_k, qb)
+        xpair = meta.pop("XPAIR", 1)
+        pairs = (xpair and x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1
+                 and k % 2 == 0 and x.storage_offset() % 2 == 0)
+        x_arg = x.reshape(k).view(torch.int32) if pairs else x  # (K/2,): 32-bit pairs
+        meta["XPAIR"] = (1 if x.dtype == torch.bfloat16 else 2) if pairs else 0
+    else:
+        meta.pop("XPAIR", None)
     if split_k is None:
         split_k = split_k_for(n, kp, block_n, block_k, per_sm * sm_count(x.device))
     k_steps = triton.cdiv(kp, block_k)
@@ -216,7 +242,7 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     stride_os = 0 if split_k == 1 else out.stride(0)
     stride_om, stride_on = (y.stride(0), y.stride(1)) if split_k == 1 else (out.stride(1), out.stride(2))
     skinny_matmul_kernel[(triton.cdiv(n, block_n), split_k)](
-        x, *tensors, out, m, n, k, kp, w.packed.stride(0), k_per_split,
+        x_arg, *tensors, out, m, n, k, kp, w.packed.stride(0), k_per_split,
         x.stride(0), x.stride(1), stride_os, stride_om, stride_on,
         FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, IEEE=x.dtype == torch.float32,
         BLOCK_M=1 if m == 1 else 16, **meta, **opts)
