@@ -55,10 +55,14 @@ def skinny_matmul_kernel(
     M, N, K, KP, stride_pn, K_PER_SPLIT,
     stride_xm, stride_xk, stride_os, stride_om, stride_on,
     FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    LOOKUP: tl.constexpr, EVEN_K: tl.constexpr, XPAIR: tl.constexpr = 0,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LOOKUP: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """out[s, m, n] = partial sum over split s (out is y itself when SPLIT_K == 1)."""
+    """1 < M <= 16: out[s, m, n] = partial sum over split s (out is y itself when SPLIT_K == 1).
+
+    x is padded to 16 rows (masked loads) for tl.dot; the dequantized tile is rounded to x's dtype.
+    """
+    BLOCK_M: tl.constexpr = 16
     GROUPS: tl.constexpr = BLOCK_K // QBLOCK if BLOCK_K > QBLOCK else 1
     HALF: tl.constexpr = BLOCK_K // 2
     pid_n = tl.program_id(0)
@@ -67,90 +71,99 @@ def skinny_matmul_kernel(
     k_end = min(k_begin + K_PER_SPLIT, KP)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # clamped rows: loads stay in bounds
     offs_b = tl.arange(0, HALF)
-    p_ptrs = packed_ptr + offs_n[:, None] * stride_pn + (k_begin // 2 + offs_b)[None, :]
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        # pointers from k0 with its alignment stated (k0 is a multiple of BLOCK_K >= 16): Triton
+        # then proves 16-byte alignment and loads W 16 bytes at a time
+        byte0 = tl.multiple_of(k0 // 2, 8)
+        p_ptrs = packed_ptr + offs_n[:, None] * stride_pn + (byte0 + offs_b)[None, :]
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk
+        kblock = k0 // QBLOCK + tl.arange(0, GROUPS)
+        if EVEN_K:
+            p = tl.load(p_ptrs)
+            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            kb_ok = kblock >= 0
+        else:
+            p = tl.load(p_ptrs, mask=(byte0 + offs_b < KP // 2)[None, :], other=0)
+            x = tl.load(x_ptrs, mask=m_ok[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
+            kb_ok = kblock < KP // QBLOCK
+        scale, zero_f = load_block_scales(
+            scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
+            kblock[None, :], offs_n[:, None], kb_ok[None, :], N, FORMAT, DQ_BLOCK)
+        w = dequantize_tile(p, scale, zero_f, code_ptr, BLOCK_N, HALF, GROUPS, FORMAT, LOOKUP,
+                            x.dtype)
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
     out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    out_base = out_ptr + pid_s * stride_os
+    tl.store(out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + out_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (out_n < N)[None, :])
 
-    if BLOCK_M == 1:
-        # 3-D tile (BLOCK_N rows, G quantization blocks, HQ bytes per block): the block sums and
-        # their scales line up without any reshape (a reshape can cost a shared-memory round trip)
-        G: tl.constexpr = BLOCK_K // QBLOCK
-        HQ: tl.constexpr = QBLOCK // 2
-        LK: tl.constexpr = 0 if LOOKUP == 2 else LOOKUP
-        offs_g = tl.arange(0, G)
-        offs_j = tl.arange(0, HQ)
-        col_b = offs_g[:, None] * HQ + offs_j[None, :]  # (G, HQ): byte index within the step
-        p3_ptrs = (packed_ptr + offs_n[:, None, None] * stride_pn
-                   + (k_begin // 2 + col_b)[None, :, :])
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            kblock = k0 // QBLOCK + offs_g
-            if XPAIR:
-                # x viewed as 32-bit pairs (x[2j], x[2j+1]): one load per byte of W, and the two
-                # 16-bit halves become float32 by bit operations (bf16: exact shift into the top)
-                if EVEN_K:
-                    xw = tl.load(x_ptr + k0 // 2 + col_b)
-                else:
-                    xw = tl.load(x_ptr + k0 // 2 + col_b, mask=k0 // 2 + col_b < K // 2, other=0)
-                if XPAIR == 1:  # bfloat16
-                    x_even = (xw << 16).to(tl.float32, bitcast=True)
-                    x_odd = (xw & -65536).to(tl.float32, bitcast=True)
-                else:  # float16
-                    x_even = (xw & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                    x_odd = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            else:
-                xe_ptrs = x_ptr + (k0 + 2 * col_b) * stride_xk
-                if EVEN_K:
-                    x_even = tl.load(xe_ptrs).to(tl.float32)
-                    x_odd = tl.load(xe_ptrs + stride_xk).to(tl.float32)
-                else:
-                    k_even = k0 + 2 * col_b
-                    x_even = tl.load(xe_ptrs, mask=k_even < K, other=0.0).to(tl.float32)
-                    x_odd = tl.load(xe_ptrs + stride_xk, mask=k_even + 1 < K, other=0.0).to(tl.float32)
+
+@triton.heuristics({"EVEN_K": lambda a: a["K"] == a["KP"] and a["KP"] % a["BLOCK_K"] == 0})
+@triton.jit
+def gemv_kernel(
+    x_ptr, words_ptr, scales_ptr, zeros_ptr, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, out_ptr,
+    N, K, KP, stride_wn, K_PER_SPLIT, stride_xk, stride_os, stride_on,
+    FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOKUP: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """M = 1: out[s, n] = sum over split s of W[n, k] * x[k], float32 on CUDA cores.
+
+    W is read as 32-bit words of 8 codes: word w of a row holds columns 8w..8w+7, column 8w+c in
+    bits [s_c, s_c + 4) with s_c = 8 (c // 2) + 4 (1 - c % 2) (byte c // 2, high nibble first).
+    The tile is (BLOCK_N rows, G quantization blocks, WPB words per block); the 8 codes of each
+    word are 8 tiles of that same shape, one per constant shift, each multiplied by its own
+    strided slice of x (x[8w + c]). So each code costs a shift, a mask, one lookup and one FMA,
+    and x is read once per thread for all the rows it holds.
+    """
+    G: tl.constexpr = BLOCK_K // QBLOCK
+    WPB: tl.constexpr = QBLOCK // 8
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    k_begin = pid_s * K_PER_SPLIT
+    k_end = min(k_begin + K_PER_SPLIT, KP)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # clamped rows: loads stay in bounds
+    word = tl.arange(0, G)[:, None] * WPB + tl.arange(0, WPB)[None, :]  # (G, WPB) in the step
+    code_base = code_ptr.to(tl.int64, bitcast=True)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        w0 = tl.multiple_of(k0 // 8, 8)
+        w_ptrs = words_ptr + offs_n[:, None, None] * stride_wn + (w0 + word)[None, :, :]
+        kblock = k0 // QBLOCK + tl.arange(0, G)
+        if EVEN_K:
+            wv = tl.load(w_ptrs)
+            kb_ok = kblock >= 0
+        else:
+            wv = tl.load(w_ptrs, mask=(w0 + word < KP // 8)[None, :, :], other=0)
+            kb_ok = kblock < KP // QBLOCK
+        scale, zero_f = load_block_scales(
+            scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
+            kblock[None, :], offs_n[:, None], kb_ok[None, :], N, FORMAT, DQ_BLOCK)
+        t = tl.zeros((BLOCK_N, G, WPB), dtype=tl.float32)
+        for c in tl.static_range(8):
+            k_c = k0 + word * 8 + c
             if EVEN_K:
-                p = tl.load(p3_ptrs)
-                kb_ok = kblock >= 0
+                x_c = tl.load(x_ptr + k_c * stride_xk).to(tl.float32)
             else:
-                p = tl.load(p3_ptrs, mask=(k0 // 2 + col_b < KP // 2)[None, :, :], other=0)
-                kb_ok = kblock < KP // QBLOCK
-            scale, zero_f = load_block_scales(
-                scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
-                kblock[None, :], offs_n[:, None], kb_ok[None, :], N, FORMAT, DQ_BLOCK)
-            z3 = zero_f[:, :, None]
-            t = (code_values((p >> 4).to(tl.int32), z3, code_ptr, FORMAT, LK) * x_even[None, :, :]
-                 + code_values((p & 0xF).to(tl.int32), z3, code_ptr, FORMAT, LK) * x_odd[None, :, :])
-            acc += tl.sum(tl.sum(t, axis=2) * scale, axis=1)  # block scale once per block sum
-            p3_ptrs += BLOCK_K // 2
-        tl.store(out_base + out_n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=out_n < N)
-    else:
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BLOCK_K)
-        m_ok = offs_m < M
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_begin + offs_k)[None, :] * stride_xk
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            kblock = k0 // QBLOCK + tl.arange(0, GROUPS)
-            if EVEN_K:
-                p = tl.load(p_ptrs)
-                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-                kb_ok = kblock >= 0
+                x_c = tl.load(x_ptr + k_c * stride_xk, mask=k_c < K, other=0.0).to(tl.float32)
+            nib = (wv >> ((c // 2) * 8 + (1 - c % 2) * 4)) & 0xF
+            if FORMAT != 2 and LOOKUP != 1:
+                # &code[q] = table base | 4 q: the 64-byte table is 64-byte aligned, so OR-ing
+                # into the low bits is the sum, and no 64-bit carry is computed
+                v = tl.load((code_base | (nib * 4).to(tl.int64)).to(tl.pointer_type(tl.float32),
+                                                                    bitcast=True))
             else:
-                p = tl.load(p_ptrs, mask=(k0 // 2 + offs_b < KP // 2)[None, :], other=0)
-                x = tl.load(x_ptrs, mask=m_ok[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
-                kb_ok = kblock < KP // QBLOCK
-            scale, zero_f = load_block_scales(
-                scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
-                kblock[None, :], offs_n[:, None], kb_ok[None, :], N, FORMAT, DQ_BLOCK)
-            w = dequantize_tile(p, scale, zero_f, code_ptr, BLOCK_N, HALF, GROUPS, FORMAT, LOOKUP,
-                                x.dtype)
-            if IEEE:
-                acc2 = tl.dot(x, tl.trans(w), acc2, input_precision="ieee")
-            else:
-                acc2 = tl.dot(x, tl.trans(w), acc2)
-            p_ptrs += HALF
-            x_ptrs += BLOCK_K * stride_xk
-        tl.store(out_base + offs_m[:, None] * stride_om + out_n[None, :] * stride_on,
-                 acc2.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (out_n < N)[None, :])
+                v = code_values(nib, zero_f[:, :, None], code_ptr, FORMAT, LOOKUP)
+            t += v * x_c[None, :, :]
+        acc += tl.sum(tl.sum(t, axis=2) * scale, axis=1)  # block scale once per block sum
+    out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + pid_s * stride_os + out_n * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=out_n < N)
 
 
 @triton.jit
@@ -169,15 +182,20 @@ def _cand(bn, bk, lookup, warps, stages, per_sm):
             "num_stages": stages, "PROGRAMS_PER_SM": per_sm}
 
 
-# BLOCK_K = 256: 128 contiguous bytes per row per step (8 threads x 16-byte loads).
 # The first candidate of each list is the default when no timing is possible.
+# M = 1 (gemv_kernel): one warp per program and 16 rows x 256 columns per step keep each thread
+# at 4 rows x 32 codes without register spills (checked in the sm_90 assembly); LOOKUP 0 is the
+# OR-address table lookup, 1 the select tree.
 CANDIDATES_M1 = [
-    _cand(32, 256, 0, 4, 1, 4),
-    _cand(64, 256, 0, 4, 1, 4),
-    _cand(32, 512, 0, 4, 1, 4),
-    _cand(32, 256, 0, 4, 1, 8),
-    _cand(32, 256, 1, 4, 1, 4),
+    _cand(16, 256, 0, 1, 1, 16),
+    _cand(16, 256, 0, 1, 1, 32),
+    _cand(16, 256, 0, 1, 1, 8),
+    _cand(32, 256, 0, 2, 1, 16),
+    _cand(8, 256, 0, 1, 1, 32),
+    _cand(16, 512, 0, 2, 1, 16),
 ]
+# 1 < M <= 16 (skinny_matmul_kernel, tl.dot): BLOCK_K = 256 is 128 contiguous bytes per row
+# per step (8 threads x 16-byte loads); LOOKUP 2 is the scaled table + tl.gather of _tile.py.
 CANDIDATES_M16 = [
     _cand(32, 256, 2, 4, 1, 4),
     _cand(64, 128, 2, 4, 1, 4),
@@ -185,9 +203,13 @@ CANDIDATES_M16 = [
     _cand(32, 256, 1, 4, 1, 4),
 ]
 # Small enough for the interpreter; SPLIT_K = 2 so that the tests exercise the reduction.
+# LOOKUP 2 means the tl.gather table for M > 1 and the plain table load for M = 1; the M = 1
+# default uses the OR-address lookup (LOOKUP 0).
 INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "LOOKUP": 2, "SPLIT_K": 2}
+INTERPRETER_CONFIG_M1 = {"BLOCK_N": 16, "BLOCK_K": 64, "LOOKUP": 0, "SPLIT_K": 2}
 MAX_M = 16
 REDUCE_BLOCK = 1024
+CODE_ALIGN = 64  # bytes: the OR-address lookup needs the 16-float code table this aligned
 
 _sm_count = {}
 _chosen = {}  # (shape, format, M class, dtype, device) -> config dict
@@ -220,17 +242,12 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     block_n, block_k = meta["BLOCK_N"], meta["BLOCK_K"]
     if block_k % qb and qb % block_k:
         raise ValueError(f"BLOCK_K {block_k} and the block size {qb} must divide one another")
-    x_arg = x
-    if m == 1:
-        # M = 1 tiles whole quantization blocks; x as 32-bit pairs where its layout allows
-        block_k = meta["BLOCK_K"] = max(block_k, qb)
-        xpair = meta.pop("XPAIR", 1)
-        pairs = (xpair and x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1
-                 and k % 2 == 0 and x.storage_offset() % 2 == 0)
-        x_arg = x.reshape(k).view(torch.int32) if pairs else x  # (K/2,): 32-bit pairs
-        meta["XPAIR"] = (1 if x.dtype == torch.bfloat16 else 2) if pairs else 0
-    else:
-        meta.pop("XPAIR", None)
+    packed = tensors[0]
+    gemv = m == 1 and packed.storage_offset() % 4 == 0  # W read as 32-bit words
+    if gemv:
+        block_k = meta["BLOCK_K"] = max(block_k, qb)  # whole quantization blocks per step
+        if meta["LOOKUP"] == 0 and tensors[4].data_ptr() % CODE_ALIGN:
+            meta["LOOKUP"] = 2  # code table not aligned for the OR-address: plain table load
     if split_k is None:
         split_k = split_k_for(n, kp, block_n, block_k, per_sm * sm_count(x.device))
     k_steps = triton.cdiv(kp, block_k)
@@ -241,11 +258,17 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     out = y if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     stride_os = 0 if split_k == 1 else out.stride(0)
     stride_om, stride_on = (y.stride(0), y.stride(1)) if split_k == 1 else (out.stride(1), out.stride(2))
-    skinny_matmul_kernel[(triton.cdiv(n, block_n), split_k)](
-        x_arg, *tensors, out, m, n, k, kp, w.packed.stride(0), k_per_split,
-        x.stride(0), x.stride(1), stride_os, stride_om, stride_on,
-        FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, IEEE=x.dtype == torch.float32,
-        BLOCK_M=1 if m == 1 else 16, **meta, **opts)
+    grid = (triton.cdiv(n, block_n), split_k)
+    consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, **meta, **opts)
+    if gemv:
+        words = packed.view(torch.int32)  # (N, KP / 8): 8 codes per word
+        gemv_kernel[grid](x, words, *tensors[1:], out, n, k, kp, words.stride(0), k_per_split,
+                          x.stride(1), stride_os, stride_on, **consts)
+    else:
+        skinny_matmul_kernel[grid](
+            x, *tensors, out, m, n, k, kp, packed.stride(0), k_per_split,
+            x.stride(0), x.stride(1), stride_os, stride_om, stride_on,
+            IEEE=x.dtype == torch.float32, **consts)
     if split_k > 1:
         size = m * n
         reduce_partials_kernel[(triton.cdiv(size, REDUCE_BLOCK),)](out, y, size, split_k,
@@ -295,7 +318,7 @@ def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
         raise ValueError(f"skinny_matmul takes 1 to {MAX_M} rows, got {m}; use fused_matmul")
     args = (fmt, tensors, kp, qb, dq_block)
     if config is None and interpreting():
-        config = INTERPRETER_CONFIG
+        config = INTERPRETER_CONFIG_M1 if m == 1 else INTERPRETER_CONFIG
     if config is None:
         key = _key(x, w)
         config = _chosen.get(key)
