@@ -102,9 +102,9 @@ def fused_matmul_kernel(
                  acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
-def _cfg(bm, bn, bk, warps, stages, group_m=8, lookup=0):
+def _cfg(bm, bn, bk, warps, stages, group_m=8, lookup=0, swap=0):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
-                          "LOOKUP": lookup}, num_warps=warps, num_stages=stages)
+                          "LOOKUP": lookup, "SWAP": swap}, num_warps=warps, num_stages=stages)
 
 
 # Hopper-oriented configs for M > 128 (training): big tiles so that each dequantized W tile is
@@ -113,6 +113,7 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8, lookup=0):
 # LOOKUP 0 and 1 in this kernel fail to compile ("LLVM ERROR: Illegal shared layout" in
 # TritonGPUOptimizeDotOperands), so the autotuner is only offered LOOKUP=2.
 LARGE_M_CONFIGS = [
+    _cfg(256, 128, 128, 8, 3, lookup=2, swap=1),
     _cfg(128, 256, 64, 8, 3, lookup=2),
     _cfg(128, 128, 64, 8, 4, lookup=2),
     _cfg(256, 128, 64, 8, 3, lookup=2),

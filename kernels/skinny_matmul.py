@@ -166,6 +166,57 @@ def gemv_kernel(
              mask=out_n < N)
 
 
+@triton.heuristics({"EVEN_K": lambda a: a["K"] == a["KP"] and a["KP"] % a["BLOCK_K"] == 0})
+@triton.jit
+def gemv_bytes_kernel(
+    x_ptr, packed_ptr, scales_ptr, zeros_ptr, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, out_ptr,
+    N, K, KP, stride_pn, K_PER_SPLIT, stride_xk, stride_os, stride_on,
+    FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOKUP: tl.constexpr, EVEN_K: tl.constexpr,
+    XPAIR: tl.constexpr,
+):
+    """M = 1, bytes variant (experiment): tile (BLOCK_N, G, QBLOCK/2) bytes."""
+    G: tl.constexpr = BLOCK_K // QBLOCK
+    HQ: tl.constexpr = QBLOCK // 2
+    LK: tl.constexpr = 0 if LOOKUP == 2 else LOOKUP
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    k_begin = pid_s * K_PER_SPLIT
+    k_end = min(k_begin + K_PER_SPLIT, KP)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_g = tl.arange(0, G)
+    col_b = offs_g[:, None] * HQ + tl.arange(0, HQ)[None, :]
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        kblock = k0 // QBLOCK + offs_g
+        byte0 = tl.multiple_of(k0 // 2, 32)
+        if XPAIR:
+            xw = tl.load(x_ptr + byte0 + col_b, mask=byte0 + col_b < K // 2, other=0)
+            x_even = (xw << 16).to(tl.float32, bitcast=True)
+            x_odd = (xw & -65536).to(tl.float32, bitcast=True)
+        else:
+            k_even = k0 + 2 * col_b
+            x_even = tl.load(x_ptr + k_even * stride_xk, mask=k_even < K, other=0.0).to(tl.float32)
+            x_odd = tl.load(x_ptr + (k_even + 1) * stride_xk, mask=k_even + 1 < K, other=0.0).to(tl.float32)
+        p3_ptrs = packed_ptr + offs_n[:, None, None] * stride_pn + (byte0 + col_b)[None, :, :]
+        if EVEN_K:
+            p = tl.load(p3_ptrs)
+            kb_ok = kblock >= 0
+        else:
+            p = tl.load(p3_ptrs, mask=(byte0 + col_b < KP // 2)[None, :, :], other=0)
+            kb_ok = kblock < KP // QBLOCK
+        scale, zero_f = load_block_scales(
+            scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
+            kblock[None, :], offs_n[:, None], kb_ok[None, :], N, FORMAT, DQ_BLOCK)
+        z3 = zero_f[:, :, None]
+        t = (code_values((p >> 4).to(tl.int32), z3, code_ptr, FORMAT, LK) * x_even[None, :, :]
+             + code_values((p & 0xF).to(tl.int32), z3, code_ptr, FORMAT, LK) * x_odd[None, :, :])
+        acc += tl.sum(tl.sum(t, axis=2) * scale, axis=1)
+    out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + pid_s * stride_os + out_n * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=out_n < N)
+
+
 @triton.jit
 def reduce_partials_kernel(part_ptr, y_ptr, SIZE, SPLIT_K, BLOCK: tl.constexpr):
     """y.flat[i] = sum_s partials[s].flat[i], s in order (float32), rounded to y's dtype."""
@@ -260,7 +311,13 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     stride_om, stride_on = (y.stride(0), y.stride(1)) if split_k == 1 else (out.stride(1), out.stride(2))
     grid = (triton.cdiv(n, block_n), split_k)
     consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, **meta, **opts)
-    if gemv:
+    if gemv and consts.pop("BYTES", 0):  # experiment: the bytes variant
+        xp = x.dtype == torch.bfloat16 and x.stride(1) == 1 and k % 2 == 0 and x.storage_offset() % 2 == 0
+        xa = x.reshape(k).view(torch.int32) if xp else x
+        gemv_bytes_kernel[grid](xa, *tensors, out, n, k, kp, packed.stride(0), k_per_split,
+                                x.stride(1), stride_os, stride_on, XPAIR=int(xp), **consts)
+    elif gemv:
+        consts.pop("BYTES", None)
         words = packed.view(torch.int32)  # (N, KP / 8): 8 codes per word
         gemv_kernel[grid](x, words, *tensors[1:], out, n, k, kp, words.stride(0), k_per_split,
                           x.stride(1), stride_os, stride_on, **consts)
