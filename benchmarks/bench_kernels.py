@@ -173,7 +173,7 @@ def main():
     def old(cfg):
         return {**config_dict(cfg), "LOOKUP": 0}
 
-    old_fused = {"large": old(fm.LARGE_M_CONFIGS[0]), "small": old(fm.SMALL_M_CONFIGS[0])}
+    old_fused = {"large": old(fm.LARGE_M_CONFIGS[1]), "small": old(fm.SMALL_M_CONFIGS[0])}  # [1]: first non-SWAP tile
     old_dx = {"large": old(fdx.LARGE_M_CONFIGS[0]), "small": old(fdx.SMALL_M_CONFIGS[0])}
     old_skinny = {1: {"BLOCK_N": 32, "BLOCK_K": 256, "LOOKUP": 0, "SPLIT_K": 1, "num_warps": 4,
                       "num_stages": 3},

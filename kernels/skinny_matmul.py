@@ -17,18 +17,23 @@ SPLIT_K = 1 the first kernel writes y directly. Both are plain launches with fix
 the config is chosen, so the pair can be captured in a CUDA graph (the partial buffer comes from
 the caching allocator, which graph capture supports).
 
-M == 1 (BLOCK_M = 1), on CUDA cores, float32 throughout:
+M == 1 (gemv_kernel), on CUDA cores, float32 throughout:
     y[n] = sum_b s[b, n] * sum_{k in block b} v(q[n, k]) * x[k]
 where v(q) = code[q] (NF4) or q - zero (INT4) and s = absmax or scale: the block scale is applied
-once per block sum instead of once per weight, and x is loaded as its even and odd columns (two
-stride-2 loads of a few hundred bytes, from cache) to meet the high / low nibbles of each byte
-without interleaving W. The code lookup is LOOKUP 0 (gather from L1) or 1 (select tree); LOOKUP 2
-means 0 here (nothing is pipelined in this path, see _tile.py). Unlike the other kernels, the
-weight is *not* rounded to x's dtype before multiplying (no tensor cores here), so y differs from
-x @ quant.dequantize(w, x.dtype).T by that rounding (relative 2^-9 per product in bf16, averaging
-out over K); the tests bound it.
-1 < M <= 16 (BLOCK_M = 16): the dequantized tile (rounded to x's dtype) goes through tl.dot with
-x padded to 16 rows, float32 accumulation; equal to the reference up to accumulation order.
+once per block sum instead of once per weight; the tile is 3-D (rows, blocks, bytes) so that the
+block sums meet their scales without a reshape; x meets the high / low nibbles of each byte as
+its even and odd columns (one 32-bit load per byte for contiguous bf16 x). The code lookup is
+LOOKUP 0 (gather from the 64-byte table, in L1) or 1 (select tree); 2 means 0 here. Unlike the
+other kernels, the weight is *not* rounded to x's dtype before multiplying (no tensor cores
+here), so y differs from x @ quant.dequantize(w, x.dtype).T by that rounding (relative 2^-9 per
+product in bf16, averaging out over K); the tests bound it.
+What limits it (H100, BENCHMARKS.md): about 10 instructions per weight (byte extraction, shift
+and mask, 64-bit table address, the lookup, the FMA) and the per-weight table gathers through
+L1; all tile shapes tried land within 10% of each other at 25-28 us for 11008 x 4096, about
+30% of HBM bandwidth. A variant that read W as 32-bit words with constant shifts issued fewer
+instructions (6 per weight in the sm_90 assembly) yet ran slower (33 us) and was dropped.
+1 < M <= 16 (skinny_matmul_kernel): the dequantized tile (rounded to x's dtype) goes through tl.dot
+with x padded to 16 rows, float32 accumulation; equal to the reference up to accumulation order.
 
 Config choice: a small list of candidates (CANDIDATES_M1, CANDIDATES_M16) timed once per
 (shape, format, dtype, device) in a CUDA graph (so that the ~20 us of Python launch overhead does
@@ -107,75 +112,20 @@ def skinny_matmul_kernel(
 @triton.heuristics({"EVEN_K": lambda a: a["K"] == a["KP"] and a["KP"] % a["BLOCK_K"] == 0})
 @triton.jit
 def gemv_kernel(
-    x_ptr, words_ptr, scales_ptr, zeros_ptr, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, out_ptr,
-    N, K, KP, stride_wn, K_PER_SPLIT, stride_xk, stride_os, stride_on,
-    FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOKUP: tl.constexpr, EVEN_K: tl.constexpr,
-):
-    """M = 1: out[s, n] = sum over split s of W[n, k] * x[k], float32 on CUDA cores.
-
-    W is read as 32-bit words of 8 codes: word w of a row holds columns 8w..8w+7, column 8w+c in
-    bits [s_c, s_c + 4) with s_c = 8 (c // 2) + 4 (1 - c % 2) (byte c // 2, high nibble first).
-    The tile is (BLOCK_N rows, G quantization blocks, WPB words per block); the 8 codes of each
-    word are 8 tiles of that same shape, one per constant shift, each multiplied by its own
-    strided slice of x (x[8w + c]). So each code costs a shift, a mask, one lookup and one FMA,
-    and x is read once per thread for all the rows it holds.
-    """
-    G: tl.constexpr = BLOCK_K // QBLOCK
-    WPB: tl.constexpr = QBLOCK // 8
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    k_begin = pid_s * K_PER_SPLIT
-    k_end = min(k_begin + K_PER_SPLIT, KP)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # clamped rows: loads stay in bounds
-    word = tl.arange(0, G)[:, None] * WPB + tl.arange(0, WPB)[None, :]  # (G, WPB) in the step
-    code_base = code_ptr.to(tl.int64, bitcast=True)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        w0 = tl.multiple_of(k0 // 8, 8)
-        w_ptrs = words_ptr + offs_n[:, None, None] * stride_wn + (w0 + word)[None, :, :]
-        kblock = k0 // QBLOCK + tl.arange(0, G)
-        if EVEN_K:
-            wv = tl.load(w_ptrs)
-            kb_ok = kblock >= 0
-        else:
-            wv = tl.load(w_ptrs, mask=(w0 + word < KP // 8)[None, :, :], other=0)
-            kb_ok = kblock < KP // QBLOCK
-        scale, zero_f = load_block_scales(
-            scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
-            kblock[None, :], offs_n[:, None], kb_ok[None, :], N, FORMAT, DQ_BLOCK)
-        t = tl.zeros((BLOCK_N, G, WPB), dtype=tl.float32)
-        for c in tl.static_range(8):
-            k_c = k0 + word * 8 + c
-            if EVEN_K:
-                x_c = tl.load(x_ptr + k_c * stride_xk).to(tl.float32)
-            else:
-                x_c = tl.load(x_ptr + k_c * stride_xk, mask=k_c < K, other=0.0).to(tl.float32)
-            nib = (wv >> ((c // 2) * 8 + (1 - c % 2) * 4)) & 0xF
-            if FORMAT != 2 and LOOKUP != 1:
-                # &code[q] = table base | 4 q: the 64-byte table is 64-byte aligned, so OR-ing
-                # into the low bits is the sum, and no 64-bit carry is computed
-                v = tl.load((code_base | (nib * 4).to(tl.int64)).to(tl.pointer_type(tl.float32),
-                                                                    bitcast=True))
-            else:
-                v = code_values(nib, zero_f[:, :, None], code_ptr, FORMAT, LOOKUP)
-            t += v * x_c[None, :, :]
-        acc += tl.sum(tl.sum(t, axis=2) * scale, axis=1)  # block scale once per block sum
-    out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + pid_s * stride_os + out_n * stride_on, acc.to(out_ptr.dtype.element_ty),
-             mask=out_n < N)
-
-
-@triton.heuristics({"EVEN_K": lambda a: a["K"] == a["KP"] and a["KP"] % a["BLOCK_K"] == 0})
-@triton.jit
-def gemv_bytes_kernel(
     x_ptr, packed_ptr, scales_ptr, zeros_ptr, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, out_ptr,
     N, K, KP, stride_pn, K_PER_SPLIT, stride_xk, stride_os, stride_on,
     FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOKUP: tl.constexpr, EVEN_K: tl.constexpr,
     XPAIR: tl.constexpr,
 ):
-    """M = 1, bytes variant (experiment): tile (BLOCK_N, G, QBLOCK/2) bytes."""
+    """M = 1: out[s, n] = sum over split s of W[n, k] * x[k], float32 on CUDA cores.
+
+    3-D tile (BLOCK_N rows, G quantization blocks, QBLOCK/2 bytes per block): the block sums meet
+    their scales without any reshape (a reshape can cost a shared-memory round trip). The high
+    nibble of byte j meets x[2j], the low one x[2j+1]; with XPAIR (contiguous bf16 x) the pair
+    (x[2j], x[2j+1]) is one 32-bit load, split into two float32 by bit operations (a bf16 is
+    the top half of the float32 with the same value).
+    """
     G: tl.constexpr = BLOCK_K // QBLOCK
     HQ: tl.constexpr = QBLOCK // 2
     LK: tl.constexpr = 0 if LOOKUP == 2 else LOOKUP
@@ -189,7 +139,7 @@ def gemv_bytes_kernel(
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         kblock = k0 // QBLOCK + offs_g
-        byte0 = tl.multiple_of(k0 // 2, 32)
+        byte0 = tl.multiple_of(k0 // 2, 32)  # stated so that Triton proves 16-byte W loads
         if XPAIR:
             xw = tl.load(x_ptr + byte0 + col_b, mask=byte0 + col_b < K // 2, other=0)
             x_even = (xw << 16).to(tl.float32, bitcast=True)
@@ -234,16 +184,14 @@ def _cand(bn, bk, lookup, warps, stages, per_sm):
 
 
 # The first candidate of each list is the default when no timing is possible.
-# M = 1 (gemv_kernel): one warp per program and 16 rows x 256 columns per step keep each thread
-# at 4 rows x 32 codes without register spills (checked in the sm_90 assembly); LOOKUP 0 is the
-# OR-address table lookup, 1 the select tree.
+# M = 1 (gemv_kernel): one warp per program, 16-64 codes per thread per step; the best of a
+# 93-config sweep on an H100 (BENCHMARKS.md), within 10% of each other on the LLaMA shapes.
 CANDIDATES_M1 = [
-    _cand(16, 256, 0, 1, 1, 16),
-    _cand(16, 256, 0, 1, 1, 32),
-    _cand(16, 256, 0, 1, 1, 8),
-    _cand(32, 256, 0, 2, 1, 16),
+    _cand(16, 128, 0, 1, 1, 32),
     _cand(8, 256, 0, 1, 1, 32),
-    _cand(16, 512, 0, 2, 1, 16),
+    _cand(4, 512, 0, 1, 1, 16),
+    _cand(4, 256, 0, 1, 1, 32),
+    _cand(8, 256, 0, 1, 1, 16),
 ]
 # 1 < M <= 16 (skinny_matmul_kernel, tl.dot): BLOCK_K = 256 is 128 contiguous bytes per row
 # per step (8 threads x 16-byte loads); LOOKUP 2 is the scaled table + tl.gather of _tile.py.
@@ -254,13 +202,10 @@ CANDIDATES_M16 = [
     _cand(32, 256, 1, 4, 1, 4),
 ]
 # Small enough for the interpreter; SPLIT_K = 2 so that the tests exercise the reduction.
-# LOOKUP 2 means the tl.gather table for M > 1 and the plain table load for M = 1; the M = 1
-# default uses the OR-address lookup (LOOKUP 0).
+# (LOOKUP 2, the tl.gather table, is for tl.dot; the M = 1 kernel takes it as 0.)
 INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "LOOKUP": 2, "SPLIT_K": 2}
-INTERPRETER_CONFIG_M1 = {"BLOCK_N": 16, "BLOCK_K": 64, "LOOKUP": 0, "SPLIT_K": 2}
 MAX_M = 16
 REDUCE_BLOCK = 1024
-CODE_ALIGN = 64  # bytes: the OR-address lookup needs the 16-float code table this aligned
 
 _sm_count = {}
 _chosen = {}  # (shape, format, M class, dtype, device) -> config dict
@@ -293,12 +238,9 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     block_n, block_k = meta["BLOCK_N"], meta["BLOCK_K"]
     if block_k % qb and qb % block_k:
         raise ValueError(f"BLOCK_K {block_k} and the block size {qb} must divide one another")
-    packed = tensors[0]
-    gemv = m == 1 and packed.storage_offset() % 4 == 0  # W read as 32-bit words
+    gemv = m == 1
     if gemv:
         block_k = meta["BLOCK_K"] = max(block_k, qb)  # whole quantization blocks per step
-        if meta["LOOKUP"] == 0 and tensors[4].data_ptr() % CODE_ALIGN:
-            meta["LOOKUP"] = 2  # code table not aligned for the OR-address: plain table load
     if split_k is None:
         split_k = split_k_for(n, kp, block_n, block_k, per_sm * sm_count(x.device))
     k_steps = triton.cdiv(kp, block_k)
@@ -311,19 +253,16 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     stride_om, stride_on = (y.stride(0), y.stride(1)) if split_k == 1 else (out.stride(1), out.stride(2))
     grid = (triton.cdiv(n, block_n), split_k)
     consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, **meta, **opts)
-    if gemv and consts.pop("BYTES", 0):  # experiment: the bytes variant
-        xp = x.dtype == torch.bfloat16 and x.stride(1) == 1 and k % 2 == 0 and x.storage_offset() % 2 == 0
-        xa = x.reshape(k).view(torch.int32) if xp else x
-        gemv_bytes_kernel[grid](xa, *tensors, out, n, k, kp, packed.stride(0), k_per_split,
-                                x.stride(1), stride_os, stride_on, XPAIR=int(xp), **consts)
-    elif gemv:
-        consts.pop("BYTES", None)
-        words = packed.view(torch.int32)  # (N, KP / 8): 8 codes per word
-        gemv_kernel[grid](x, words, *tensors[1:], out, n, k, kp, words.stride(0), k_per_split,
-                          x.stride(1), stride_os, stride_on, **consts)
+    if gemv:
+        # x as 32-bit pairs where it is contiguous bf16 with an even start
+        pairs = (x.dtype == torch.bfloat16 and x.stride(1) == 1 and k % 2 == 0
+                 and x.storage_offset() % 2 == 0)
+        x_arg = x.reshape(k).view(torch.int32) if pairs else x
+        gemv_kernel[grid](x_arg, *tensors, out, n, k, kp, tensors[0].stride(0), k_per_split,
+                          x.stride(1), stride_os, stride_on, XPAIR=int(pairs), **consts)
     else:
         skinny_matmul_kernel[grid](
-            x, *tensors, out, m, n, k, kp, packed.stride(0), k_per_split,
+            x, *tensors, out, m, n, k, kp, tensors[0].stride(0), k_per_split,
             x.stride(0), x.stride(1), stride_os, stride_om, stride_on,
             IEEE=x.dtype == torch.float32, **consts)
     if split_k > 1:
@@ -375,7 +314,7 @@ def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
         raise ValueError(f"skinny_matmul takes 1 to {MAX_M} rows, got {m}; use fused_matmul")
     args = (fmt, tensors, kp, qb, dq_block)
     if config is None and interpreting():
-        config = INTERPRETER_CONFIG_M1 if m == 1 else INTERPRETER_CONFIG
+        config = INTERPRETER_CONFIG
     if config is None:
         key = _key(x, w)
         config = _chosen.get(key)
