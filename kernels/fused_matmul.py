@@ -18,6 +18,12 @@ values (kernels/_tile.py says why the global-memory gather of LOOKUP=0 is slow h
 ever exists in registers / shared memory: global memory traffic for W is 4.1-4.6 bits per weight
 per pass over it.
 
+SWAP = 1 computes the transposed tile, y.T = W_tile @ x_tile.T: on Hopper the tensor-core
+instruction (wgmma) takes its A operand from registers but B from shared memory, so with the
+dequantized W as A it goes straight from registers into the product, while x (B) is
+software-pipelined into shared memory. With BLOCK_K = 128 this took the kernel from 2.7-3.0x to
+1.6-1.7x of cuBLAS at M = 4096 (BENCHMARKS.md).
+
 K padding (quant.py pads K to a multiple of B with zero columns): x is read with k < K masks,
 W up to KP; the padded weights multiply zeros. EVEN_K (K == KP, KP % BLOCK_K == 0) drops the
 masks. Rows beyond M / N are clamped (modulo) for the loads and masked at the store.
