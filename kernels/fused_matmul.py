@@ -118,7 +118,7 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8, lookup=0, swap=0):
 # step), the fastest on an H100 by far; then the earlier BLOCK_K = 64 tiles (one NF4 block per
 # step). LOOKUP=2 (scaled table + tl.gather, see _tile.py): with Triton 3.6 on sm_90, LOOKUP 0 in
 # the unswapped kernel fails to compile ("LLVM ERROR: Illegal shared layout" in
-# TritonGPUOptimizeDotOperands), and where 0 and 1 compile they are 2-8x slower.
+# TritonGPUOptimizeDotOperands); swapped, 0 and 1 compile but ran 5.5x and 1.8x slower (H100).
 LARGE_M_CONFIGS = [
     _cfg(256, 128, 128, 8, 3, lookup=2, swap=1),
     _cfg(128, 256, 64, 8, 3, lookup=2),
