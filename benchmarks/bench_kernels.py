@@ -24,7 +24,7 @@ triton.testing.do_bench (median, fresh random bf16 inputs, never zeros):
                   NF4, block 64, double quantization (compress_statistics), as QLoRA uses it.
 Our weight: quant.quantize_nf4 with double quantization (4.127 bits per weight).
 Then:
-  - a lookup table (4096x4096, M = 4096, one fixed tile): fused and dx with LOOKUP 0 / 1 / 2 and
+  - a lookup table (4096x4096, M = 4096, one fixed tile): fused and dx with LOOKUP 0 / 1 / 2 (/ 3) and
     with INT4 weights (no code lookup at all), to see what the dequantization costs;
   - a sweep of M (64, 256, 1024, and 4096 from above) for fused vs deq+cublas, to set
     quant.DEQUANT_MATMUL_MIN_M.
@@ -212,7 +212,7 @@ def main():
             r = {"N": n, "K": k, "M": m, "weight_bytes": wq_bytes, "configs": {}}
             r["cublas_us"] = attempt("cublas", bench, lambda: torch.matmul(x, w.t()))
             r["fused_us"] = attempt(f"fused {n}x{k} M={m}", bench, lambda: kernels.fused_matmul(x, qw))
-            r["configs"]["fused"] = best_config("fused_matmul", f"_{size}_m_tuned")
+            r["configs"]["fused"] = best_config("fused_matmul", f"_prmt_{size}_m_tuned")  # NF4, bf16
             r["fused_old_us"] = attempt(f"fused old {n}x{k} M={m}", bench,
                                         lambda: kernels.fused_matmul(x, qw, config=old_fused[size]))
             r["skinny_us"] = r["skinny_graph_us"] = r["skinny_old_us"] = r["skinny_old_graph_us"] = "-"
@@ -273,15 +273,16 @@ def main():
         weights = {"nf4dq": quant.quantize_nf4(w, 64, double_quant=True),
                    "int4": quant.quantize_int4(w, 64)}
         tile_f, tile_dx = config_dict(fm.LARGE_M_CONFIGS[0]), config_dict(fdx.LARGE_M_CONFIGS[0])
-        for fmt_name, lookups in (("nf4dq", (0, 1, 2)), ("int4", (0, 2))):
+        for fmt_name, lookups in (("nf4dq", (0, 1, 2, 3)), ("int4", (0, 2))):
             qw = weights[fmt_name]
             for lookup in lookups:
                 lookup_rows.append({
                     "format": fmt_name, "LOOKUP": lookup, "tile_fused": str(tile_f), "tile_dx": str(tile_dx),
                     "fused_us": attempt(f"lookup fused {fmt_name} {lookup}", bench,
                                         lambda: kernels.fused_matmul(x, qw, config={**tile_f, "LOOKUP": lookup})),
-                    "dx_us": attempt(f"lookup dx {fmt_name} {lookup}", bench,
-                                     lambda: kernels.fused_matmul_dx(dy, qw, config={**tile_dx, "LOOKUP": lookup})),
+                    "dx_us": "-" if lookup == 3 else attempt(  # (no LOOKUP 3 in the dx kernel)
+                        f"lookup dx {fmt_name} {lookup}", bench,
+                        lambda: kernels.fused_matmul_dx(dy, qw, config={**tile_dx, "LOOKUP": lookup})),
                 })
         print(f"  lookup table  ({time.time() - t_start:.0f} s)", file=sys.stderr)
 

@@ -7,6 +7,7 @@ packed, scales, zeros, code, double_quant, absmax2, offset, code8, dq_block_size
 """
 
 import os
+import weakref
 
 import torch
 
@@ -22,7 +23,8 @@ def interpreting() -> bool:
 def weight_args(w):
     """Check a quantized weight; return (FORMAT, the 7 pointer tensors, KP, QBLOCK, DQ_BLOCK).
 
-    Pointer order: packed, scales, zeros, absmax2, code, code8, offset (unused ones get `packed`).
+    Pointer order: packed, scales, zeros, absmax2, code, code8, offset (unused ones get `packed`);
+    for NF4, code is code_with_tables(w).
     """
     n, k, qb = w.out_features, w.in_features, w.block_size
     packed = w.packed
@@ -56,12 +58,49 @@ def weight_args(w):
             raise ValueError("INT4 needs float32 scales and uint8 zeros")
     else:
         raise ValueError(f"unknown quant_type {w.quant_type!r}")
-    tensors = [packed, w.scales, w.zeros, w.absmax2, w.code, w.code8, w.offset]
+    code = code_with_tables(w) if w.quant_type == "nf4" else None
+    tensors = [packed, w.scales, w.zeros, w.absmax2, code, w.code8, w.offset]
     for t in tensors:
         if t is not None and t.device != packed.device:
             raise ValueError(f"all tensors of the weight must be on {packed.device}, one is on {t.device}")
     tensors = [packed if t is None else t for t in tensors]
     return fmt, tensors, kp, qb, getattr(w, "dq_block_size", 256)
+
+
+_code_tables = {}  # id(code tensor) -> (weak reference to it, its version, code_with_tables)
+
+
+def code_with_tables(w) -> torch.Tensor:
+    """w.code (16 float32) followed by the 12 words of the LOOKUP=3 decoder's byte tables
+    (kernels/_tile.py, stored as float32 bit patterns): the kernels' `code` argument.
+
+    Built on the code's device with tensor ops (no copy to the host, so no synchronization) and
+    cached per code tensor (weights usually share one): build it outside CUDA-graph capture (any
+    eager call does).
+    """
+    code = w.code
+    cached = _code_tables.get(id(code))
+    if cached is not None and cached[0]() is code and cached[1] == code._version:
+        return cached[2]
+    bits = code.detach().to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+    shifts = torch.tensor([0, 8, 16, 24], device=bits.device)
+    words = torch.cat([((bits >> 8).view(4, 4) << shifts).sum(1),     # high bytes: 4 words
+                       ((bits & 0xFF).view(4, 4) << shifts).sum(1),   # low bytes: 4 words
+                       torch.tensor([0x01010101, 0, 0, 0], device=bits.device)])
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    ext = torch.cat([code.detach().float(), words.view(torch.float32)])
+    _code_tables[id(code)] = (weakref.ref(code), code._version, ext)
+    return ext
+
+
+def prmt_ok(fmt: int, dtype: torch.dtype) -> bool:
+    """LOOKUP=3 (the byte-permute NF4 decoder of _tile.py) exists for NF4 weights and bf16 only."""
+    return fmt != FORMAT_INT4 and dtype == torch.bfloat16
+
+
+def check_lookup(lookup, fmt: int, dtype: torch.dtype):
+    if lookup == 3 and not prmt_ok(fmt, dtype):
+        raise ValueError(f"LOOKUP=3 needs an NF4 weight and bfloat16 (got format {fmt}, {dtype})")
 
 
 def check_activation(x: torch.Tensor, features: int, device: torch.device, name: str = "x"):

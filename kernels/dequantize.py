@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import interpreting, launch, weight_args
-from ._tile import dequantize_tile, load_block_scales
+from ._launch import check_lookup, interpreting, launch, weight_args
+from ._tile import dequantize_tile, dequantize_tile_prmt, load_block_scales
 
 
 @triton.jit
@@ -28,7 +28,7 @@ def dequantize_kernel(
     packed_ptr, scales_ptr, zeros_ptr, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, out_ptr,
     N, K, KP, stride_pn, stride_on,
     FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, LOOKUP: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ASM: tl.constexpr = 1,
 ):
     GROUPS: tl.constexpr = BLOCK_C // QBLOCK if BLOCK_C > QBLOCK else 1
     pid_r = tl.program_id(0)
@@ -44,8 +44,11 @@ def dequantize_kernel(
         scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
         kblock[None, :], rows[:, None], row_ok[:, None] & (kblock < KP // QBLOCK)[None, :], N,
         FORMAT, DQ_BLOCK)
-    w = dequantize_tile(p, scale, zero_f, code_ptr, BLOCK_R, BLOCK_C // 2, GROUPS, FORMAT, LOOKUP,
-                        out_ptr.dtype.element_ty)
+    if LOOKUP == 3:
+        w = dequantize_tile_prmt(p, scale, code_ptr, BLOCK_R, BLOCK_C // 2, GROUPS, ASM)
+    else:
+        w = dequantize_tile(p, scale, zero_f, code_ptr, BLOCK_R, BLOCK_C // 2, GROUPS, FORMAT,
+                            LOOKUP, out_ptr.dtype.element_ty)
     cols = c0 + tl.arange(0, BLOCK_C)
     tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :],
              w, mask=row_ok[:, None] & (cols < K)[None, :])
@@ -79,9 +82,11 @@ def dequantize(w, dtype: torch.dtype = torch.bfloat16, config: dict = None) -> t
     n, k = w.out_features, w.in_features
     out = torch.empty((n, k), dtype=dtype, device=device)
     args = (*tensors, out, n, k, kp, w.packed.stride(0), out.stride(0))
-    consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block)
+    consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, ASM=int(not interpreting()))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_R"]), triton.cdiv(kp, meta["BLOCK_C"]))  # noqa: E731
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
+    if config is not None:
+        check_lookup(config.get("LOOKUP"), fmt, dtype)
     launch(dequantize_kernel, _dequantize_tuned, grid, args, consts, config)
     return out

@@ -49,8 +49,8 @@ import triton
 import triton.testing
 import triton.language as tl
 
-from ._launch import check_activation, interpreting, split_config, weight_args
-from ._tile import code_values, dequantize_tile, load_block_scales
+from ._launch import check_activation, check_lookup, interpreting, prmt_ok, split_config, weight_args
+from ._tile import code_values, dequantize_tile, dequantize_tile_prmt, load_block_scales
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] == a["KP"] and a["KP"] % a["BLOCK_K"] == 0})
@@ -61,7 +61,7 @@ def skinny_matmul_kernel(
     stride_xm, stride_xk, stride_os, stride_om, stride_on,
     FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    LOOKUP: tl.constexpr, EVEN_K: tl.constexpr,
+    LOOKUP: tl.constexpr, EVEN_K: tl.constexpr, SWAP: tl.constexpr = 0, ASM: tl.constexpr = 1,
 ):
     """1 < M <= 16: out[s, m, n] = partial sum over split s (out is y itself when SPLIT_K == 1).
 
@@ -79,7 +79,10 @@ def skinny_matmul_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         # pointers from k0 with its alignment stated (k0 is a multiple of BLOCK_K >= 16): Triton
         # then proves 16-byte alignment and loads W 16 bytes at a time
@@ -98,15 +101,24 @@ def skinny_matmul_kernel(
         scale, zero_f = load_block_scales(
             scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
             kblock[None, :], offs_n[:, None], kb_ok[None, :], N, FORMAT, DQ_BLOCK)
-        w = dequantize_tile(p, scale, zero_f, code_ptr, BLOCK_N, HALF, GROUPS, FORMAT, LOOKUP,
-                            x.dtype)
-        if IEEE:
+        if LOOKUP == 3:
+            w = dequantize_tile_prmt(p, scale, code_ptr, BLOCK_N, HALF, GROUPS, ASM)
+        else:
+            w = dequantize_tile(p, scale, zero_f, code_ptr, BLOCK_N, HALF, GROUPS, FORMAT, LOOKUP,
+                                x.dtype)
+        if SWAP:
+            acc = tl.dot(w, tl.trans(x), acc)
+        elif IEEE:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w), acc)
     out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + out_n[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (out_n < N)[None, :])
+    if SWAP:
+        tl.store(out_ptr + pid_s * stride_os + offs_m[None, :] * stride_om + out_n[:, None] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=m_ok[None, :] & (out_n < N)[:, None])
+    else:
+        tl.store(out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + out_n[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (out_n < N)[None, :])
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] == a["KP"] and a["KP"] % a["BLOCK_K"] == 0})
@@ -178,9 +190,10 @@ def reduce_partials_kernel(part_ptr, y_ptr, SIZE, SPLIT_K, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _cand(bn, bk, lookup, warps, stages, per_sm):
-    return {"BLOCK_N": bn, "BLOCK_K": bk, "LOOKUP": lookup, "num_warps": warps,
+def _cand(bn, bk, lookup, warps, stages, per_sm, swap=0):
+    cand = {"BLOCK_N": bn, "BLOCK_K": bk, "LOOKUP": lookup, "num_warps": warps,
             "num_stages": stages, "PROGRAMS_PER_SM": per_sm}
+    return {**cand, "SWAP": 1} if swap else cand
 
 
 # The first candidate of each list is the default when no timing is possible.
@@ -201,6 +214,11 @@ CANDIDATES_M16 = [
     _cand(32, 256, 2, 4, 1, 8),
     _cand(32, 256, 1, 4, 1, 4),
 ]
+# NF4 weights with bf16 x add LOOKUP=3 (the byte-permute decoder of _tile.py) in the tl.dot
+# kernel, swapped (acc = W_tile @ x.T: the decoded W is the register operand of the tensor-core
+# instruction), also at M = 1: on an H100 it measured 14.5 / 23.0 / 24.8 us in a graph against
+# the gemv's 12.2 / 25.2 / 26.5 (4096x4096, 11008x4096, 4096x11008): the tuner picks per shape.
+PRMT_CANDIDATES = [_cand(64, 256, 3, 4, 1, 8, swap=1), _cand(64, 128, 3, 4, 3, 8, swap=1)]
 # Small enough for the interpreter; SPLIT_K = 2 so that the tests exercise the reduction.
 # (LOOKUP 2, the tl.gather table, is for tl.dot; the M = 1 kernel takes it as 0.)
 INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "LOOKUP": 2, "SPLIT_K": 2}
@@ -238,7 +256,8 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     block_n, block_k = meta["BLOCK_N"], meta["BLOCK_K"]
     if block_k % qb and qb % block_k:
         raise ValueError(f"BLOCK_K {block_k} and the block size {qb} must divide one another")
-    gemv = m == 1
+    check_lookup(meta.get("LOOKUP"), fmt, x.dtype)
+    gemv = m == 1 and meta.get("LOOKUP") != 3  # the prmt decoder feeds tl.dot
     if gemv:
         block_k = meta["BLOCK_K"] = max(block_k, qb)  # whole quantization blocks per step
     if split_k is None:
@@ -264,7 +283,7 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
         skinny_matmul_kernel[grid](
             x, *tensors, out, m, n, k, kp, tensors[0].stride(0), k_per_split,
             x.stride(0), x.stride(1), stride_os, stride_om, stride_on,
-            IEEE=x.dtype == torch.float32, **consts)
+            IEEE=x.dtype == torch.float32, ASM=int(not interpreting()), **consts)
     if split_k > 1:
         size = m * n
         reduce_partials_kernel[(triton.cdiv(size, REDUCE_BLOCK),)](out, y, size, split_k,
@@ -320,6 +339,8 @@ def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
         config = _chosen.get(key)
         if config is None:
             candidates = CANDIDATES_M1 if m == 1 else CANDIDATES_M16
+            if prmt_ok(fmt, x.dtype):
+                candidates = candidates + PRMT_CANDIDATES
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 return _launch(x, w, candidates[0], *args)  # no timing inside a capture
             config = _chosen[key] = _tune(x, w, candidates, args)

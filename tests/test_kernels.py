@@ -155,6 +155,46 @@ def test_dequantize_configs(config):
                              quant.dequantize(qw, torch.float32), qw)
 
 
+def prmt_weight(qw):
+    """The weight that LOOKUP=3 (the byte-permute NF4 decoder, kernels/_tile.py) computes, by
+    PyTorch: bf16(bf16(code[q]) * bf16(absmax)), each product rounded once."""
+    n = qw.out_features
+    codes = quant.unpack_4bit(qw.packed).view(n, -1, qw.block_size).long()
+    scale = quant.block_scales(qw).t().to(torch.bfloat16).float()
+    values = qw.code.to(torch.bfloat16).float()[codes]
+    return (values * scale[..., None]).to(torch.bfloat16).view(n, -1)[:, : qw.in_features]
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "nf4dq", "nf4dq32"])
+@pytest.mark.parametrize("shape", [(40, 128), (72, 100)], ids=["40x128", "72x100pad"])
+def test_prmt_decoder_bit_exact(fmt, shape):
+    """LOOKUP=3 through the dequantize kernel, every one of the 256 byte values: on the CPU the
+    plain-Triton statement of the decoder, on the GPU the prmt assembly; both equal prmt_weight
+    bit for bit (up to the double-quant FMA of assert_dequantized_equal). prmt_weight rounds three
+    times (code, absmax, product: (1 + u)^3 - 1 < 3.03 u relative, u = 2^-8) where quant.py's
+    float32 weight rounds once (2^-24): the bound below."""
+    qw = make_weight(fmt, *shape, seed=30)
+    qw.packed = torch.arange(qw.packed.numel(), device=DEVICE).remainder(256).to(torch.uint8).view_as(qw.packed)
+    expected = prmt_weight(qw)
+    got = kernels.dequantize(qw, torch.bfloat16, config={"BLOCK_R": 16, "BLOCK_C": 128, "LOOKUP": 3})
+    assert_dequantized_equal(got, expected, qw)
+    w32 = quant.dequantize(qw, torch.float32)
+    assert ((expected.float() - w32).abs() <= 3.05 * 2.0**-8 * w32.abs()).all()
+
+
+def test_prmt_decoder_only_for_nf4_bf16():
+    x = gaussian(3, 128, dtype=torch.float16)
+    with pytest.raises(ValueError, match="LOOKUP=3 needs an NF4 weight and bfloat16"):
+        kernels.fused_matmul(x, make_weight("nf4", 40, 128), config={**fixed_config_or_default(), "LOOKUP": 3})
+    with pytest.raises(ValueError, match="LOOKUP=3 needs an NF4 weight and bfloat16"):
+        kernels.dequantize(make_weight("int4", 40, 128), torch.bfloat16,
+                           config={"BLOCK_R": 16, "BLOCK_C": 128, "LOOKUP": 3})
+
+
+def fixed_config_or_default():
+    return importlib.import_module("kernels.fused_matmul").INTERPRETER_CONFIG
+
+
 # ------------------------------------------------------------------------------- matmuls
 
 CASES = [  # (format, N, K, M, dtype): ragged N, M; K padded (100), not a multiple of tiles (320)
@@ -509,6 +549,24 @@ def test_gpu_skinny_every_candidate_and_old_kernel(m):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("n,k", LLAMA_SHAPES, ids=[f"{n}x{k}" for n, k in LLAMA_SHAPES])
+def test_gpu_prmt_decoder_every_config(n, k):
+    """Every LOOKUP=3 config of the fused and skinny kernels, against x @ prmt_weight(qw).T."""
+    fm, sk = (importlib.import_module(f"kernels.{m}") for m in ("fused_matmul", "skinny_matmul"))
+    dtype = torch.bfloat16
+    qw = quant.quantize_nf4(gaussian(n, k, seed=48, dtype=dtype) * 0.02)
+    w = prmt_weight(qw)
+    for m in (1, 7, 16, 40, 512):
+        x = gaussian(m, k, seed=49 + m, dtype=dtype)
+        if m <= 16:
+            for cfg in sk.PRMT_CANDIDATES:
+                assert_matmul_close(kernels.skinny_matmul(x, qw, config=cfg), x, w.t(), dtype)
+        if m >= 16:
+            for cfg in fm.PRMT_LARGE_M_CONFIGS[:1] + fm.PRMT_SMALL_M_CONFIGS[:1]:
+                assert_matmul_close(kernels.fused_matmul(x, qw, config=config_dict(cfg)), x, w.t(), dtype)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("m", [1, 7])
 def test_gpu_skinny_in_cuda_graph(m):
     """Decoding replays a CUDA graph: the split-K kernel + reduction must capture, and replaying
@@ -537,8 +595,8 @@ def test_gpu_skinny_in_cuda_graph(m):
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", ["nf4dq", "int4"])
 def test_gpu_every_lookup(fmt):
-    """LOOKUP 0 (global gather), 1 (select tree), 2 (scaled table + tl.gather) on the GPU, on the
-    first large tile of each kernel, a 4096x4096 weight and 512 rows."""
+    """LOOKUP 0 (global gather), 1 (select tree), 2 (scaled table + tl.gather), 3 (byte permutes,
+    NF4 only) on the GPU, on the first large tile of each kernel, a 4096x4096 weight and 512 rows."""
     fm, fdx = (importlib.import_module(f"kernels.{m}") for m in ("fused_matmul", "fused_matmul_dx"))
     dtype = torch.bfloat16
     qw = make_weight(fmt, 4096, 4096, seed=45)
@@ -546,7 +604,14 @@ def test_gpu_every_lookup(fmt):
     x, dy = gaussian(512, 4096, seed=46, dtype=dtype), gaussian(512, 4096, seed=47, dtype=dtype)
     # On the GPU (Triton 3.6, sm_90) the fused kernel compiles only with LOOKUP=2 and the dx
     # kernel not with LOOKUP=0 ("Illegal shared layout"): their autotuners offer only those.
-    for lookup in (0, 1, 2):
+    for lookup in (0, 1, 2, 3):
+        if lookup == 3:  # NF4 and bf16 only; its weight is prmt_weight
+            if fmt == "nf4dq":
+                cfg = config_dict(fm.PRMT_LARGE_M_CONFIGS[0])
+                assert_matmul_close(kernels.fused_matmul(x, qw, config=cfg), x, prmt_weight(qw).t(), dtype)
+                cfg = {"BLOCK_R": 32, "BLOCK_C": 256, "LOOKUP": 3, "num_warps": 4}
+                assert_dequantized_equal(kernels.dequantize(qw, dtype, config=cfg), prmt_weight(qw), qw)
+            continue
         if lookup == 2:
             cfg = {**config_dict(fm.LARGE_M_CONFIGS[0]), "LOOKUP": lookup}
             assert_matmul_close(kernels.fused_matmul(x, qw, config=cfg), x, w.t(), dtype)
