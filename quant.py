@@ -1,8 +1,9 @@
 """4-bit weights for QLoRA: NF4 with double quantization, and INT4, in plain PyTorch.
 
-This file is the *reference*: every Triton kernel in kernels/ must give the same numbers. It runs on
-any device; on CUDA it dispatches the matmuls to kernels/ (imported lazily), elsewhere it computes
-them here.
+This file is the *reference*: every Triton kernel in kernels/ must give the same numbers (one
+exception, documented and bounded in kernels/_tile.py: the fast NF4 path for bf16, LOOKUP=3, rounds
+the code value and the absmax to bf16 before multiplying). It runs on any device; on CUDA it
+dispatches the matmuls to kernels/ (imported lazily), elsewhere it computes them here.
 
 What it follows (QLoRA, Dettmers et al. 2023, section 3):
 

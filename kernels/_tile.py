@@ -14,7 +14,7 @@ Math (float32, as quant.dequantize):  NF4  w = code[q] * absmax;   INT4  w = (q 
 The kernels take the packed row stride as its own argument (stride_pn, = KP/2) rather than
 computing KP // 2: Triton then sees that it is a multiple of 16 and issues 16-byte loads.
 
-Three ways to turn a code into its value (meta-parameter LOOKUP of each kernel):
+Four ways to turn a code into its value (meta-parameter LOOKUP of each kernel):
   - LOOKUP=0: a gather from the 64-byte table in global memory (one L1 load per value, all lanes
     hit the same cache line). Good where nothing is pipelined (dequantize, the skinny kernels).
     Inside a loop that feeds tl.dot it is harmful: Triton's software pipeliner walks back from the
@@ -27,6 +27,13 @@ Three ways to turn a code into its value (meta-parameter LOOKUP of each kernel):
     with tl.gather (a tile spanning G blocks uses one (rows, 16 G) table, index + 16 * block) (a register/shared-memory gather, not a load: the pipeliner leaves it alone).
     The result is bit-identical to value * scale rounded per weight, and per weight it costs one
     gather instead of lookup + multiply + conversion. Made for the tl.dot kernels.
+  - LOOKUP=3 (NF4 with bf16 output, the tl.dot kernels; dequantize only in tests): byte permutes
+    (prmt) look up 4 codes per instruction in tables held in registers, then one bf16x2 multiply by
+    the scale per 2 weights, about 3.4 instructions per weight (section "LOOKUP = 3" below).
+    Unlike the others it rounds the code and the scale to bf16 before the product:
+    w = bf16(bf16(code) * bf16(scale)), within 3.03 * 2^-8 relative of quant.dequantize's
+    float32 weight (rounding once: 2^-8). Inline PTX, so on CUDA only; the interpreter runs a
+    plain-Triton statement of the same numbers (nf4_bf16_pairs, ASM=0).
   - INT4 never needs a table for LOOKUP 0/1: float(q) - float(zero) is computed as
     bitcast(0x4B000000 | q) - bitcast(0x4B000000 | zero): 0x4B000000 is 2^23 as float32, so OR-ing
     an integer below 2^23 into its mantissa gives 2^23 + q exactly; the difference is exact.

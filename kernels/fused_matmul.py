@@ -3,7 +3,8 @@
 Math: y[m, n] = sum_k x[m, k] * W[n, k], with W[n, k] = code[q] * absmax (NF4) or
 (q - zero) * scale (INT4) computed in float32 and rounded to x's dtype (exactly the weight of
 quant.dequantize), products accumulated in float32 by tl.dot, y rounded to x's dtype.
-So y equals x @ quant.dequantize(w, x.dtype).T up to the order of the float32 accumulation.
+So y equals x @ quant.dequantize(w, x.dtype).T up to the order of the float32 accumulation
+(LOOKUP=3, below, rounds W differently).
 
 Memory layout: x (M, K) any strides; packed uint8 (N, KP/2) row-major, two codes per byte
 (column 2j high nibble, 2j+1 low nibble); per-block scales (KP/B, N); y (M, N) contiguous.
@@ -12,9 +13,11 @@ Tiling (as the Triton matmul tutorial, with grouped program order for L2 reuse):
 owns a BLOCK_M x BLOCK_N tile of y. Per K step it loads a BLOCK_M x BLOCK_K tile of x, a
 BLOCK_N x BLOCK_K/2 tile of bytes (BLOCK_K/2 contiguous bytes per row) and the BLOCK_N x
 BLOCK_K/B block scales (contiguous along N), unpacks the nibbles, looks up / shifts them to
-float32, multiplies by the scales, rounds to x's dtype and feeds tl.dot. With LOOKUP=2 (the
-default configs) the last three steps are one tl.gather from a per-row table of the 16 scaled
-values (kernels/_tile.py says why the global-memory gather of LOOKUP=0 is slow here). The 16-bit weight only
+float32, multiplies by the scales, rounds to x's dtype and feeds tl.dot. With LOOKUP=2 the last
+three steps are one tl.gather from a per-row table of the 16 scaled values (kernels/_tile.py says
+why the global-memory gather of LOOKUP=0 is slow here). NF4 weights with bf16 x use LOOKUP=3
+first (byte-permute lookups, _tile.py): then W = bf16(bf16(code) * bf16(absmax)), which differs
+from quant.dequantize's weight by at most about 3 bf16 roundings (tests bound it). The 16-bit weight only
 ever exists in registers / shared memory: global memory traffic for W is 4.1-4.6 bits per weight
 per pass over it.
 
@@ -22,7 +25,7 @@ SWAP = 1 computes the transposed tile, y.T = W_tile @ x_tile.T: on Hopper the te
 instruction (wgmma) takes its A operand from registers but B from shared memory, so with the
 dequantized W as A it goes straight from registers into the product, while x (B) is
 software-pipelined into shared memory. With BLOCK_K = 128 this took the kernel from 2.7-3.0x to
-1.6-1.7x of cuBLAS at M = 4096 (BENCHMARKS.md).
+1.6-1.7x of cuBLAS at M = 4096, and LOOKUP=3 to 1.4-1.5x (H100, BENCHMARKS.md).
 
 K padding (quant.py pads K to a multiple of B with zero columns): x is read with k < K masks,
 W up to KP; the padded weights multiply zeros. EVEN_K (K == KP, KP % BLOCK_K == 0) drops the

@@ -34,6 +34,9 @@ L1; all tile shapes tried land within 10% of each other at 25-28 us for 11008 x 
 instructions (6 per weight in the sm_90 assembly) yet ran slower (33 us) and was dropped.
 1 < M <= 16 (skinny_matmul_kernel): the dequantized tile (rounded to x's dtype) goes through tl.dot
 with x padded to 16 rows, float32 accumulation; equal to the reference up to accumulation order.
+For NF4 with bf16 x the candidates also include LOOKUP=3 (the byte-permute decoder of _tile.py,
+W = bf16(bf16(code) * bf16(absmax))) with SWAP=1 (acc = W_tile @ x.T, the decoded W as the
+register operand of the tensor cores), at M = 1 as well: the tuner times them in a graph.
 
 Config choice: a small list of candidates (CANDIDATES_M1, CANDIDATES_M16) timed once per
 (shape, format, dtype, device) in a CUDA graph (so that the ~20 us of Python launch overhead does
