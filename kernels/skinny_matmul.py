@@ -219,8 +219,9 @@ CANDIDATES_M16 = [
 ]
 # NF4 weights with bf16 x add LOOKUP=3 (the byte-permute decoder of _tile.py) in the tl.dot
 # kernel, swapped (acc = W_tile @ x.T: the decoded W is the register operand of the tensor-core
-# instruction), also at M = 1: on an H100 it measured 14.5 / 23.0 / 24.8 us in a graph against
-# the gemv's 12.2 / 25.2 / 26.5 (4096x4096, 11008x4096, 4096x11008): the tuner picks per shape.
+# instruction), also at M = 1. On an H100 (BENCHMARKS.md) the tuner picked it at M = 16 for
+# 11008x4096 and 4096x11008 (27 / 28 us in a graph, LOOKUP 2 had 37 / 33), while at M = 1 the
+# gemv kernel stayed ahead on all three LLaMA shapes (12.2 / 24.9 / 26.3 against 13.7 / 25.6 / 26.8).
 PRMT_CANDIDATES = [_cand(64, 256, 3, 4, 1, 8, swap=1), _cand(64, 128, 3, 4, 3, 8, swap=1)]
 # Small enough for the interpreter; SPLIT_K = 2 so that the tests exercise the reduction.
 # (LOOKUP 2, the tl.gather table, is for tl.dot; the M = 1 kernel takes it as 0.)
