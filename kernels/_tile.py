@@ -202,10 +202,11 @@ def dequantize_tile(p, scale, zero_f, code_ptr,
 # of the weights differ from quant.dequantize's bf16 by one ulp (NF4's own error is 9%).
 # Operands: $0-$3 the 4 output words, $4 the 4 bytes, $5-$8 their scale pairs (bf16 scale in
 # both halves), then the 9 table words, each 4 times (pack=4 repeats every argument): $9 + 4 i.
-def _nf4_prmt_asm() -> str:
-    h = [f"${9 + 4 * i}" for i in range(4)]
-    lo = [f"${25 + 4 * i}" for i in range(4)]
-    one = "$41"
+def _nf4_prmt_asm(scaled: bool) -> str:
+    first_tab = 9 if scaled else 5  # the unscaled variant has no scale operands
+    h = [f"${first_tab + 4 * i}" for i in range(4)]
+    lo = [f"${first_tab + 16 + 4 * i}" for i in range(4)]
+    one = f"${first_tab + 32}"
     lines = ["{", ".reg .b32 c<2>, x<2>, t, m, a, b, h, l;",
              "mov.b32 c0, $4;", "shr.b32 c1, $4, 16;",       # codes of bytes 0-1, 2-3
              "xor.b32 x0, $4, 0x88888888;", "shr.b32 x1, x0, 16;"]  # the same, bit 3 flipped
@@ -223,15 +224,19 @@ def _nf4_prmt_asm() -> str:
             # word is bf16(column 2j+1) << 16 | bf16(column 2j), its bytes picked from l and h
             f"prmt.b32 ${2 * i}, l, h, 0x4051;",
             f"prmt.b32 ${2 * i + 1}, l, h, 0x6273;",
-            f"mul.rn.bf16x2 ${2 * i}, ${2 * i}, ${5 + 2 * i};",
-            f"mul.rn.bf16x2 ${2 * i + 1}, ${2 * i + 1}, ${6 + 2 * i};",
         ]
+        if scaled:
+            lines += [f"mul.rn.bf16x2 ${2 * i}, ${2 * i}, ${5 + 2 * i};",
+                      f"mul.rn.bf16x2 ${2 * i + 1}, ${2 * i + 1}, ${6 + 2 * i};"]
     lines.append("}")
     return "\n".join(lines)
 
 
-NF4_PRMT_ASM: tl.constexpr = tl.constexpr(_nf4_prmt_asm())
+NF4_PRMT_ASM: tl.constexpr = tl.constexpr(_nf4_prmt_asm(scaled=True))
 NF4_PRMT_CONSTRAINTS: tl.constexpr = tl.constexpr("=r,=r,=r,=r,r" + ",r" * 4 + ",r" * 36)
+# The same without the scale (for the M = 1 kernel, which applies it to each block's sum):
+NF4_PRMT_CODES_ASM: tl.constexpr = tl.constexpr(_nf4_prmt_asm(scaled=False))
+NF4_PRMT_CODES_CONSTRAINTS: tl.constexpr = tl.constexpr("=r,=r,=r,=r,r" + ",r" * 36)
 
 
 @triton.jit
@@ -240,6 +245,17 @@ def bf16_bits(x):
     (finite x). Integer arithmetic: the interpreter's float32 -> bf16 conversion truncates."""
     b = x.to(tl.int32, bitcast=True)
     return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+
+
+@triton.jit
+def _table_word(tab, i):
+    """Word i of the decoder's table, made to look lane-dependent to ptxas (XOR with lane id AND
+    word 9, which is 0 but only memory knows): ptxas then holds it in a regular register, where it
+    would keep a plain load's value in a uniform register and copy it to a regular one before every
+    prmt (one more instruction per prmt)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 l; mov.u32 l, %laneid; and.b32 l, l, $2; xor.b32 $0, $1, l; }", "=r,r,r",
+        [tl.load(tab + i), tl.load(tab + 9)], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -260,8 +276,9 @@ def nf4_bf16_pairs(p, s2, code_ptr, ASM: tl.constexpr):
     if ASM:
         wpair = tl.inline_asm_elementwise(
             NF4_PRMT_ASM, NF4_PRMT_CONSTRAINTS,
-            [p, s2, tl.load(tab), tl.load(tab + 1), tl.load(tab + 2), tl.load(tab + 3),
-             tl.load(tab + 4), tl.load(tab + 5), tl.load(tab + 6), tl.load(tab + 7), tl.load(tab + 8)],
+            [p, s2, _table_word(tab, 0), _table_word(tab, 1), _table_word(tab, 2), _table_word(tab, 3),
+             _table_word(tab, 4), _table_word(tab, 5), _table_word(tab, 6), _table_word(tab, 7),
+             _table_word(tab, 8)],
             dtype=tl.int32, is_pure=True, pack=4)
         # (the table words are loaded, not written into the PTX as immediates: ptxas then keeps
         # them in registers instead of re-materializing constants before every prmt)
@@ -279,6 +296,26 @@ def nf4_bf16_pairs(p, s2, code_ptr, ASM: tl.constexpr):
         w_hi = bf16_bits(v_hi * scale).to(tl.int16).to(tl.bfloat16, bitcast=True)
         w_lo = bf16_bits(v_lo * scale).to(tl.int16).to(tl.bfloat16, bitcast=True)
     return tl.interleave(w_hi, w_lo)
+
+
+@triton.jit
+def nf4_code_pairs(p, code_ptr, ASM: tl.constexpr):
+    """uint8 p -> int32 of the same shape: bf16(code[low nibble]) << 16 | bf16(code[high nibble]),
+    unscaled (LOOKUP=3 for the M = 1 kernel, which turns the halves into float32 by shifts)."""
+    tab = code_ptr.to(tl.pointer_type(tl.int32)) + 16
+    if ASM:
+        words = tl.inline_asm_elementwise(
+            NF4_PRMT_CODES_ASM, NF4_PRMT_CODES_CONSTRAINTS,
+            [p, _table_word(tab, 0), _table_word(tab, 1), _table_word(tab, 2), _table_word(tab, 3),
+             _table_word(tab, 4), _table_word(tab, 5), _table_word(tab, 6), _table_word(tab, 7),
+             _table_word(tab, 8)],
+            dtype=tl.int32, is_pure=True, pack=4)
+    else:
+        hi = (p >> 4).to(tl.int32)
+        lo = (p & 0xF).to(tl.int32)
+        words = ((_table_byte(tab, lo, 0) << 24) | (_table_byte(tab, lo, 4) << 16)
+                 | (_table_byte(tab, hi, 0) << 8) | _table_byte(tab, hi, 4))
+    return words
 
 
 @triton.jit

@@ -53,7 +53,7 @@ import triton.testing
 import triton.language as tl
 
 from ._launch import check_activation, check_lookup, interpreting, prmt_ok, split_config, weight_args
-from ._tile import code_values, dequantize_tile, dequantize_tile_prmt, load_block_scales
+from ._tile import code_values, dequantize_tile, dequantize_tile_prmt, load_block_scales, nf4_code_pairs
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] == a["KP"] and a["KP"] % a["BLOCK_K"] == 0})
@@ -131,7 +131,7 @@ def gemv_kernel(
     N, K, KP, stride_pn, K_PER_SPLIT, stride_xk, stride_os, stride_on,
     FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOKUP: tl.constexpr, EVEN_K: tl.constexpr,
-    XPAIR: tl.constexpr,
+    XPAIR: tl.constexpr, ASM: tl.constexpr = 1,
 ):
     """M = 1: out[s, n] = sum over split s of W[n, k] * x[k], float32 on CUDA cores.
 
@@ -173,9 +173,14 @@ def gemv_kernel(
         scale, zero_f = load_block_scales(
             scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
             kblock[None, :], offs_n[:, None], kb_ok[None, :], N, FORMAT, DQ_BLOCK)
-        z3 = zero_f[:, :, None]
-        t = (code_values((p >> 4).to(tl.int32), z3, code_ptr, FORMAT, LK) * x_even[None, :, :]
-             + code_values((p & 0xF).to(tl.int32), z3, code_ptr, FORMAT, LK) * x_odd[None, :, :])
+        if LOOKUP == 3:  # byte permutes (_tile.py): bf16 code values, float32 products
+            pairs = nf4_code_pairs(p, code_ptr, ASM)
+            t = ((pairs << 16).to(tl.float32, bitcast=True) * x_even[None, :, :]
+                 + (pairs & -65536).to(tl.float32, bitcast=True) * x_odd[None, :, :])
+        else:
+            z3 = zero_f[:, :, None]
+            t = (code_values((p >> 4).to(tl.int32), z3, code_ptr, FORMAT, LK) * x_even[None, :, :]
+                 + code_values((p & 0xF).to(tl.int32), z3, code_ptr, FORMAT, LK) * x_odd[None, :, :])
         acc += tl.sum(tl.sum(t, axis=2) * scale, axis=1)
     out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(out_ptr + pid_s * stride_os + out_n * stride_on, acc.to(out_ptr.dtype.element_ty),
@@ -217,12 +222,13 @@ CANDIDATES_M16 = [
     _cand(32, 256, 2, 4, 1, 8),
     _cand(32, 256, 1, 4, 1, 4),
 ]
-# NF4 weights with bf16 x add LOOKUP=3 (the byte-permute decoder of _tile.py) in the tl.dot
-# kernel, swapped (acc = W_tile @ x.T: the decoded W is the register operand of the tensor-core
-# instruction), also at M = 1. On an H100 (BENCHMARKS.md) the tuner picked it at M = 16 for
-# 11008x4096 and 4096x11008 (27 / 28 us in a graph, LOOKUP 2 had 37 / 33), while at M = 1 the
-# gemv kernel stayed ahead on all three LLaMA shapes (12.2 / 24.9 / 26.3 against 13.7 / 25.6 / 26.8).
-PRMT_CANDIDATES = [_cand(64, 256, 3, 4, 1, 8, swap=1), _cand(64, 128, 3, 4, 3, 8, swap=1)]
+# NF4 weights with bf16 x add LOOKUP=3 (the byte-permute decoder of _tile.py). At M = 1 in the
+# gemv kernel (unscaled bf16 code values, float32 products), on its best tilings; for 1 < M <= 16
+# in the tl.dot kernel, swapped (acc = W_tile @ x.T: the decoded W is the register operand of the
+# tensor-core instruction): on an H100 the tuner picked it at M = 16 for 11008x4096 and
+# 4096x11008 (27 / 28 us in a graph, LOOKUP 2 had 37 / 33; BENCHMARKS.md).
+PRMT_CANDIDATES_M1 = [_cand(16, 128, 3, 1, 1, 32), _cand(8, 256, 3, 1, 1, 32), _cand(4, 512, 3, 1, 1, 16)]
+PRMT_CANDIDATES_M16 = [_cand(64, 256, 3, 4, 1, 8, swap=1), _cand(64, 128, 3, 4, 3, 8, swap=1)]
 # Small enough for the interpreter; SPLIT_K = 2 so that the tests exercise the reduction.
 # (LOOKUP 2, the tl.gather table, is for tl.dot; the M = 1 kernel takes it as 0.)
 INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "LOOKUP": 2, "SPLIT_K": 2}
@@ -261,7 +267,7 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     if block_k % qb and qb % block_k:
         raise ValueError(f"BLOCK_K {block_k} and the block size {qb} must divide one another")
     check_lookup(meta.get("LOOKUP"), fmt, x.dtype)
-    gemv = m == 1 and meta.get("LOOKUP") != 3  # the prmt decoder feeds tl.dot
+    gemv = m == 1
     if gemv:
         block_k = meta["BLOCK_K"] = max(block_k, qb)  # whole quantization blocks per step
     if split_k is None:
@@ -282,7 +288,8 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
                  and x.storage_offset() % 2 == 0)
         x_arg = x.reshape(k).view(torch.int32) if pairs else x
         gemv_kernel[grid](x_arg, *tensors, out, n, k, kp, tensors[0].stride(0), k_per_split,
-                          x.stride(1), stride_os, stride_on, XPAIR=int(pairs), **consts)
+                          x.stride(1), stride_os, stride_on, XPAIR=int(pairs),
+                          ASM=int(not interpreting()), **consts)
     else:
         skinny_matmul_kernel[grid](
             x, *tensors, out, m, n, k, kp, tensors[0].stride(0), k_per_split,
@@ -344,7 +351,7 @@ def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
         if config is None:
             candidates = CANDIDATES_M1 if m == 1 else CANDIDATES_M16
             if prmt_ok(fmt, x.dtype):
-                candidates = candidates + PRMT_CANDIDATES
+                candidates = candidates + (PRMT_CANDIDATES_M1 if m == 1 else PRMT_CANDIDATES_M16)
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 return _launch(x, w, candidates[0], *args)  # no timing inside a capture
             config = _chosen[key] = _tune(x, w, candidates, args)

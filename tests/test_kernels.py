@@ -182,6 +182,19 @@ def test_prmt_decoder_bit_exact(fmt, shape):
     assert ((expected.float() - w32).abs() <= 3.05 * 2.0**-8 * w32.abs()).all()
 
 
+@pytest.mark.parametrize("fmt", ["nf4", "nf4dq", "nf4dq32"])
+def test_prmt_decoder_in_the_m1_kernel(fmt):
+    """LOOKUP=3 in the M = 1 kernel (no tl.dot: the interpreter runs it in bf16): bf16 code
+    values (one rounding, u relative, as the skinny bound of the module docstring allows) times
+    the float32 absmax, against the float64 product."""
+    qw = make_weight(fmt, 72, 100, seed=31)
+    x = gaussian(1, 100, seed=32, dtype=torch.bfloat16)
+    for block_k in (64, 256):
+        cfg = {"BLOCK_N": 16, "BLOCK_K": block_k, "LOOKUP": 3, "SPLIT_K": 2}
+        assert_matmul_close(kernels.skinny_matmul(x, qw, config=cfg), x,
+                            quant.dequantize(qw, torch.float64).t(), torch.bfloat16)
+
+
 def test_prmt_decoder_only_for_nf4_bf16():
     x = gaussian(3, 128, dtype=torch.float16)
     with pytest.raises(ValueError, match="LOOKUP=3 needs an NF4 weight and bfloat16"):
@@ -558,8 +571,12 @@ def test_gpu_prmt_decoder_every_config(n, k):
     w = prmt_weight(qw)
     for m in (1, 7, 16, 40, 512):
         x = gaussian(m, k, seed=49 + m, dtype=dtype)
-        if m <= 16:
-            for cfg in sk.PRMT_CANDIDATES:
+        if m == 1:  # the gemv kernel: bf16 code values times the float32 absmax
+            for cfg in sk.PRMT_CANDIDATES_M1:
+                assert_matmul_close(kernels.skinny_matmul(x, qw, config=cfg), x,
+                                    quant.dequantize(qw, torch.float64).t(), dtype)
+        elif m <= 16:
+            for cfg in sk.PRMT_CANDIDATES_M16:
                 assert_matmul_close(kernels.skinny_matmul(x, qw, config=cfg), x, w.t(), dtype)
         if m >= 16:
             for cfg in fm.PRMT_LARGE_M_CONFIGS[:1] + fm.PRMT_SMALL_M_CONFIGS[:1]:
