@@ -27,10 +27,11 @@ LOOKUP 0 (gather from the 64-byte table, in L1) or 1 (select tree); 2 means 0 he
 other kernels, the weight is *not* rounded to x's dtype before multiplying (no tensor cores
 here), so y differs from x @ quant.dequantize(w, x.dtype).T by that rounding (relative 2^-9 per
 product in bf16, averaging out over K); the tests bound it.
-What limits it (H100, BENCHMARKS.md): about 10 instructions per weight (byte extraction, shift
-and mask, 64-bit table address, the lookup, the FMA) and the per-weight table gathers through
-L1; all tile shapes tried land within 10% of each other at 25-28 us for 11008 x 4096, about
-30% of HBM bandwidth. A variant that read W as 32-bit words with constant shifts issued fewer
+What limits it (H100, BENCHMARKS.md): with LOOKUP 0, about 10 instructions per weight (byte
+extraction, shift and mask, 64-bit table address, the lookup, the FMA) and the per-weight table
+gathers through L1; all tile shapes tried land within 10% of each other at 25-28 us for
+11008 x 4096, about 30% of HBM bandwidth. LOOKUP 3 (byte permutes, bf16 code values; NF4 with
+bf16 x) issues about 6.6 per weight and runs in 18.9 us there, 37%. A variant that read W as 32-bit words with constant shifts issued fewer
 instructions (6 per weight in the sm_90 assembly) yet ran slower (33 us) and was dropped.
 1 < M <= 16 (skinny_matmul_kernel): the dequantized tile (rounded to x's dtype) goes through tl.dot
 with x padded to 16 rows, float32 accumulation; equal to the reference up to accumulation order.
@@ -223,7 +224,8 @@ CANDIDATES_M16 = [
     _cand(32, 256, 1, 4, 1, 4),
 ]
 # NF4 weights with bf16 x add LOOKUP=3 (the byte-permute decoder of _tile.py). At M = 1 in the
-# gemv kernel (unscaled bf16 code values, float32 products), on its best tilings; for 1 < M <= 16
+# gemv kernel (unscaled bf16 code values, float32 products), on its best tilings: 10.0 / 18.9 /
+# 19.6 us in a graph on an H100 against 12.2 / 24.9 / 26.3 with LOOKUP 0; for 1 < M <= 16
 # in the tl.dot kernel, swapped (acc = W_tile @ x.T: the decoded W is the register operand of the
 # tensor-core instruction): on an H100 the tuner picked it at M = 16 for 11008x4096 and
 # 4096x11008 (27 / 28 us in a graph, LOOKUP 2 had 37 / 33; BENCHMARKS.md).
