@@ -265,6 +265,26 @@ def _table_byte(tab, n, word0):
 
 
 @triton.jit
+def nf4_code_pairs(p, code_ptr, ASM: tl.constexpr):
+    """uint8 p -> int32 of the same shape: bf16(code[low nibble]) << 16 | bf16(code[high nibble]),
+    unscaled (LOOKUP=3 for the M = 1 kernel, which turns the halves into float32 by shifts)."""
+    tab = code_ptr.to(tl.pointer_type(tl.int32)) + 16
+    if ASM:
+        words = tl.inline_asm_elementwise(
+            NF4_PRMT_CODES_ASM, NF4_PRMT_CODES_CONSTRAINTS,
+            [p, _table_word(tab, 0), _table_word(tab, 1), _table_word(tab, 2), _table_word(tab, 3),
+             _table_word(tab, 4), _table_word(tab, 5), _table_word(tab, 6), _table_word(tab, 7),
+             _table_word(tab, 8)],
+            dtype=tl.int32, is_pure=True, pack=4)
+    else:
+        hi = (p >> 4).to(tl.int32)
+        lo = (p & 0xF).to(tl.int32)
+        words = ((_table_byte(tab, lo, 0) << 24) | (_table_byte(tab, lo, 4) << 16)
+                 | (_table_byte(tab, hi, 0) << 8) | _table_byte(tab, hi, 4))
+    return words
+
+
+@triton.jit
 def nf4_bf16_pairs(p, s2, code_ptr, ASM: tl.constexpr):
     """uint8 p (ROWS, BYTES), int32 s2 (broadcastable to p: bf16 scale bits in both halves) ->
     bf16 (ROWS, 2 BYTES), w = bf16(bf16(code) * bf16(scale)), column 2j from byte j's high nibble.
@@ -286,36 +306,13 @@ def nf4_bf16_pairs(p, s2, code_ptr, ASM: tl.constexpr):
         w_lo = (wpair >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
         scale = (s2 << 16).to(tl.float32, bitcast=True)  # the bf16 scale, exactly
-        hi = (p >> 4).to(tl.int32)
-        lo = (p & 0xF).to(tl.int32)
-        bits_hi = _table_byte(tab, hi, 0) << 8 | _table_byte(tab, hi, 4)
-        bits_lo = _table_byte(tab, lo, 0) << 8 | _table_byte(tab, lo, 4)
-        v_hi = (bits_hi << 16).to(tl.float32, bitcast=True)  # bf16 code value as float32
-        v_lo = (bits_lo << 16).to(tl.float32, bitcast=True)
+        codes = nf4_code_pairs(p, code_ptr, 0)
+        v_hi = (codes << 16).to(tl.float32, bitcast=True)  # bf16 code values as float32
+        v_lo = (codes & -65536).to(tl.float32, bitcast=True)
         # the product of two bf16 is exact in float32: one rounding, as mul.rn.bf16x2
         w_hi = bf16_bits(v_hi * scale).to(tl.int16).to(tl.bfloat16, bitcast=True)
         w_lo = bf16_bits(v_lo * scale).to(tl.int16).to(tl.bfloat16, bitcast=True)
     return tl.interleave(w_hi, w_lo)
-
-
-@triton.jit
-def nf4_code_pairs(p, code_ptr, ASM: tl.constexpr):
-    """uint8 p -> int32 of the same shape: bf16(code[low nibble]) << 16 | bf16(code[high nibble]),
-    unscaled (LOOKUP=3 for the M = 1 kernel, which turns the halves into float32 by shifts)."""
-    tab = code_ptr.to(tl.pointer_type(tl.int32)) + 16
-    if ASM:
-        words = tl.inline_asm_elementwise(
-            NF4_PRMT_CODES_ASM, NF4_PRMT_CODES_CONSTRAINTS,
-            [p, _table_word(tab, 0), _table_word(tab, 1), _table_word(tab, 2), _table_word(tab, 3),
-             _table_word(tab, 4), _table_word(tab, 5), _table_word(tab, 6), _table_word(tab, 7),
-             _table_word(tab, 8)],
-            dtype=tl.int32, is_pure=True, pack=4)
-    else:
-        hi = (p >> 4).to(tl.int32)
-        lo = (p & 0xF).to(tl.int32)
-        words = ((_table_byte(tab, lo, 0) << 24) | (_table_byte(tab, lo, 4) << 16)
-                 | (_table_byte(tab, hi, 0) << 8) | _table_byte(tab, hi, 4))
-    return words
 
 
 @triton.jit
