@@ -72,7 +72,8 @@ _code_tables = {}  # id(code tensor) -> (weak reference to it, its version, code
 
 def code_with_tables(w) -> torch.Tensor:
     """w.code (16 float32) followed by the 12 words of the LOOKUP=3 decoder's byte tables
-    (kernels/_tile.py, stored as float32 bit patterns): the kernels' `code` argument.
+    (kernels/_tile.py) and the 256 code pairs of skinny_mma's table, stored as float32 bit
+    patterns: the kernels' `code` argument.
 
     Built on the code's device with tensor ops (no copy to the host, so no synchronization) and
     cached per code tensor (weights usually share one): build it outside CUDA-graph capture (any
@@ -87,6 +88,11 @@ def code_with_tables(w) -> torch.Tensor:
     words = torch.cat([((bits >> 8).view(4, 4) << shifts).sum(1),     # high bytes: 4 words
                        ((bits & 0xFF).view(4, 4) << shifts).sum(1),   # low bytes: 4 words
                        torch.tensor([0x01010101, 0, 0, 0], device=bits.device)])
+    # the 256 byte pairs (skinny_mma's shared-memory table): byte b -> bf16(code[b & 15]) << 16
+    # | bf16(code[b >> 4]), the two weights of a packed byte as one bf16x2 word
+    b = torch.arange(256, device=bits.device)
+    pairs = (bits[b & 15] << 16) | bits[b >> 4]
+    words = torch.cat([words, pairs])
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     ext = torch.cat([code.detach().float(), words.view(torch.float32)])
     _code_tables[id(code)] = (weakref.ref(code), code._version, ext)

@@ -202,14 +202,14 @@ def dequantize_tile(p, scale, zero_f, code_ptr,
 # of the weights differ from quant.dequantize's bf16 by one ulp (NF4's own error is 9%).
 # Operands: $0-$3 the 4 output words, $4 the 4 bytes, $5-$8 their scale pairs (bf16 scale in
 # both halves), then the 9 table words, each 4 times (pack=4 repeats every argument): $9 + 4 i.
-def _nf4_prmt_asm(scaled: bool) -> str:
-    first_tab = 9 if scaled else 5  # the unscaled variant has no scale operands
-    h = [f"${first_tab + 4 * i}" for i in range(4)]
-    lo = [f"${first_tab + 16 + 4 * i}" for i in range(4)]
-    one = f"${first_tab + 32}"
-    lines = ["{", ".reg .b32 c<2>, x<2>, t, m, a, b, h, l;",
-             "mov.b32 c0, $4;", "shr.b32 c1, $4, 16;",       # codes of bytes 0-1, 2-3
-             "xor.b32 x0, $4, 0x88888888;", "shr.b32 x1, x0, 16;"]  # the same, bit 3 flipped
+def prmt_decode_lines(src: str, outs, tab) -> list:
+    """PTX lines decoding the 4 bytes of the 32-bit register `src` into the 4 registers `outs`
+    (out i = bf16(code[low nibble of byte i]) << 16 | bf16(code[high nibble])), unscaled.
+    tab: the 9 table operands (4 high-byte words, 4 low-byte words, 0x01010101). Temporaries
+    c<2>, x<2>, t, m, a, b, h, l (.b32) must be declared by the caller."""
+    h, lo, one = tab[0:4], tab[4:8], tab[8]
+    lines = [f"mov.b32 c0, {src};", f"shr.b32 c1, {src}, 16;",          # codes of bytes 0-1, 2-3
+             f"xor.b32 x0, {src}, 0x88888888;", "shr.b32 x1, x0, 16;"]  # the same, bit 3 flipped
     for i in range(2):
         lines += [
             f"prmt.b32 t, {one}, {one}, c{i};",                # 0x01 where code < 8, else 0
@@ -222,12 +222,21 @@ def _nf4_prmt_asm(scaled: bool) -> str:
             "lop3.b32 l, a, b, m, 0xD8;",
             # input byte j holds codes (column 2j: high nibble, 2j+1: low nibble); its output
             # word is bf16(column 2j+1) << 16 | bf16(column 2j), its bytes picked from l and h
-            f"prmt.b32 ${2 * i}, l, h, 0x4051;",
-            f"prmt.b32 ${2 * i + 1}, l, h, 0x6273;",
+            f"prmt.b32 {outs[2 * i]}, l, h, 0x4051;",
+            f"prmt.b32 {outs[2 * i + 1]}, l, h, 0x6273;",
         ]
-        if scaled:
-            lines += [f"mul.rn.bf16x2 ${2 * i}, ${2 * i}, ${5 + 2 * i};",
-                      f"mul.rn.bf16x2 ${2 * i + 1}, ${2 * i + 1}, ${6 + 2 * i};"]
+    return lines
+
+
+PRMT_TEMPS = ".reg .b32 c<2>, x<2>, t, m, a, b, h, l;"
+
+
+def _nf4_prmt_asm(scaled: bool) -> str:
+    first_tab = 9 if scaled else 5  # the unscaled variant has no scale operands
+    tab = [f"${first_tab + 4 * i}" for i in range(9)]
+    lines = ["{", PRMT_TEMPS] + prmt_decode_lines("$4", ["$0", "$1", "$2", "$3"], tab)
+    if scaled:
+        lines += [f"mul.rn.bf16x2 ${i}, ${i}, ${5 + i};" for i in range(4)]
     lines.append("}")
     return "\n".join(lines)
 

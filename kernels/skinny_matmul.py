@@ -54,6 +54,7 @@ import triton.testing
 import triton.language as tl
 
 from ._launch import check_activation, check_lookup, interpreting, prmt_ok, split_config, weight_args
+from . import skinny_mma
 from ._tile import code_values, dequantize_tile, dequantize_tile_prmt, load_block_scales, nf4_code_pairs
 
 
@@ -231,6 +232,17 @@ CANDIDATES_M16 = [
 # 4096x11008 (27 / 28 us in a graph, LOOKUP 2 had 37 / 33; BENCHMARKS.md).
 PRMT_CANDIDATES_M1 = [_cand(16, 128, 3, 1, 1, 32), _cand(8, 256, 3, 1, 1, 32), _cand(4, 512, 3, 1, 1, 16)]
 PRMT_CANDIDATES_M16 = [_cand(64, 256, 3, 4, 1, 8, swap=1), _cand(64, 128, 3, 4, 3, 8, swap=1)]
+
+
+def _mma_cand(warps, per_sm, lut):
+    return {"MMA": 1, "LUT": lut, "num_warps": warps, "PROGRAMS_PER_SM": per_sm}
+
+
+# skinny_mma_kernel (tensor cores; NF4 with block 64, bf16 x, K a multiple of 64): the best of
+# a sweep on an H100 (BENCHMARKS.md). At M = 1 the shared-memory table (LUT 1) in large programs
+# (16 rows per warp); at M = 16 the byte permutes (LUT 0).
+MMA_CANDIDATES_M1 = [_mma_cand(8, 2, 1), _mma_cand(16, 2, 1), _mma_cand(16, 1, 1), _mma_cand(4, 4, 1)]
+MMA_CANDIDATES_M16 = [_mma_cand(2, 8, 0), _mma_cand(4, 4, 0), _mma_cand(8, 2, 1)]
 # Small enough for the interpreter; SPLIT_K = 2 so that the tests exercise the reduction.
 # (LOOKUP 2, the tl.gather table, is for tl.dot; the M = 1 kernel takes it as 0.)
 INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "LOOKUP": 2, "SPLIT_K": 2}
@@ -260,16 +272,30 @@ def split_k_for(n: int, kp: int, block_n: int, block_k: int, programs: int) -> i
     return triton.cdiv(k_steps, steps_per_split)
 
 
+def mma_ok(x, fmt, k, kp, qb) -> bool:
+    """skinny_mma_kernel's needs: NF4 with block 64, no padding of K, bf16 x with unit column
+    stride, rows (if several) and start 8-byte aligned (it reads x 8 bytes at a time)."""
+    return (prmt_ok(fmt, x.dtype) and qb == skinny_mma.QBLOCK and k == kp and x.stride(1) == 1
+            and (x.shape[0] == 1 or x.stride(0) % 4 == 0) and x.data_ptr() % 8 == 0)
+
+
 def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     m, n, k = x.shape[0], w.out_features, w.in_features
     meta, opts = split_config(config)
     per_sm = meta.pop("PROGRAMS_PER_SM", 4)
     split_k = meta.pop("SPLIT_K", None)
-    block_n, block_k = meta["BLOCK_N"], meta["BLOCK_K"]
-    if block_k % qb and qb % block_k:
-        raise ValueError(f"BLOCK_K {block_k} and the block size {qb} must divide one another")
-    check_lookup(meta.get("LOOKUP"), fmt, x.dtype)
-    gemv = m == 1
+    mma = meta.pop("MMA", 0)
+    if mma:
+        if not mma_ok(x, fmt, k, kp, qb):
+            raise ValueError("the MMA kernel needs an NF4 weight with block size 64 and K a multiple "
+                             "of 64, and bf16 x with contiguous, 8-byte aligned rows")
+        block_n, block_k = 16 * opts.get("num_warps", 4), qb
+    else:
+        block_n, block_k = meta["BLOCK_N"], meta["BLOCK_K"]
+        if block_k % qb and qb % block_k:
+            raise ValueError(f"BLOCK_K {block_k} and the block size {qb} must divide one another")
+        check_lookup(meta.get("LOOKUP"), fmt, x.dtype)
+    gemv = m == 1 and not mma
     if gemv:
         block_k = meta["BLOCK_K"] = max(block_k, qb)  # whole quantization blocks per step
     if split_k is None:
@@ -284,7 +310,13 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     stride_om, stride_on = (y.stride(0), y.stride(1)) if split_k == 1 else (out.stride(1), out.stride(2))
     grid = (triton.cdiv(n, block_n), split_k)
     consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, **meta, **opts)
-    if gemv:
+    if mma:
+        skinny_mma.skinny_mma_kernel[grid](
+            x, *tensors, out, m, n, tensors[0].stride(0), x.stride(0) if m > 1 else 0,
+            kp // qb, k_per_split // qb, stride_os, stride_om, FORMAT=fmt, DQ_BLOCK=dq_block,
+            WARPS=opts.get("num_warps", 4), TILES=1 if m <= 8 else 2, LUT=meta.get("LUT", 0),
+            ASM=int(not interpreting()), **opts)
+    elif gemv:
         # x as 32-bit pairs where it is contiguous bf16 with an even start
         pairs = (x.dtype == torch.bfloat16 and x.stride(1) == 1 and k % 2 == 0
                  and x.storage_offset() % 2 == 0)
@@ -328,8 +360,9 @@ def chosen_config(x, w):
 
 
 def _key(x, w):
+    aligned = x.stride(1) == 1 and x.data_ptr() % 8 == 0 and (x.shape[0] == 1 or x.stride(0) % 4 == 0)
     return (w.out_features, w.in_features, w.quant_type, w.double_quant, w.block_size,
-            x.shape[0] == 1, x.dtype, x.device)
+            x.shape[0] == 1, x.dtype, x.device, aligned)  # aligned: whether mma_ok may hold
 
 
 def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
@@ -354,6 +387,8 @@ def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
             candidates = CANDIDATES_M1 if m == 1 else CANDIDATES_M16
             if prmt_ok(fmt, x.dtype):
                 candidates = candidates + (PRMT_CANDIDATES_M1 if m == 1 else PRMT_CANDIDATES_M16)
+            if mma_ok(x, fmt, w.in_features, kp, qb):
+                candidates = candidates + (MMA_CANDIDATES_M1 if m == 1 else MMA_CANDIDATES_M16)
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 return _launch(x, w, candidates[0], *args)  # no timing inside a capture
             config = _chosen[key] = _tune(x, w, candidates, args)

@@ -204,6 +204,45 @@ def test_prmt_decoder_only_for_nf4_bf16():
                            config={"BLOCK_R": 16, "BLOCK_C": 128, "LOOKUP": 3})
 
 
+MMA_CONFIGS = [{"MMA": 1, "LUT": lut, "num_warps": w, "SPLIT_K": s}
+               for lut, w, s in [(0, 1, 1), (1, 2, 2), (0, 1, 3), (1, 1, 2)]]
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "nf4dq"])
+@pytest.mark.parametrize("m", [1, 3, 8, 11, 16])
+def test_mma_kernel_equals_reference(fmt, m):
+    """skinny_mma (tensor cores, M <= 16): N = 40 (a partial warp of 16 rows), 1-3 splits of K
+    (3 blocks), M up to 8 (one mma) and up to 16 (two). On the CPU the kernel's plain statement
+    (ASM=0), on the GPU the PTX with both decoders. bf16 code values times the absmax: the bound
+    of the M = 1 kernel (module docstring), against the float64 product."""
+    qw = make_weight(fmt, 40, 192, seed=50)
+    x = gaussian(m, 192, seed=51 + m, dtype=torch.bfloat16)
+    w64 = quant.dequantize(qw, torch.float64).t()
+    for cfg in MMA_CONFIGS:
+        assert_matmul_close(kernels.skinny_matmul(x, qw, config=cfg), x, w64, torch.bfloat16)
+
+
+def test_mma_kernel_refuses_what_it_cannot_do():
+    """NF4 with block 64, K a multiple of 64, bf16 x in 8-byte aligned rows: anything else is a
+    clear error with an explicit config, and the tuner does not offer the kernel."""
+    cfg = MMA_CONFIGS[0]
+    x = gaussian(2, 192, seed=52, dtype=torch.bfloat16)
+    for qw in (make_weight("int4", 40, 192), make_weight("nf4dq32", 40, 192)):
+        with pytest.raises(ValueError, match="MMA kernel needs"):
+            kernels.skinny_matmul(x, qw, config=cfg)
+    qw = make_weight("nf4", 40, 192)
+    with pytest.raises(ValueError, match="MMA kernel needs"):
+        kernels.skinny_matmul(x.half(), qw, config=cfg)
+    with pytest.raises(ValueError, match="MMA kernel needs"):
+        kernels.skinny_matmul(gaussian(2, 100, dtype=torch.bfloat16), make_weight("nf4", 40, 100),
+                              config=cfg)  # K = 100, padded to 128
+    wide = gaussian(2, 193, seed=53, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="MMA kernel needs"):
+        kernels.skinny_matmul(wide[:, 1:], qw, config=cfg)  # rows start 2 bytes past alignment
+    sk = importlib.import_module("kernels.skinny_matmul")
+    assert not sk.mma_ok(wide[:, 1:], 0, 192, 192, 64) and sk.mma_ok(x, 0, 192, 192, 64)
+
+
 def fixed_config_or_default():
     return importlib.import_module("kernels.fused_matmul").INTERPRETER_CONFIG
 
@@ -569,7 +608,7 @@ def test_gpu_prmt_decoder_every_config(n, k):
     dtype = torch.bfloat16
     qw = quant.quantize_nf4(gaussian(n, k, seed=48, dtype=dtype) * 0.02)
     w = prmt_weight(qw)
-    for m in (1, 7, 16, 40, 512):
+    for m in (1, 7, 9, 16, 40, 512):
         x = gaussian(m, k, seed=49 + m, dtype=dtype)
         if m == 1:  # the gemv kernel: bf16 code values times the float32 absmax
             for cfg in sk.PRMT_CANDIDATES_M1:
@@ -578,6 +617,10 @@ def test_gpu_prmt_decoder_every_config(n, k):
         elif m <= 16:
             for cfg in sk.PRMT_CANDIDATES_M16:
                 assert_matmul_close(kernels.skinny_matmul(x, qw, config=cfg), x, w.t(), dtype)
+        if m <= 16:  # skinny_mma (both decoders): bf16 code values, like the gemv kernel
+            for cfg in sk.MMA_CANDIDATES_M1 + sk.MMA_CANDIDATES_M16:
+                assert_matmul_close(kernels.skinny_matmul(x, qw, config=cfg), x,
+                                    quant.dequantize(qw, torch.float64).t(), dtype)
         if m >= 16:
             for cfg in fm.PRMT_LARGE_M_CONFIGS[:1] + fm.PRMT_SMALL_M_CONFIGS[:1]:
                 assert_matmul_close(kernels.fused_matmul(x, qw, config=config_dict(cfg)), x, w.t(), dtype)

@@ -1,0 +1,310 @@
+"""Decoding on tensor cores: y = x @ W.T for M = 1..16 rows of bf16 x and an NF4 W (block 64).
+
+Why: at M = 1 the CUDA-core kernel (skinny_matmul.gemv_kernel) issues about 6.6 instructions per
+weight: 2.9 to decode, then a shift to turn each bf16 code value into float32, an FMA, the sums.
+One warp-wide mma.sync.m16n8k16 multiplies a 16 x 16 tile of bf16 weights by a 16 x 8 tile of x:
+8 weights per thread in one instruction, products and sums in float32 on the tensor cores. The 8
+columns of the mma are 8 rows of x (M <= 8: one mma, M <= 16: two); at M = 1 seven of them
+multiply zeros, at no cost: the tensor cores are idle otherwise.
+
+Math, per output row n and quantization block b (64 columns):
+    d[m, n, b] = sum_{k in b} bf16(code[q[n, k]]) * x[m, k]      (mma, float32)
+    y[m, n] = sum_b absmax[b, n] * d[m, n, b]                      (float32, then rounded to bf16)
+The numbers of the LOOKUP 3 gemv: bf16 code values (one rounding, 2^-9 relative), exact products,
+float32 sums (in another order).
+
+Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16", .bf16): lane = 4 g + t, g in 0..7,
+t in 0..3; every register holds two bf16 of consecutive k (the lower k in the low half):
+    A (16 rows of W x 16 k):  a0 = A[g, 2t:2t+2]    a1 = A[g+8, 2t:2t+2]
+                              a2 = A[g, 2t+8:2t+10] a3 = A[g+8, 2t+8:2t+10]
+    B (16 k x 8 rows of x):   b0 = B[2t:2t+2, g]    b1 = B[2t+8:2t+10, g]
+    D (16 x 8, float32):      d0, d1 = D[g, 2t], D[g, 2t+1]   d2, d3 = D[g+8, 2t], D[g+8, 2t+1]
+A register of A is two consecutive k of one row: exactly one packed byte, decoded. And a sum does
+not care which real k plays which k of the mma, as long as A and B agree, so each thread takes
+contiguous bytes: in block b (32 bytes per row of W) thread t loads bytes 8t..8t+7 of rows g and
+g+8 (one 8-byte load each) and x[m, 64 b + 16t : 64 b + 16t + 16] (four 8-byte loads, m = g);
+mma step s = 0..3 uses its bytes 2s and 2s+1 (k 16t + 4s .. 16t + 4s + 3) as the mma's k 2t, 2t+1
+and 2t+8, 2t+9, and x's 32-bit words 2s, 2s+1 for the same k. Four steps cover the block's 64 k;
+the block sum then meets the absmax of rows g and g+8 (float32 FMA).
+
+Two decoders (meta-parameter LUT), both giving the word bf16(code[low nibble]) << 16 |
+bf16(code[high nibble]) per byte:
+  - LUT=0: the byte permutes of _tile.py (prmt_decode_lines), about 2.9 integer instructions per
+    weight.
+  - LUT=1: a table of the 256 possible bytes in shared memory, one 32-bit load per byte (2
+    weights) and 2 integer instructions for its address. The H100 runs integer instructions at half
+    the float32 rate (64 lanes per clock per SM), and at M = 1 the decode is most of the work, so
+    this is the faster one where the table's fill pays off (large programs, BENCHMARKS.md). The
+    table holds 32 copies, word 32 b + lane = pair of byte b: each lane reads its own bank, so a
+    warp's 32 random lookups never conflict. Triton has no user-managed shared memory; the table
+    is a static .shared array declared in inline PTX (LUT_DECLARE, once per kernel, 32 KB of the
+    48 KB a static allocation may take), filled from code_with_tables' 256 pair words, then a
+    barrier.
+
+Which thread holds which element is decided by the hardware lane, not by Triton's layout: every
+lane-dependent index comes from %tid.x (read with inline PTX) and each (32 * num_warps,) tensor
+has one element per thread. Rows: warp w of program i takes rows 16 (i * WARPS + w) + 0..15 (rows
+past N read row n % N and are not stored). K is split as in skinny_matmul (float32 partials,
+reduced there) so that thousands of warps share the work.
+
+Needs: NF4 (with or without double quantization) with block size 64, K a multiple of 64 (no
+padding), bf16 x with contiguous rows, 8-byte aligned. Inline PTX: CUDA only; in the interpreter
+(ASM=0) each thread computes its four block sums with plain loads and tl.sum instead of the mma,
+the same numbers, to test everything around it (indices, scales, split, stores).
+
+Memory layout: x (M, K) bf16, row stride stride_xm (elements), unit column stride; packed uint8
+(N, K/2) row stride stride_pn; scales (K/64, N); out (SPLIT_K, M, N) float32 partials, or y.
+"""
+
+import triton
+import triton.language as tl
+
+from ._tile import PRMT_TEMPS, _table_word, load_block_scales, nf4_code_pairs, prmt_decode_lines
+
+QBLOCK = 64  # the one block size of this kernel: 4 mma k-steps per block
+
+
+def _mma_asm(tiles: int, lut: bool) -> str:
+    """PTX for one quantization block: decode 16 bytes of W (rows g, g + 8), then 4 k-steps of
+    `tiles` mma each (tile j: x rows 8 j + g). Operands: the 4 `tiles` float32 block sums
+    $0.., then W bytes of row g and g + 8 (two .b64), x (4 `tiles` .b64), then the 9 table
+    words (byte permutes) or, with `lut`, 4 * lane (the shared-memory table)."""
+    n_out = 4 * tiles
+    wa, wb = f"${n_out}", f"${n_out + 1}"
+    xs = [f"${n_out + 2 + i}" for i in range(4 * tiles)]
+    tab = [f"${n_out + 2 + 4 * tiles + i}" for i in range(9)]
+    lines = ["{", PRMT_TEMPS, ".reg .b32 w<4>, p<16>, xw<16>, lut;", ".reg .f32 z;",
+             "mov.f32 z, 0f00000000;", f"mov.b64 {{w0, w1}}, {wa};", f"mov.b64 {{w2, w3}}, {wb};"]
+    lines += [f"mov.b64 {{xw{2 * i}, xw{2 * i + 1}}}, {xs[i]};" for i in range(4 * tiles)]
+    if lut:
+        lines.append(f"mov.u32 lut, {LUT_NAME};")
+    for i in range(4):  # p0..p7: the 8 bytes of row g; p8..p15: row g + 8
+        if not lut:
+            lines += prmt_decode_lines(f"w{i}", [f"p{4 * i + j}" for j in range(4)], tab)
+            continue
+        for j, shift in enumerate(["shl.b32 a, {}, 7;", "shr.b32 a, {}, 1;", "shr.b32 a, {}, 9;",
+                                   "shr.b32 a, {}, 17;"]):
+            lines += [shift.format(f"w{i}"),                   # byte j at bits 7..14: byte * 128
+                      f"lop3.b32 a, a, 0x7F80, {tab[0]}, 0xEA;",  # (a & 0x7F80) | 4 lane
+                      "add.u32 a, a, lut;",                     # (folded into the load by ptxas)
+                      f"ld.shared.b32 p{4 * i + j}, [a];"]
+    for s in range(4):
+        a = f"{{p{2 * s}, p{8 + 2 * s}, p{2 * s + 1}, p{9 + 2 * s}}}"
+        for j in range(tiles):
+            d = "{" + ", ".join(f"${4 * j + i}" for i in range(4)) + "}"
+            c = "{z, z, z, z}" if s == 0 else d
+            b = f"{{xw{8 * j + 2 * s}, xw{8 * j + 2 * s + 1}}}"
+            lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {d}, {a}, {b}, {c};")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+LUT_NAME = "nf4_pair_lut"
+LUT_SIZE = 256 * 32  # words: 256 byte values x 32 copies (one per lane: no bank conflicts), 32 KB
+LUT_WORDS = tl.constexpr(LUT_SIZE)
+LUT_DECLARE: tl.constexpr = tl.constexpr(
+    f".shared .align 16 .b32 {LUT_NAME}[{LUT_SIZE}];\nmov.u32 $0, {LUT_NAME};")
+MMA_LUT_ASM_1: tl.constexpr = tl.constexpr(_mma_asm(1, True))
+MMA_LUT_CONSTRAINTS_1: tl.constexpr = tl.constexpr(",".join(["=f"] * 4 + ["l"] * 6 + ["r"]))
+MMA_LUT_ASM_2: tl.constexpr = tl.constexpr(_mma_asm(2, True))
+MMA_LUT_CONSTRAINTS_2: tl.constexpr = tl.constexpr(",".join(["=f"] * 8 + ["l"] * 10 + ["r"]))
+MMA_ASM_1: tl.constexpr = tl.constexpr(_mma_asm(1, False))
+MMA_CONSTRAINTS_1: tl.constexpr = tl.constexpr(",".join(["=f"] * 4 + ["l"] * 6 + ["r"] * 9))
+MMA_ASM_2: tl.constexpr = tl.constexpr(_mma_asm(2, False))
+MMA_CONSTRAINTS_2: tl.constexpr = tl.constexpr(",".join(["=f"] * 8 + ["l"] * 10 + ["r"] * 9))
+
+
+@triton.jit
+def _thread_ids(T: tl.constexpr, ASM: tl.constexpr):
+    """(T,) int32, one element per thread: the CUDA thread index of the thread holding it."""
+    ids = tl.arange(0, T)
+    if ASM:
+        ids = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [ids], dtype=tl.int32,
+                                        is_pure=True, pack=1)
+    return ids
+
+
+@triton.jit
+def _block_sum_plain(packed_ptr, code_ptr, x_ptr, row, col, b, M, stride_pn, stride_xm):
+    """The interpreter's stand-in for the mma: per element, sum over block b of
+    bf16(code[q[row, k]]) * x[col, k] in float32 (x rows col >= M are zeros)."""
+    j = tl.arange(0, QBLOCK // 2)
+    p = tl.load(packed_ptr + row[:, None] * stride_pn + b * (QBLOCK // 2) + j[None, :])
+    pairs = nf4_code_pairs(p, code_ptr, 0)
+    xp = x_ptr + col[:, None] * stride_xm + b * QBLOCK + 2 * j[None, :]
+    ok = (col < M)[:, None]
+    x_even = tl.load(xp, mask=ok, other=0.0).to(tl.float32)
+    x_odd = tl.load(xp + 1, mask=ok, other=0.0).to(tl.float32)
+    return tl.sum((pairs << 16).to(tl.float32, bitcast=True) * x_even
+                  + (pairs & -65536).to(tl.float32, bitcast=True) * x_odd, axis=1)
+
+
+@triton.jit
+def _scales(scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr, b, ra, rb, N,
+            FORMAT: tl.constexpr, DQ_BLOCK: tl.constexpr):
+    """absmax of rows ra and rb in block b."""
+    sa, _ = load_block_scales(scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
+                              b, ra, ra >= 0, N, FORMAT, DQ_BLOCK)
+    sb, _ = load_block_scales(scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
+                              b, rb, rb >= 0, N, FORMAT, DQ_BLOCK)
+    return sa, sb
+
+
+@triton.jit
+def _load_x(x_ptrs, x_ok, b):
+    """This thread's 16 bf16 of one x row in block b, as four 8-byte words (zeros past M)."""
+    p = x_ptrs + 16 * b
+    return (tl.load(p, mask=x_ok, other=0), tl.load(p + 1, mask=x_ok, other=0),
+            tl.load(p + 2, mask=x_ok, other=0), tl.load(p + 3, mask=x_ok, other=0))
+
+
+@triton.jit
+def _load_words(wa_ptrs, wb_ptrs, xa_ptrs, xa_ok, b):
+    """This thread's 8 bytes of W rows g and g + 8 in block b, and its x words of the first tile."""
+    wa = tl.load(wa_ptrs + 4 * b)
+    wb = tl.load(wb_ptrs + 4 * b)
+    x0, x1, x2, x3 = _load_x(xa_ptrs, xa_ok, b)
+    return wa, wb, x0, x1, x2, x3
+
+
+@triton.jit
+def _st_shared(addr, value):
+    """Store value (int32) at the shared-memory address addr (one per thread)."""
+    tl.inline_asm_elementwise("st.shared.b32 [$1], $2;\nmov.u32 $0, 0;", "=r,r,r", [addr, value],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _store(out_ptr, acc, m, n, M, N, stride_om):
+    tl.store(out_ptr + m * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=(m < M) & (n < N))
+
+
+@triton.jit
+def skinny_mma_kernel(
+    x_ptr, packed_ptr, scales_ptr, zeros_ptr, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, out_ptr,
+    M, N, stride_pn, stride_xm, NBLOCKS, BLOCKS_PER_SPLIT, stride_os, stride_om,
+    FORMAT: tl.constexpr, DQ_BLOCK: tl.constexpr, WARPS: tl.constexpr, TILES: tl.constexpr,
+    LUT: tl.constexpr = 0, ASM: tl.constexpr = 1,
+):
+    """out[s, m, n] = sum over the blocks of split s of absmax * (mma block sum); TILES = 1 for
+    M <= 8, 2 for M <= 16 (x rows 8..15 in a second mma)."""
+    T: tl.constexpr = 32 * WARPS
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    tid = _thread_ids(T, ASM)
+    g = tid % 32 // 4
+    t = tid % 4
+    row = pid_n * (16 * WARPS) + tid // 32 * 16 + g  # this thread's rows: row and row + 8
+    ra = row % N
+    rb = (row + 8) % N
+    b_begin = pid_s * BLOCKS_PER_SPLIT
+    b_end = min(b_begin + BLOCKS_PER_SPLIT, NBLOCKS)
+    # 8-byte words: W row r, block b, thread t at byte 32 b + 8 t; x row m, block b, thread t at
+    # element 64 b + 16 t (both strides are multiples of 8 bytes: the launcher checks)
+    w64 = packed_ptr.to(tl.pointer_type(tl.int64))
+    wa_ptrs = w64 + ra * (stride_pn // 8) + t
+    wb_ptrs = w64 + rb * (stride_pn // 8) + t
+    x64 = x_ptr.to(tl.pointer_type(tl.int64))
+    xa_ptrs = x64 + g * (stride_xm // 4) + 4 * t
+    xb_ptrs = xa_ptrs + 8 * (stride_xm // 4)
+    xa_ok = g < M
+    xb_ok = g + 8 < M
+    if ASM:
+        tab = code_ptr.to(tl.pointer_type(tl.int32)) + 16
+        if LUT:  # fill the shared-memory table: word 32 b + lane = pair of byte value b
+            lut = tl.inline_asm_elementwise(LUT_DECLARE, "=r,r", [tid], dtype=tl.int32,
+                                            is_pure=True, pack=1)
+            for i in range(LUT_WORDS // T):
+                wi = i * T + tid
+                _st_shared(lut + 4 * wi, tl.load(tab + 12 + wi // 32))
+            tl.debug_barrier()
+            tw0 = tid % 32 * 4
+        else:  # the decoder's 9 table words (_tile.py), in registers for the whole loop
+            tw0, tw1, tw2 = _table_word(tab, 0), _table_word(tab, 1), _table_word(tab, 2)
+            tw3, tw4, tw5 = _table_word(tab, 3), _table_word(tab, 4), _table_word(tab, 5)
+            tw6, tw7, tw8 = _table_word(tab, 6), _table_word(tab, 7), _table_word(tab, 8)
+    acc0 = tl.zeros((T,), dtype=tl.float32)
+    acc1 = tl.zeros((T,), dtype=tl.float32)
+    acc2 = tl.zeros((T,), dtype=tl.float32)
+    acc3 = tl.zeros((T,), dtype=tl.float32)
+    acc4 = tl.zeros((T,), dtype=tl.float32)
+    acc5 = tl.zeros((T,), dtype=tl.float32)
+    acc6 = tl.zeros((T,), dtype=tl.float32)
+    acc7 = tl.zeros((T,), dtype=tl.float32)
+    # Loads run one block ahead (software pipelining by hand): those of block b + 1 are in flight
+    # while block b is decoded and multiplied. (On the H100 this changed the byte-permute
+    # variant's times by a few percent either way: the decode, not memory, is what limits it.)
+    # (the last block loads itself again as its "next": no masks, every address in bounds)
+    sa, sb = _scales(scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr, b_begin, ra, rb, N,
+                     FORMAT, DQ_BLOCK)
+    if ASM:
+        wa, wb, x0, x1, x2, x3 = _load_words(wa_ptrs, wb_ptrs, xa_ptrs, xa_ok, b_begin)
+        x4, x5, x6, x7 = x0, x1, x2, x3
+        if TILES == 2:
+            x4, x5, x6, x7 = _load_x(xb_ptrs, xb_ok, b_begin)
+    for b in range(b_begin, b_end):
+        b_next = min(b + 1, b_end - 1)
+        sa_next, sb_next = _scales(scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
+                                   b_next, ra, rb, N, FORMAT, DQ_BLOCK)
+        if ASM:
+            wa_next, wb_next, x0_next, x1_next, x2_next, x3_next = _load_words(
+                wa_ptrs, wb_ptrs, xa_ptrs, xa_ok, b_next)
+            if LUT:
+                if TILES == 1:
+                    d0, d1, d2, d3 = tl.inline_asm_elementwise(
+                        MMA_LUT_ASM_1, MMA_LUT_CONSTRAINTS_1, [wa, wb, x0, x1, x2, x3, tw0],
+                        dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+                else:
+                    x4_next, x5_next, x6_next, x7_next = _load_x(xb_ptrs, xb_ok, b_next)
+                    d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+                        MMA_LUT_ASM_2, MMA_LUT_CONSTRAINTS_2,
+                        [wa, wb, x0, x1, x2, x3, x4, x5, x6, x7, tw0],
+                        dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+                    acc4 += sa * d4
+                    acc5 += sa * d5
+                    acc6 += sb * d6
+                    acc7 += sb * d7
+                    x4, x5, x6, x7 = x4_next, x5_next, x6_next, x7_next
+            elif TILES == 1:
+                d0, d1, d2, d3 = tl.inline_asm_elementwise(
+                    MMA_ASM_1, MMA_CONSTRAINTS_1,
+                    [wa, wb, x0, x1, x2, x3, tw0, tw1, tw2, tw3, tw4, tw5, tw6, tw7, tw8],
+                    dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+            else:
+                x4_next, x5_next, x6_next, x7_next = _load_x(xb_ptrs, xb_ok, b_next)
+                d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+                    MMA_ASM_2, MMA_CONSTRAINTS_2,
+                    [wa, wb, x0, x1, x2, x3, x4, x5, x6, x7,
+                     tw0, tw1, tw2, tw3, tw4, tw5, tw6, tw7, tw8],
+                    dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+                acc4 += sa * d4
+                acc5 += sa * d5
+                acc6 += sb * d6
+                acc7 += sb * d7
+                x4, x5, x6, x7 = x4_next, x5_next, x6_next, x7_next
+            wa, wb, x0, x1, x2, x3 = wa_next, wb_next, x0_next, x1_next, x2_next, x3_next
+        else:
+            d0 = _block_sum_plain(packed_ptr, code_ptr, x_ptr, ra, 2 * t, b, M, stride_pn, stride_xm)
+            d1 = _block_sum_plain(packed_ptr, code_ptr, x_ptr, ra, 2 * t + 1, b, M, stride_pn, stride_xm)
+            d2 = _block_sum_plain(packed_ptr, code_ptr, x_ptr, rb, 2 * t, b, M, stride_pn, stride_xm)
+            d3 = _block_sum_plain(packed_ptr, code_ptr, x_ptr, rb, 2 * t + 1, b, M, stride_pn, stride_xm)
+            if TILES == 2:
+                acc4 += sa * _block_sum_plain(packed_ptr, code_ptr, x_ptr, ra, 8 + 2 * t, b, M, stride_pn, stride_xm)
+                acc5 += sa * _block_sum_plain(packed_ptr, code_ptr, x_ptr, ra, 9 + 2 * t, b, M, stride_pn, stride_xm)
+                acc6 += sb * _block_sum_plain(packed_ptr, code_ptr, x_ptr, rb, 8 + 2 * t, b, M, stride_pn, stride_xm)
+                acc7 += sb * _block_sum_plain(packed_ptr, code_ptr, x_ptr, rb, 9 + 2 * t, b, M, stride_pn, stride_xm)
+        acc0 += sa * d0
+        acc1 += sa * d1
+        acc2 += sb * d2
+        acc3 += sb * d3
+        sa, sb = sa_next, sb_next
+    out = out_ptr + pid_s * stride_os
+    _store(out, acc0, 2 * t, row, M, N, stride_om)  # D[g, 2t]: x row 2t, W row g
+    _store(out, acc1, 2 * t + 1, row, M, N, stride_om)
+    _store(out, acc2, 2 * t, row + 8, M, N, stride_om)
+    _store(out, acc3, 2 * t + 1, row + 8, M, N, stride_om)
+    if TILES == 2:
+        _store(out, acc4, 8 + 2 * t, row, M, N, stride_om)
+        _store(out, acc5, 9 + 2 * t, row, M, N, stride_om)
+        _store(out, acc6, 8 + 2 * t, row + 8, M, N, stride_om)
+        _store(out, acc7, 9 + 2 * t, row + 8, M, N, stride_om)
