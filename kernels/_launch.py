@@ -83,6 +83,9 @@ def code_with_tables(w) -> torch.Tensor:
     cached = _code_tables.get(id(code))
     if cached is not None and cached[0]() is code and cached[1] == code._version:
         return cached[2]
+    if code.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("the NF4 decoder tables of a weight are built on its first use, which "
+                           "cannot happen inside CUDA-graph capture: call the layer once before")
     bits = code.detach().to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
     shifts = torch.tensor([0, 8, 16, 24], device=bits.device)
     words = torch.cat([((bits >> 8).view(4, 4) << shifts).sum(1),     # high bytes: 4 words

@@ -37,7 +37,9 @@ instructions (6 per weight in the sm_90 assembly) yet ran slower (33 us) and was
 with x padded to 16 rows, float32 accumulation; equal to the reference up to accumulation order.
 For NF4 with bf16 x the candidates also include LOOKUP=3 (the byte-permute decoder of _tile.py,
 W = bf16(bf16(code) * bf16(absmax))) with SWAP=1 (acc = W_tile @ x.T, the decoded W as the
-register operand of the tensor cores), at M = 1 as well: the tuner times them in a graph.
+register operand of the tensor cores), and, for NF4 with block 64, skinny_mma.py (mma.sync on
+decoded bytes, 1 <= M <= 16, launched from here: same split-K and reduction): the tuner times
+them all in a graph.
 
 Config choice: a small list of candidates (CANDIDATES_M1, CANDIDATES_M16) timed once per
 (shape, format, dtype, device) in a CUDA graph (so that the ~20 us of Python launch overhead does

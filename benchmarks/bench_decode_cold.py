@@ -1,0 +1,79 @@
+"""M = 1 decoding with the weight read from HBM, not from L2.
+
+A CUDA graph that replays y = x @ W.T on one weight keeps W in the H100's 50 MB L2 cache (an
+11008x4096 NF4 weight is 22.5 MB), which is not what decoding a model does: every layer's weight
+is read once per token. Here the graph cycles through 8 different weights of the shape (8 x
+22.5 MB > L2) and is compared with the same weight every call, for our tuned skinny kernel, two
+fixed configs, and bitsandbytes.matmul_4bit (if it imports). Microseconds per call (median).
+
+    python benchmarks/bench_decode_cold.py
+"""
+
+import importlib
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import kernels  # noqa: E402
+import quant  # noqa: E402
+from bench_kernels import bench_graph  # noqa: E402
+
+COPIES = 8
+CALLS = 24  # per graph: 3 rounds of the 8 weights
+PEAK_TB_S = 3.35  # H100 SXM HBM3
+
+
+def cycling(fn_of_index):
+    """A function that calls fn_of_index(0), fn_of_index(1), ... modulo COPIES."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % COPIES
+        return fn_of_index(state["i"])
+    return call
+
+
+def main():
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    sk = importlib.import_module("kernels.skinny_matmul")
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bf
+    except Exception as e:  # optional
+        bnb = None
+        print(f"bitsandbytes not usable: {e}")
+    torch.manual_seed(0)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    for n, k in [(4096, 4096), (11008, 4096), (4096, 11008)]:
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(COPIES)]
+        qws = [quant.quantize_nf4(w) for w in ws]
+        bws = None if bnb is None else [bf.quantize_4bit(w, blocksize=64, quant_type="nf4",
+                                                         compress_statistics=True) for w in ws]
+        del ws
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        for q in qws:  # tune, and build each weight's decoder tables, outside the capture
+            kernels.skinny_matmul(x, q)
+        configs = {"tuned": sk.chosen_config(x, qws[0]), "gemv LOOKUP 3": sk.PRMT_CANDIDATES_M1[0],
+                   "mma table": sk.MMA_CANDIDATES_M1[0]}
+        nbytes = qws[0].packed.numel() + qws[0].scales.numel()
+        for name, cfg in configs.items():
+            warm = bench_graph(lambda: kernels.skinny_matmul(x, qws[0], config=cfg), calls=CALLS)
+            cold = bench_graph(cycling(lambda i: kernels.skinny_matmul(x, qws[i], config=cfg)), calls=CALLS)
+            print(f"{n}x{k} {name}: 1 weight {warm:.2f} us, {COPIES} weights {cold:.2f} us "
+                  f"({nbytes / cold / 1e6 / PEAK_TB_S:.0%} of {PEAK_TB_S} TB/s)  {cfg}", flush=True)
+        if bws is not None:
+            warm = bench_graph(lambda: bnb.matmul_4bit(x, bws[0][0].t(), quant_state=bws[0][1]), calls=CALLS)
+            cold = bench_graph(cycling(lambda i: bnb.matmul_4bit(x, bws[i][0].t(), quant_state=bws[i][1])),
+                               calls=CALLS)
+            print(f"{n}x{k} bitsandbytes: 1 weight {warm:.2f} us, {COPIES} weights {cold:.2f} us", flush=True)
+        del qws, bws
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
