@@ -313,10 +313,12 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     grid = (triton.cdiv(n, block_n), split_k)
     consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, **meta, **opts)
     if mma:
+        tiles, lut = (1 if m <= 8 else 2), meta.get("LUT", 0)
         skinny_mma.skinny_mma_kernel[grid](
             x, *tensors, out, m, n, tensors[0].stride(0), x.stride(0) if m > 1 else 0,
             kp // qb, k_per_split // qb, stride_os, stride_om, FORMAT=fmt, DQ_BLOCK=dq_block,
-            WARPS=opts.get("num_warps", 4), TILES=1 if m <= 8 else 2, LUT=meta.get("LUT", 0),
+            WARPS=opts.get("num_warps", 4), TILES=tiles, LUT=lut,
+            MMA_ASM=skinny_mma.mma_asm(tiles, bool(lut)) if not interpreting() else "",
             ASM=int(not interpreting()), **opts)
     elif gemv:
         # x as 32-bit pairs where it is contiguous bf16 with an even start

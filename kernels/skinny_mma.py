@@ -56,6 +56,8 @@ Memory layout: x (M, K) bf16, row stride stride_xm (elements), unit column strid
 (N, K/2) row stride stride_pn; scales (K/64, N); out (SPLIT_K, M, N) float32 partials, or y.
 """
 
+import functools
+
 import triton
 import triton.language as tl
 
@@ -64,11 +66,12 @@ from ._tile import PRMT_TEMPS, _table_word, load_block_scales, nf4_code_pairs, p
 QBLOCK = 64  # the one block size of this kernel: 4 mma k-steps per block
 
 
-def _mma_asm(tiles: int, lut: bool) -> str:
+@functools.lru_cache(maxsize=None)
+def mma_asm(tiles: int, lut: bool) -> str:
     """PTX for one quantization block: decode 16 bytes of W (rows g, g + 8), then 4 k-steps of
     `tiles` mma each (tile j: x rows 8 j + g). Operands: the 4 `tiles` float32 block sums
     $0.., then W bytes of row g and g + 8 (two .b64), x (4 `tiles` .b64), then the 9 table
-    words (byte permutes) or, with `lut`, 4 * lane (the shared-memory table)."""
+    operands: the byte permutes' words or, with `lut`, 4 * lane in the first (the others unused)."""
     n_out = 4 * tiles
     wa, wb = f"${n_out}", f"${n_out + 1}"
     xs = [f"${n_out + 2 + i}" for i in range(4 * tiles)]
@@ -104,13 +107,8 @@ LUT_SIZE = 256 * 32  # words: 256 byte values x 32 copies (one per lane: no bank
 LUT_WORDS = tl.constexpr(LUT_SIZE)
 LUT_DECLARE: tl.constexpr = tl.constexpr(
     f".shared .align 16 .b32 {LUT_NAME}[{LUT_SIZE}];\nmov.u32 $0, {LUT_NAME};")
-MMA_LUT_ASM_1: tl.constexpr = tl.constexpr(_mma_asm(1, True))
-MMA_LUT_CONSTRAINTS_1: tl.constexpr = tl.constexpr(",".join(["=f"] * 4 + ["l"] * 6 + ["r"]))
-MMA_LUT_ASM_2: tl.constexpr = tl.constexpr(_mma_asm(2, True))
-MMA_LUT_CONSTRAINTS_2: tl.constexpr = tl.constexpr(",".join(["=f"] * 8 + ["l"] * 10 + ["r"]))
-MMA_ASM_1: tl.constexpr = tl.constexpr(_mma_asm(1, False))
+# operands: the block sums (4 per tile), W (2 x .b64), x (4 x .b64 per tile), 9 table operands
 MMA_CONSTRAINTS_1: tl.constexpr = tl.constexpr(",".join(["=f"] * 4 + ["l"] * 6 + ["r"] * 9))
-MMA_ASM_2: tl.constexpr = tl.constexpr(_mma_asm(2, False))
 MMA_CONSTRAINTS_2: tl.constexpr = tl.constexpr(",".join(["=f"] * 8 + ["l"] * 10 + ["r"] * 9))
 
 
@@ -184,10 +182,10 @@ def skinny_mma_kernel(
     x_ptr, packed_ptr, scales_ptr, zeros_ptr, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, out_ptr,
     M, N, stride_pn, stride_xm, NBLOCKS, BLOCKS_PER_SPLIT, stride_os, stride_om,
     FORMAT: tl.constexpr, DQ_BLOCK: tl.constexpr, WARPS: tl.constexpr, TILES: tl.constexpr,
-    LUT: tl.constexpr = 0, ASM: tl.constexpr = 1,
+    LUT: tl.constexpr = 0, MMA_ASM: tl.constexpr = "", ASM: tl.constexpr = 1,
 ):
     """out[s, m, n] = sum over the blocks of split s of absmax * (mma block sum); TILES = 1 for
-    M <= 8, 2 for M <= 16 (x rows 8..15 in a second mma)."""
+    M <= 8, 2 for M <= 16 (x rows 8..15 in a second mma); MMA_ASM = mma_asm(TILES, LUT)."""
     T: tl.constexpr = 32 * WARPS
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -219,6 +217,7 @@ def skinny_mma_kernel(
                 _st_shared(lut + 4 * wi, tl.load(tab + 12 + wi // 32))
             tl.debug_barrier()
             tw0 = tid % 32 * 4
+            tw1, tw2, tw3, tw4, tw5, tw6, tw7, tw8 = tw0, tw0, tw0, tw0, tw0, tw0, tw0, tw0
         else:  # the decoder's 9 table words (_tile.py), in registers for the whole loop
             tw0, tw1, tw2 = _table_word(tab, 0), _table_word(tab, 1), _table_word(tab, 2)
             tw3, tw4, tw5 = _table_word(tab, 3), _table_word(tab, 4), _table_word(tab, 5)
@@ -249,31 +248,15 @@ def skinny_mma_kernel(
         if ASM:
             wa_next, wb_next, x0_next, x1_next, x2_next, x3_next = _load_words(
                 wa_ptrs, wb_ptrs, xa_ptrs, xa_ok, b_next)
-            if LUT:
-                if TILES == 1:
-                    d0, d1, d2, d3 = tl.inline_asm_elementwise(
-                        MMA_LUT_ASM_1, MMA_LUT_CONSTRAINTS_1, [wa, wb, x0, x1, x2, x3, tw0],
-                        dtype=(tl.float32,) * 4, is_pure=True, pack=1)
-                else:
-                    x4_next, x5_next, x6_next, x7_next = _load_x(xb_ptrs, xb_ok, b_next)
-                    d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
-                        MMA_LUT_ASM_2, MMA_LUT_CONSTRAINTS_2,
-                        [wa, wb, x0, x1, x2, x3, x4, x5, x6, x7, tw0],
-                        dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-                    acc4 += sa * d4
-                    acc5 += sa * d5
-                    acc6 += sb * d6
-                    acc7 += sb * d7
-                    x4, x5, x6, x7 = x4_next, x5_next, x6_next, x7_next
-            elif TILES == 1:
+            if TILES == 1:
                 d0, d1, d2, d3 = tl.inline_asm_elementwise(
-                    MMA_ASM_1, MMA_CONSTRAINTS_1,
+                    MMA_ASM, MMA_CONSTRAINTS_1,
                     [wa, wb, x0, x1, x2, x3, tw0, tw1, tw2, tw3, tw4, tw5, tw6, tw7, tw8],
                     dtype=(tl.float32,) * 4, is_pure=True, pack=1)
             else:
                 x4_next, x5_next, x6_next, x7_next = _load_x(xb_ptrs, xb_ok, b_next)
                 d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
-                    MMA_ASM_2, MMA_CONSTRAINTS_2,
+                    MMA_ASM, MMA_CONSTRAINTS_2,
                     [wa, wb, x0, x1, x2, x3, x4, x5, x6, x7,
                      tw0, tw1, tw2, tw3, tw4, tw5, tw6, tw7, tw8],
                     dtype=(tl.float32,) * 8, is_pure=True, pack=1)
