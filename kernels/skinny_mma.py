@@ -105,6 +105,8 @@ def mma_asm(tiles: int, lut: bool) -> str:
 LUT_NAME = "nf4_pair_lut"
 LUT_SIZE = 256 * 32  # words: 256 byte values x 32 copies (one per lane: no bank conflicts), 32 KB
 LUT_WORDS = tl.constexpr(LUT_SIZE)
+# declared at the kernel's top scope (no braces), so that mma_asm's PTX can name it; the kernel
+# runs this statement once (one element per thread, outside the loop): PTX allows one declaration
 LUT_DECLARE: tl.constexpr = tl.constexpr(
     f".shared .align 16 .b32 {LUT_NAME}[{LUT_SIZE}];\nmov.u32 $0, {LUT_NAME};")
 # operands: the block sums (4 per tile), W (2 x .b64), x (4 x .b64 per tile), 9 table operands
