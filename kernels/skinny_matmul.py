@@ -274,11 +274,15 @@ def split_k_for(n: int, kp: int, block_n: int, block_k: int, programs: int) -> i
     return triton.cdiv(k_steps, steps_per_split)
 
 
+def x_aligned(x) -> bool:
+    """Unit column stride, rows (if several) and start 8-byte aligned: skinny_mma reads x 8 bytes
+    at a time (bf16: rows a multiple of 4 elements apart)."""
+    return x.stride(1) == 1 and x.data_ptr() % 8 == 0 and (x.shape[0] == 1 or x.stride(0) % 4 == 0)
+
+
 def mma_ok(x, fmt, k, kp, qb) -> bool:
-    """skinny_mma_kernel's needs: NF4 with block 64, no padding of K, bf16 x with unit column
-    stride, rows (if several) and start 8-byte aligned (it reads x 8 bytes at a time)."""
-    return (prmt_ok(fmt, x.dtype) and qb == skinny_mma.QBLOCK and k == kp and x.stride(1) == 1
-            and (x.shape[0] == 1 or x.stride(0) % 4 == 0) and x.data_ptr() % 8 == 0)
+    """skinny_mma_kernel's needs: NF4 with block 64, no padding of K, bf16 x, x_aligned."""
+    return prmt_ok(fmt, x.dtype) and qb == skinny_mma.QBLOCK and k == kp and x_aligned(x)
 
 
 def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
@@ -364,9 +368,8 @@ def chosen_config(x, w):
 
 
 def _key(x, w):
-    aligned = x.stride(1) == 1 and x.data_ptr() % 8 == 0 and (x.shape[0] == 1 or x.stride(0) % 4 == 0)
     return (w.out_features, w.in_features, w.quant_type, w.double_quant, w.block_size,
-            x.shape[0] == 1, x.dtype, x.device, aligned)  # aligned: whether mma_ok may hold
+            x.shape[0] == 1, x.dtype, x.device, x_aligned(x))  # (whether skinny_mma may run)
 
 
 def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
