@@ -4,7 +4,9 @@ A CUDA graph that replays y = x @ W.T on one weight keeps W in the H100's 50 MB 
 11008x4096 NF4 weight is 22.5 MB), which is not what decoding a model does: every layer's weight
 is read once per token. Here the graph cycles through 8 different weights of the shape (8 x
 22.5 MB > L2) and is compared with the same weight every call, for our tuned skinny kernel, two
-fixed configs, and bitsandbytes.matmul_4bit (if it imports). Microseconds per call (median).
+fixed configs, and bitsandbytes.matmul_4bit (if it imports). Two references put the numbers in
+perspective: a kernel that only reads the same bytes (the floor for any 4-bit kernel launched
+this way) and cuBLAS's bf16 x @ W.T (four times the bytes). Microseconds per call (median).
 
     python benchmarks/bench_decode_cold.py
 """
@@ -14,6 +16,8 @@ import os
 import sys
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -25,6 +29,23 @@ from bench_kernels import bench_graph  # noqa: E402
 COPIES = 8
 CALLS = 24  # per graph: 3 rounds of the 8 weights
 PEAK_TB_S = 3.35  # H100 SXM HBM3
+
+
+@triton.jit
+def read_only_kernel(words_ptr, out_ptr, n_words, PER: tl.constexpr, BLOCK: tl.constexpr):
+    """XOR of PER blocks of BLOCK int64 words per program: reads every byte once, computes
+    nothing worth the name."""
+    offs = tl.program_id(0) * PER * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), tl.int64)
+    for i in range(PER):
+        acc ^= tl.load(words_ptr + offs + i * BLOCK, mask=offs + i * BLOCK < n_words, other=0)
+    tl.store(out_ptr + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), acc)
+
+
+def read_only(packed, out):
+    words = packed.view(-1).view(torch.int64)  # the packed bytes (N*K/2, a multiple of 8)
+    grid = (triton.cdiv(words.numel(), 4 * 2048),)
+    read_only_kernel[grid](words, out, words.numel(), PER=4, BLOCK=2048, num_warps=8)
 
 
 def cycling(fn_of_index):
@@ -66,12 +87,22 @@ def main():
             cold = bench_graph(cycling(lambda i: kernels.skinny_matmul(x, qws[i], config=cfg)), calls=CALLS)
             print(f"{n}x{k} {name}: 1 weight {warm:.2f} us, {COPIES} weights {cold:.2f} us "
                   f"({nbytes / cold / 1e6 / PEAK_TB_S:.0%} of {PEAK_TB_S} TB/s)  {cfg}", flush=True)
+        out = torch.empty(triton.cdiv(nbytes, 8) + 4 * 2048, device="cuda", dtype=torch.int64)
+        cold = bench_graph(cycling(lambda i: read_only(qws[i].packed, out)), calls=CALLS)
+        print(f"{n}x{k} read-only kernel (the packed bytes): {COPIES} weights {cold:.2f} us "
+              f"({qws[0].packed.numel() / cold / 1e6:.2f} TB/s)", flush=True)
         if bws is not None:
             warm = bench_graph(lambda: bnb.matmul_4bit(x, bws[0][0].t(), quant_state=bws[0][1]), calls=CALLS)
             cold = bench_graph(cycling(lambda i: bnb.matmul_4bit(x, bws[i][0].t(), quant_state=bws[i][1])),
                                calls=CALLS)
             print(f"{n}x{k} bitsandbytes: 1 weight {warm:.2f} us, {COPIES} weights {cold:.2f} us", flush=True)
         del qws, bws
+        torch.cuda.empty_cache()
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(COPIES)]
+        cold = bench_graph(cycling(lambda i: x @ ws[i].t()), calls=CALLS)
+        print(f"{n}x{k} cuBLAS bf16 x @ W.T: {COPIES} weights {cold:.2f} us "
+              f"({n * k * 2 / cold / 1e6:.2f} TB/s)", flush=True)
+        del ws
         torch.cuda.empty_cache()
 
 

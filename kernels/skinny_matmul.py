@@ -43,7 +43,8 @@ them all in a graph.
 
 Config choice: a small list of candidates (CANDIDATES_M1, CANDIDATES_M16) timed once per
 (shape, format, dtype, device) in a CUDA graph (so that the ~20 us of Python launch overhead does
-not drown a ~5 us kernel) and cached; during graph capture, or in the interpreter, no timing
+not drown a ~5 us kernel), on copies of the weight read from HBM in turn (_stream_copies: as in
+decoding, not from L2), and cached; during graph capture, or in the interpreter, no timing
 happens (the first candidate / INTERPRETER_CONFIG is used).
 
 Memory layout: x (M, K) any strides; packed uint8 (N, KP/2), two codes per byte, column 2j high
@@ -241,15 +242,18 @@ def _mma_cand(warps, per_sm, lut):
 
 
 # skinny_mma_kernel (tensor cores; NF4 with block 64, bf16 x, K a multiple of 64): the best of
-# a sweep on an H100 (BENCHMARKS.md). At M = 1 the shared-memory table (LUT 1) in large programs
-# (16 rows per warp); at M = 16 the byte permutes (LUT 0).
-MMA_CANDIDATES_M1 = [_mma_cand(8, 2, 1), _mma_cand(16, 2, 1), _mma_cand(16, 1, 1), _mma_cand(4, 4, 1)]
+# sweeps on an H100 (BENCHMARKS.md). At M = 1 the shared-memory table (LUT 1) in large programs
+# (16 rows per warp; 8 warps and 4 programs per SM was the fastest from HBM on 11008x4096); at
+# M = 16 the byte permutes (LUT 0).
+MMA_CANDIDATES_M1 = [_mma_cand(8, 2, 1), _mma_cand(8, 4, 1), _mma_cand(16, 2, 1), _mma_cand(16, 1, 1),
+                     _mma_cand(4, 4, 1)]
 MMA_CANDIDATES_M16 = [_mma_cand(2, 8, 0), _mma_cand(4, 4, 0), _mma_cand(8, 2, 1)]
 # Small enough for the interpreter; SPLIT_K = 2 so that the tests exercise the reduction.
 # (LOOKUP 2, the tl.gather table, is for tl.dot; the M = 1 kernel takes it as 0.)
 INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "LOOKUP": 2, "SPLIT_K": 2}
 MAX_M = 16
 REDUCE_BLOCK = 1024
+MAX_TUNE_COPIES = 16
 
 _sm_count = {}
 _chosen = {}  # (shape, format, M class, dtype, device) -> config dict
@@ -344,11 +348,40 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     return y
 
 
+def _stream_copies(tensors, device):
+    """Copies of what a decoding matmul streams (the packed bytes, the scales, INT4's zero
+    points), enough of them to be twice the size of L2 (at most MAX_TUNE_COPIES): cycled
+    through, each call reads W from HBM, as in decoding, where every layer's weight is read once
+    per token. (One weight replayed stays in the H100's 50 MB L2, and the fastest config there is
+    not the fastest from HBM; BENCHMARKS.md.) Unused slots alias the packed tensor (_launch)."""
+    packed, scales, zeros = tensors[:3]
+    nbytes = packed.numel() + scales.numel() * scales.element_size()
+    if zeros is not packed:
+        nbytes += zeros.numel()
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    count = min(MAX_TUNE_COPIES, max(1, -(-2 * l2 // nbytes)))
+    copies = []
+    for _ in range(count):
+        p = packed.clone()
+        copies.append((p, p if scales is packed else scales.clone(),
+                       p if zeros is packed else zeros.clone(), *tensors[3:]))
+    return copies
+
+
 def _tune(x, w, candidates, args):
-    """Time each candidate once in a CUDA graph; return the fastest (first on ties)."""
+    """Time each candidate in a CUDA graph on copies of the weight from HBM (_stream_copies);
+    return the fastest (first on ties)."""
+    fmt, tensors, kp, qb, dq_block = args
+    copies = _stream_copies(tensors, x.device)
+    turn = [0]
+
+    def call(cand):
+        turn[0] = (turn[0] + 1) % len(copies)
+        return _launch(x, w, cand, fmt, copies[turn[0]], kp, qb, dq_block)
+
     timings = []
     for cand in candidates:
-        fn = lambda: _launch(x, w, cand, *args)  # noqa: E731
+        fn = lambda: call(cand)  # noqa: E731
         try:
             fn()  # compile outside the graph
             torch.cuda.synchronize(x.device)
@@ -358,6 +391,7 @@ def _tune(x, w, candidates, args):
                 raise
             t = float("inf")
         timings.append(t)
+    del copies
     best = min(range(len(candidates)), key=lambda i: timings[i])
     return candidates[best]
 
