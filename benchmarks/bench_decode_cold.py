@@ -80,7 +80,7 @@ def main():
         for q in qws:  # tune, and build each weight's decoder tables, outside the capture
             kernels.skinny_matmul(x, q)
         configs = {"tuned": sk.chosen_config(x, qws[0]), "gemv LOOKUP 3": sk.PRMT_CANDIDATES_M1[0],
-                   "mma table": sk.MMA_CANDIDATES_M1[0]}
+                   "mma table": sk.MMA_CANDIDATES_M1[0], "mma table + ring": sk.MMA_CANDIDATES_M1[3]}
         nbytes = qws[0].packed.numel() + qws[0].scales.numel()
         for name, cfg in configs.items():
             warm = bench_graph(lambda: kernels.skinny_matmul(x, qws[0], config=cfg), calls=CALLS)

@@ -237,17 +237,20 @@ PRMT_CANDIDATES_M1 = [_cand(16, 128, 3, 1, 1, 32), _cand(8, 256, 3, 1, 1, 32), _
 PRMT_CANDIDATES_M16 = [_cand(64, 256, 3, 4, 1, 8, swap=1), _cand(64, 128, 3, 4, 3, 8, swap=1)]
 
 
-def _mma_cand(warps, per_sm, lut):
-    return {"MMA": 1, "LUT": lut, "num_warps": warps, "PROGRAMS_PER_SM": per_sm}
+def _mma_cand(warps, per_sm, lut, stages=0):
+    cand = {"MMA": 1, "LUT": lut, "num_warps": warps, "PROGRAMS_PER_SM": per_sm}
+    return {**cand, "STAGES": stages} if stages else cand
 
 
 # skinny_mma_kernel (tensor cores; NF4 with block 64, bf16 x, K a multiple of 64): the best of
-# sweeps on an H100 (BENCHMARKS.md). At M = 1 the shared-memory table (LUT 1) in large programs
-# (16 rows per warp; 8 warps and 4 programs per SM was the fastest from HBM on 11008x4096); at
-# M = 16 the byte permutes (LUT 0).
-MMA_CANDIDATES_M1 = [_mma_cand(8, 2, 1), _mma_cand(8, 4, 1), _mma_cand(16, 2, 1), _mma_cand(16, 1, 1),
-                     _mma_cand(4, 4, 1)]
-MMA_CANDIDATES_M16 = [_mma_cand(2, 8, 0), _mma_cand(4, 4, 0), _mma_cand(8, 2, 1)]
+# sweeps on an H100 with the weight read from HBM (BENCHMARKS.md). At M = 1 the shared-memory
+# table (LUT 1) in large programs, most with W coming through the cp.async ring (STAGES, N a
+# multiple of 16; the tuner skips them elsewhere); at M = 16 the byte permutes (LUT 0).
+MMA_CANDIDATES_M1 = [_mma_cand(8, 2, 1), _mma_cand(8, 4, 1), _mma_cand(16, 2, 1),
+                     _mma_cand(8, 2, 1, stages=2), _mma_cand(8, 4, 1, stages=2),
+                     _mma_cand(8, 3, 1, stages=3), _mma_cand(4, 4, 1, stages=2)]
+MMA_CANDIDATES_M16 = [_mma_cand(2, 8, 0), _mma_cand(4, 4, 0), _mma_cand(8, 2, 1),
+                      _mma_cand(4, 6, 0, stages=4)]
 # Small enough for the interpreter; SPLIT_K = 2 so that the tests exercise the reduction.
 # (LOOKUP 2, the tl.gather table, is for tl.dot; the M = 1 kernel takes it as 0.)
 INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "LOOKUP": 2, "SPLIT_K": 2}
@@ -322,12 +325,22 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, **meta, **opts)
     if mma:
         tiles, lut = (1 if m <= 8 else 2), meta.get("LUT", 0)
+        warps = opts.get("num_warps", 4)
+        stages = 0 if interpreting() else meta.get("STAGES", 0)
+        ring_declare, ring_read = skinny_mma.ring_asm(stages, warps, fmt) if stages else ("", "")
+        if stages and not skinny_mma.ring_ok(n, tensors[0], tensors[1], dq_block):
+            raise ValueError("the MMA kernel's cp.async ring (STAGES > 0) needs N a multiple of 16 "
+                             "and 16-byte aligned packed and scale tensors")
+        if skinny_mma.static_shared_bytes(lut, stages, warps) > skinny_mma.STATIC_SHARED_MAX:
+            raise ValueError(f"skinny_mma with LUT={lut}, STAGES={stages} and {warps} warps needs "
+                             f"more than {skinny_mma.STATIC_SHARED_MAX} bytes of shared memory")
         skinny_mma.skinny_mma_kernel[grid](
             x, *tensors, out, m, n, tensors[0].stride(0), x.stride(0) if m > 1 else 0,
             kp // qb, k_per_split // qb, stride_os, stride_om, FORMAT=fmt, DQ_BLOCK=dq_block,
-            WARPS=opts.get("num_warps", 4), TILES=tiles, LUT=lut,
+            WARPS=warps, TILES=tiles, LUT=lut,
             MMA_ASM=skinny_mma.mma_asm(tiles, bool(lut)) if not interpreting() else "",
-            ASM=int(not interpreting()), **opts)
+            ASM=int(not interpreting()), STAGES=stages, RING_DECLARE=ring_declare,
+            RING_READ=ring_read, **opts)
     elif gemv:
         # x as 32-bit pairs where it is contiguous bf16 with an even start
         pairs = (x.dtype == torch.bfloat16 and x.stride(1) == 1 and k % 2 == 0
@@ -429,7 +442,9 @@ def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
             if prmt_ok(fmt, x.dtype):
                 candidates = candidates + (PRMT_CANDIDATES_M1 if m == 1 else PRMT_CANDIDATES_M16)
             if mma_ok(x, fmt, w.in_features, kp, qb):
-                candidates = candidates + (MMA_CANDIDATES_M1 if m == 1 else MMA_CANDIDATES_M16)
+                ring = skinny_mma.ring_ok(w.out_features, tensors[0], tensors[1], dq_block)
+                candidates = candidates + [c for c in (MMA_CANDIDATES_M1 if m == 1 else MMA_CANDIDATES_M16)
+                                           if ring or not c.get("STAGES")]
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 return _launch(x, w, candidates[0], *args)  # no timing inside a capture
             config = _chosen[key] = _tune(x, w, candidates, args)

@@ -41,6 +41,19 @@ bf16(code[high nibble]) per byte:
     48 KB a static allocation may take), filled from code_with_tables' 256 pair words, then a
     barrier.
 
+Feeding it (meta-parameter STAGES). The kernel is bound by waiting for memory, not by its
+arithmetic: with every load hitting L1 the same kernel runs 3x faster (BENCHMARKS.md). Loads into
+registers cannot be moved ahead by writing them earlier: ptxas issues a global load just before
+its first use, wherever it stands in the source (a "next block" register rotation only added a
+copy that waited for the load). So with STAGES > 0, W, the 8-bit absmax codes and the absmax2
+come through a ring of STAGES slots per warp in shared memory, filled by cp.async (which has no
+register to wait on) STAGES - 1 blocks ahead: lane l copies 16 bytes of the warp's row l // 2,
+one lane the 16 rows' scale bytes, one their absmax2 (16 rows starting at a multiple of 16
+share one DQ group); one commit group per block; cp.async.wait_group + a warp barrier before a
+thread reads its bytes back, a warp barrier before a slot is refilled. Needs N a multiple of 16.
+On the H100 this took 11008 x 4096 from HBM from 20.6 to 18.5 us (BENCHMARKS.md), not to the
+10 us a kernel that only reads the bytes takes: some latency stays exposed.
+
 Which thread holds which element is decided by the hardware lane, not by Triton's layout: every
 lane-dependent index comes from %tid.x (read with inline PTX) and each (32 * num_warps,) tensor
 has one element per thread. Rows: warp w of program i takes rows 16 (i * WARPS + w) + 0..15 (rows
@@ -100,6 +113,57 @@ def mma_asm(tiles: int, lut: bool) -> str:
             lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {d}, {a}, {b}, {c};")
     lines.append("}")
     return "\n".join(lines)
+
+
+RING_SLOT = 592  # bytes per warp and stage: W (16 rows x 32), the 16 rows' scales (64), absmax2 (16)
+
+
+@functools.lru_cache(maxsize=None)
+def ring_asm(stages: int, warps: int, fmt: int):
+    """PTX of the cp.async ring (STAGES > 0): its declaration (a static .shared array of
+    stages * warps * RING_SLOT bytes named RING_NAME; the statement gives its address) and the
+    read of one stage by one thread: wait until at most stages - 1 groups of copies are in flight
+    (the stage's have landed), sync the warp (other lanes copied them), then this thread's 8
+    bytes of W rows g ($0 from [$5]) and g + 8 ($1 from [$6]), the scale of each row ($2 from
+    [$7], $3 from [$8]: the 8-bit code of NF4 + DQ, the float32 absmax of plain NF4) and the
+    warp's absmax2 ($4 from [$9], NF4 + DQ: its 16 rows share one, see _ring_issue)."""
+    declare = (f".shared .align 16 .b8 {RING_NAME}[{stages * warps * RING_SLOT}];\n"
+               f"mov.u32 $0, {RING_NAME};")
+    ld = "ld.shared.u8" if fmt == 1 else "ld.shared.b32"
+    read = (f"cp.async.wait_group {stages - 1};\nbar.warp.sync -1;\n"
+            f"ld.shared.b64 $0, [$5];\nld.shared.b64 $1, [$6];\n{ld} $2, [$7];\n{ld} $3, [$8];\n"
+            "ld.shared.b32 $4, [$9];")
+    return declare, read
+
+
+RING_NAME = "w_ring"
+RING_SLOT_C: tl.constexpr = tl.constexpr(RING_SLOT)
+# one block's copies into a warp's stage slot, as one group: first make sure the warp is done
+# reading the slot (it was read one iteration ago), then each lane copies 16 bytes of W ([$1]
+# from [$2]), the lanes with $5 != 0 16 bytes of scales ([$3] from [$4]) and the lane with
+# $8 != 0 the absmax2 ([$6] from [$7])
+RING_ISSUE: tl.constexpr = tl.constexpr(
+    "{ .reg .pred p, q; setp.ne.u32 p, $5, 0; setp.ne.u32 q, $8, 0;\n"
+    "bar.warp.sync -1;\n"
+    "cp.async.cg.shared.global [$1], [$2], 16;\n"
+    "@p cp.async.cg.shared.global [$3], [$4], 16;\n"
+    "@q cp.async.ca.shared.global [$6], [$7], 4;\n"
+    "cp.async.commit_group; }\n"
+    "mov.u32 $0, 0;")
+STATIC_SHARED_MAX = 48 * 1024  # what a kernel may declare statically
+
+
+def ring_ok(n: int, packed, scales, dq_block: int) -> bool:
+    """What the ring's copies need: whole 16-row tiles (each warp's 16 scales are one 16-byte
+    run and share one absmax2: DQ_BLOCK a multiple of 16) and 16-byte aligned rows (K a
+    multiple of 64 gives the row stride)."""
+    return (n % 16 == 0 and dq_block % 16 == 0 and packed.data_ptr() % 16 == 0
+            and scales.data_ptr() % 16 == 0)
+
+
+def static_shared_bytes(lut: int, stages: int, warps: int) -> int:
+    """Shared memory the kernel declares: the table (LUT) and the ring."""
+    return (4 * LUT_SIZE if lut else 0) + stages * warps * RING_SLOT
 
 
 LUT_NAME = "nf4_pair_lut"
@@ -168,6 +232,21 @@ def _load_words(wa_ptrs, wb_ptrs, xa_ptrs, xa_ok, b):
 
 
 @triton.jit
+def _ring_issue(b, stage, copy_w, copy_s, copy_g, w_src, s_src, s_lane, row0, g_lane, absmax2_ptr,
+                N, DQ_BLOCK: tl.constexpr):
+    """Start the copies of block b into ring stage `stage` of this thread's warp: lane l copies
+    bytes 16 (l % 2) .. + 16 of the warp's row l // 2 (w_src: that row and half at block 0); the
+    scale lanes (s_lane) 16 bytes of the 16 rows' scales of block b (s_src: at block 0);
+    g_lane the absmax2 of the warp's rows (NF4 + DQ: indices b N + row0 .. + 15 start at a
+    multiple of 16 and DQ_BLOCK is one, so they share one)."""
+    tl.inline_asm_elementwise(
+        RING_ISSUE, "=r,r,l,r,l,r,r,l,r",
+        [copy_w + stage * RING_SLOT_C, w_src + 32 * b, copy_s + stage * RING_SLOT_C,
+         s_src + b * N, s_lane, copy_g + stage * RING_SLOT_C, absmax2_ptr + (b * N + row0) // DQ_BLOCK, g_lane],
+        dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _st_shared(addr, value):
     """Store value (int32) at the shared-memory address addr (one per thread)."""
     tl.inline_asm_elementwise("st.shared.b32 [$1], $2;\nmov.u32 $0, 0;", "=r,r,r", [addr, value],
@@ -185,6 +264,7 @@ def skinny_mma_kernel(
     M, N, stride_pn, stride_xm, NBLOCKS, BLOCKS_PER_SPLIT, stride_os, stride_om,
     FORMAT: tl.constexpr, DQ_BLOCK: tl.constexpr, WARPS: tl.constexpr, TILES: tl.constexpr,
     LUT: tl.constexpr = 0, MMA_ASM: tl.constexpr = "", ASM: tl.constexpr = 1,
+    STAGES: tl.constexpr = 0, RING_DECLARE: tl.constexpr = "", RING_READ: tl.constexpr = "",
 ):
     """out[s, m, n] = sum over the blocks of split s of absmax * (mma block sum); TILES = 1 for
     M <= 8, 2 for M <= 16 (x rows 8..15 in a second mma); MMA_ASM = mma_asm(TILES, LUT)."""
@@ -232,31 +312,59 @@ def skinny_mma_kernel(
     acc5 = tl.zeros((T,), dtype=tl.float32)
     acc6 = tl.zeros((T,), dtype=tl.float32)
     acc7 = tl.zeros((T,), dtype=tl.float32)
-    # Loads run one block ahead (software pipelining by hand): those of block b + 1 are in flight
-    # while block b is decoded and multiplied. (On the H100 this changed the byte-permute
-    # variant's times by a few percent either way: the decode, not memory, is what limits it.)
-    # (the last block loads itself again as its "next": no masks, every address in bounds)
-    sa, sb = _scales(scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr, b_begin, ra, rb, N,
-                     FORMAT, DQ_BLOCK)
-    if ASM:
-        wa, wb, x0, x1, x2, x3 = _load_words(wa_ptrs, wb_ptrs, xa_ptrs, xa_ok, b_begin)
-        x4, x5, x6, x7 = x0, x1, x2, x3
-        if TILES == 2:
-            x4, x5, x6, x7 = _load_x(xb_ptrs, xb_ok, b_begin)
-    for b in range(b_begin, b_end):
-        b_next = min(b + 1, b_end - 1)
-        sa_next, sb_next = _scales(scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
-                                   b_next, ra, rb, N, FORMAT, DQ_BLOCK)
-        if ASM:
-            wa_next, wb_next, x0_next, x1_next, x2_next, x3_next = _load_words(
-                wa_ptrs, wb_ptrs, xa_ptrs, xa_ok, b_next)
+    if STAGES:
+        # W and the scales come through a ring of STAGES slots per warp in shared memory, filled
+        # by cp.async STAGES - 1 blocks ahead: a copy has no register to wait on, so ptxas issues
+        # it where it stands (a load into a register is issued just before its first use however
+        # early it is written, and each block then waited for its bytes: ncu, BENCHMARKS.md).
+        # Copies are 16 bytes per lane, one group per block; reads are this thread's bytes.
+        # Layout: warp w, stage s at RING_SLOT * (STAGES w + s): W rows 0..15 x 32 bytes, the 16
+        # rows' scales (16 bytes: 8-bit codes; 64: float32), their absmax2 (NF4 + DQ).
+        ES: tl.constexpr = 1 if FORMAT == 1 else 4
+        ring = tl.inline_asm_elementwise(RING_DECLARE, "=r,r", [tid], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+        lane = tid % 32
+        row0 = pid_n * (16 * WARPS) + tid // 32 * 16
+        warp_ring = ring + tid // 32 * (STAGES * RING_SLOT_C)
+        w_src = packed_ptr + (row0 + lane // 2) % N * stride_pn + lane % 2 * 16
+        s_src = scales_ptr + row0 % N + lane * (16 // ES)
+        s_lane = (lane < ES).to(tl.int32)
+        copy_w = warp_ring + lane * 16
+        copy_s = warp_ring + 512 + lane * 16
+        copy_g = warp_ring + 576
+        g_lane = ((lane == 1) & (FORMAT == 1)).to(tl.int32)
+        read_a = warp_ring + g * 32 + t * 8
+        last = b_end - 1
+        row0_n = row0 % N
+        offset = tl.load(offset_ptr) if FORMAT == 1 else 0.0
+        for pre in tl.static_range(STAGES - 1):
+            _ring_issue(min(b_begin + pre, last), pre, copy_w, copy_s, copy_g, w_src, s_src, s_lane,
+                        row0_n, g_lane, absmax2_ptr, N, DQ_BLOCK)
+        for b in range(b_begin, b_end):
+            ahead = b - b_begin + STAGES - 1
+            _ring_issue(min(b_begin + ahead, last), ahead % STAGES, copy_w, copy_s, copy_g, w_src,
+                        s_src, s_lane, row0_n, g_lane, absmax2_ptr, N, DQ_BLOCK)
+            slot = (b - b_begin) % STAGES * RING_SLOT_C
+            wa, wb, qa, qb, g2 = tl.inline_asm_elementwise(
+                RING_READ, "=l,=l,=r,=r,=r,r,r,r,r,r",
+                [read_a + slot, read_a + slot + 256, warp_ring + slot + 512 + g * ES,
+                 warp_ring + slot + 512 + (g + 8) * ES, copy_g + slot],
+                dtype=(tl.int64, tl.int64, tl.int32, tl.int32, tl.int32), is_pure=False, pack=1)
+            if FORMAT == 1:
+                absmax2 = g2.to(tl.float32, bitcast=True)
+                sa = tl.load(code8_ptr + qa) * absmax2 + offset
+                sb = tl.load(code8_ptr + qb) * absmax2 + offset
+            else:
+                sa = qa.to(tl.float32, bitcast=True)
+                sb = qb.to(tl.float32, bitcast=True)
+            x0, x1, x2, x3 = _load_x(xa_ptrs, xa_ok, b)
             if TILES == 1:
                 d0, d1, d2, d3 = tl.inline_asm_elementwise(
                     MMA_ASM, MMA_CONSTRAINTS_1,
                     [wa, wb, x0, x1, x2, x3, tw0, tw1, tw2, tw3, tw4, tw5, tw6, tw7, tw8],
                     dtype=(tl.float32,) * 4, is_pure=True, pack=1)
             else:
-                x4_next, x5_next, x6_next, x7_next = _load_x(xb_ptrs, xb_ok, b_next)
+                x4, x5, x6, x7 = _load_x(xb_ptrs, xb_ok, b)
                 d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
                     MMA_ASM, MMA_CONSTRAINTS_2,
                     [wa, wb, x0, x1, x2, x3, x4, x5, x6, x7,
@@ -266,23 +374,62 @@ def skinny_mma_kernel(
                 acc5 += sa * d5
                 acc6 += sb * d6
                 acc7 += sb * d7
-                x4, x5, x6, x7 = x4_next, x5_next, x6_next, x7_next
-            wa, wb, x0, x1, x2, x3 = wa_next, wb_next, x0_next, x1_next, x2_next, x3_next
-        else:
-            d0 = _block_sum_plain(packed_ptr, code_ptr, x_ptr, ra, 2 * t, b, M, stride_pn, stride_xm)
-            d1 = _block_sum_plain(packed_ptr, code_ptr, x_ptr, ra, 2 * t + 1, b, M, stride_pn, stride_xm)
-            d2 = _block_sum_plain(packed_ptr, code_ptr, x_ptr, rb, 2 * t, b, M, stride_pn, stride_xm)
-            d3 = _block_sum_plain(packed_ptr, code_ptr, x_ptr, rb, 2 * t + 1, b, M, stride_pn, stride_xm)
+            acc0 += sa * d0
+            acc1 += sa * d1
+            acc2 += sb * d2
+            acc3 += sb * d3
+    else:
+        # Loads run one block ahead (software pipelining by hand): those of block b + 1 are in flight
+        # while block b is decoded and multiplied. (On the H100 this changed the byte-permute
+        # variant's times by a few percent either way: the decode, not memory, is what limits it.)
+        # (the last block loads itself again as its "next": no masks, every address in bounds)
+        sa, sb = _scales(scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr, b_begin, ra, rb, N,
+                         FORMAT, DQ_BLOCK)
+        if ASM:
+            wa, wb, x0, x1, x2, x3 = _load_words(wa_ptrs, wb_ptrs, xa_ptrs, xa_ok, b_begin)
+            x4, x5, x6, x7 = x0, x1, x2, x3
             if TILES == 2:
-                acc4 += sa * _block_sum_plain(packed_ptr, code_ptr, x_ptr, ra, 8 + 2 * t, b, M, stride_pn, stride_xm)
-                acc5 += sa * _block_sum_plain(packed_ptr, code_ptr, x_ptr, ra, 9 + 2 * t, b, M, stride_pn, stride_xm)
-                acc6 += sb * _block_sum_plain(packed_ptr, code_ptr, x_ptr, rb, 8 + 2 * t, b, M, stride_pn, stride_xm)
-                acc7 += sb * _block_sum_plain(packed_ptr, code_ptr, x_ptr, rb, 9 + 2 * t, b, M, stride_pn, stride_xm)
-        acc0 += sa * d0
-        acc1 += sa * d1
-        acc2 += sb * d2
-        acc3 += sb * d3
-        sa, sb = sa_next, sb_next
+                x4, x5, x6, x7 = _load_x(xb_ptrs, xb_ok, b_begin)
+        for b in range(b_begin, b_end):
+            b_next = min(b + 1, b_end - 1)
+            sa_next, sb_next = _scales(scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
+                                       b_next, ra, rb, N, FORMAT, DQ_BLOCK)
+            if ASM:
+                wa_next, wb_next, x0_next, x1_next, x2_next, x3_next = _load_words(
+                    wa_ptrs, wb_ptrs, xa_ptrs, xa_ok, b_next)
+                if TILES == 1:
+                    d0, d1, d2, d3 = tl.inline_asm_elementwise(
+                        MMA_ASM, MMA_CONSTRAINTS_1,
+                        [wa, wb, x0, x1, x2, x3, tw0, tw1, tw2, tw3, tw4, tw5, tw6, tw7, tw8],
+                        dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+                else:
+                    x4_next, x5_next, x6_next, x7_next = _load_x(xb_ptrs, xb_ok, b_next)
+                    d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+                        MMA_ASM, MMA_CONSTRAINTS_2,
+                        [wa, wb, x0, x1, x2, x3, x4, x5, x6, x7,
+                         tw0, tw1, tw2, tw3, tw4, tw5, tw6, tw7, tw8],
+                        dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+                    acc4 += sa * d4
+                    acc5 += sa * d5
+                    acc6 += sb * d6
+                    acc7 += sb * d7
+                    x4, x5, x6, x7 = x4_next, x5_next, x6_next, x7_next
+                wa, wb, x0, x1, x2, x3 = wa_next, wb_next, x0_next, x1_next, x2_next, x3_next
+            else:
+                d0 = _block_sum_plain(packed_ptr, code_ptr, x_ptr, ra, 2 * t, b, M, stride_pn, stride_xm)
+                d1 = _block_sum_plain(packed_ptr, code_ptr, x_ptr, ra, 2 * t + 1, b, M, stride_pn, stride_xm)
+                d2 = _block_sum_plain(packed_ptr, code_ptr, x_ptr, rb, 2 * t, b, M, stride_pn, stride_xm)
+                d3 = _block_sum_plain(packed_ptr, code_ptr, x_ptr, rb, 2 * t + 1, b, M, stride_pn, stride_xm)
+                if TILES == 2:
+                    acc4 += sa * _block_sum_plain(packed_ptr, code_ptr, x_ptr, ra, 8 + 2 * t, b, M, stride_pn, stride_xm)
+                    acc5 += sa * _block_sum_plain(packed_ptr, code_ptr, x_ptr, ra, 9 + 2 * t, b, M, stride_pn, stride_xm)
+                    acc6 += sb * _block_sum_plain(packed_ptr, code_ptr, x_ptr, rb, 8 + 2 * t, b, M, stride_pn, stride_xm)
+                    acc7 += sb * _block_sum_plain(packed_ptr, code_ptr, x_ptr, rb, 9 + 2 * t, b, M, stride_pn, stride_xm)
+            acc0 += sa * d0
+            acc1 += sa * d1
+            acc2 += sb * d2
+            acc3 += sb * d3
+            sa, sb = sa_next, sb_next
     out = out_ptr + pid_s * stride_os
     _store(out, acc0, 2 * t, row, M, N, stride_om)  # D[g, 2t]: x row 2t, W row g
     _store(out, acc1, 2 * t + 1, row, M, N, stride_om)
