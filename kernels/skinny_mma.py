@@ -223,12 +223,14 @@ def _load_x(x_ptrs, x_ok, b):
 
 
 @triton.jit
-def _load_words(wa_ptrs, wb_ptrs, xa_ptrs, xa_ok, b):
-    """This thread's 8 bytes of W rows g and g + 8 in block b, and its x words of the first tile."""
-    wa = tl.load(wa_ptrs + 4 * b)
-    wb = tl.load(wb_ptrs + 4 * b)
+def _load_x_tiles(xa_ptrs, xb_ptrs, xa_ok, xb_ok, b, TILES: tl.constexpr):
+    """x words of block b for the mma: rows g (4 words), then rows g + 8 (TILES = 2) or the
+    first four again (unused)."""
     x0, x1, x2, x3 = _load_x(xa_ptrs, xa_ok, b)
-    return wa, wb, x0, x1, x2, x3
+    x4, x5, x6, x7 = x0, x1, x2, x3
+    if TILES == 2:
+        x4, x5, x6, x7 = _load_x(xb_ptrs, xb_ok, b)
+    return x0, x1, x2, x3, x4, x5, x6, x7
 
 
 @triton.jit
@@ -244,6 +246,35 @@ def _ring_issue(b, stage, copy_w, copy_s, copy_g, w_src, s_src, s_lane, row0, g_
         [copy_w + stage * RING_SLOT_C, w_src + 32 * b, copy_s + stage * RING_SLOT_C,
          s_src + b * N, s_lane, copy_g + stage * RING_SLOT_C, absmax2_ptr + (b * N + row0) // DQ_BLOCK, g_lane],
         dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _mma_block(acc, sa, sb, wa, wb, xs, tw, TILES: tl.constexpr, MMA_ASM: tl.constexpr):
+    """acc (8 float32 sums per thread) + absmax (sa: row g, sb: row g + 8) * the block sums of
+    one block: MMA_ASM on this thread's W words wa, wb (rows g, g + 8), x words xs (4 per tile)
+    and the decoder's table operands tw."""
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc
+    if TILES == 1:
+        d0, d1, d2, d3 = tl.inline_asm_elementwise(
+            MMA_ASM, MMA_CONSTRAINTS_1,
+            [wa, wb, xs[0], xs[1], xs[2], xs[3],
+             tw[0], tw[1], tw[2], tw[3], tw[4], tw[5], tw[6], tw[7], tw[8]],
+            dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+    else:
+        d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
+            MMA_ASM, MMA_CONSTRAINTS_2,
+            [wa, wb, xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6], xs[7],
+             tw[0], tw[1], tw[2], tw[3], tw[4], tw[5], tw[6], tw[7], tw[8]],
+            dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        acc4 += sa * d4  # x rows 8 + 2t, 9 + 2t
+        acc5 += sa * d5
+        acc6 += sb * d6
+        acc7 += sb * d7
+    acc0 += sa * d0  # D[g, 2t], D[g, 2t + 1]: W row g times x rows 2t, 2t + 1
+    acc1 += sa * d1
+    acc2 += sb * d2  # W row g + 8
+    acc3 += sb * d3
+    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
 
 
 @triton.jit
@@ -304,6 +335,7 @@ def skinny_mma_kernel(
             tw0, tw1, tw2 = _table_word(tab, 0), _table_word(tab, 1), _table_word(tab, 2)
             tw3, tw4, tw5 = _table_word(tab, 3), _table_word(tab, 4), _table_word(tab, 5)
             tw6, tw7, tw8 = _table_word(tab, 6), _table_word(tab, 7), _table_word(tab, 8)
+        tw = (tw0, tw1, tw2, tw3, tw4, tw5, tw6, tw7, tw8)
     acc0 = tl.zeros((T,), dtype=tl.float32)
     acc1 = tl.zeros((T,), dtype=tl.float32)
     acc2 = tl.zeros((T,), dtype=tl.float32)
@@ -357,27 +389,9 @@ def skinny_mma_kernel(
             else:
                 sa = qa.to(tl.float32, bitcast=True)
                 sb = qb.to(tl.float32, bitcast=True)
-            x0, x1, x2, x3 = _load_x(xa_ptrs, xa_ok, b)
-            if TILES == 1:
-                d0, d1, d2, d3 = tl.inline_asm_elementwise(
-                    MMA_ASM, MMA_CONSTRAINTS_1,
-                    [wa, wb, x0, x1, x2, x3, tw0, tw1, tw2, tw3, tw4, tw5, tw6, tw7, tw8],
-                    dtype=(tl.float32,) * 4, is_pure=True, pack=1)
-            else:
-                x4, x5, x6, x7 = _load_x(xb_ptrs, xb_ok, b)
-                d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
-                    MMA_ASM, MMA_CONSTRAINTS_2,
-                    [wa, wb, x0, x1, x2, x3, x4, x5, x6, x7,
-                     tw0, tw1, tw2, tw3, tw4, tw5, tw6, tw7, tw8],
-                    dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-                acc4 += sa * d4
-                acc5 += sa * d5
-                acc6 += sb * d6
-                acc7 += sb * d7
-            acc0 += sa * d0
-            acc1 += sa * d1
-            acc2 += sb * d2
-            acc3 += sb * d3
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _mma_block(
+                (acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7), sa, sb, wa, wb,
+                _load_x_tiles(xa_ptrs, xb_ptrs, xa_ok, xb_ok, b, TILES), tw, TILES, MMA_ASM)
     else:
         # Loads run one block ahead (software pipelining by hand): those of block b + 1 are in flight
         # while block b is decoded and multiplied. (On the H100 this changed the byte-permute
@@ -386,35 +400,21 @@ def skinny_mma_kernel(
         sa, sb = _scales(scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr, b_begin, ra, rb, N,
                          FORMAT, DQ_BLOCK)
         if ASM:
-            wa, wb, x0, x1, x2, x3 = _load_words(wa_ptrs, wb_ptrs, xa_ptrs, xa_ok, b_begin)
-            x4, x5, x6, x7 = x0, x1, x2, x3
-            if TILES == 2:
-                x4, x5, x6, x7 = _load_x(xb_ptrs, xb_ok, b_begin)
+            wa = tl.load(wa_ptrs + 4 * b_begin)
+            wb = tl.load(wb_ptrs + 4 * b_begin)
+            xs = _load_x_tiles(xa_ptrs, xb_ptrs, xa_ok, xb_ok, b_begin, TILES)
         for b in range(b_begin, b_end):
             b_next = min(b + 1, b_end - 1)
             sa_next, sb_next = _scales(scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
                                        b_next, ra, rb, N, FORMAT, DQ_BLOCK)
             if ASM:
-                wa_next, wb_next, x0_next, x1_next, x2_next, x3_next = _load_words(
-                    wa_ptrs, wb_ptrs, xa_ptrs, xa_ok, b_next)
-                if TILES == 1:
-                    d0, d1, d2, d3 = tl.inline_asm_elementwise(
-                        MMA_ASM, MMA_CONSTRAINTS_1,
-                        [wa, wb, x0, x1, x2, x3, tw0, tw1, tw2, tw3, tw4, tw5, tw6, tw7, tw8],
-                        dtype=(tl.float32,) * 4, is_pure=True, pack=1)
-                else:
-                    x4_next, x5_next, x6_next, x7_next = _load_x(xb_ptrs, xb_ok, b_next)
-                    d0, d1, d2, d3, d4, d5, d6, d7 = tl.inline_asm_elementwise(
-                        MMA_ASM, MMA_CONSTRAINTS_2,
-                        [wa, wb, x0, x1, x2, x3, x4, x5, x6, x7,
-                         tw0, tw1, tw2, tw3, tw4, tw5, tw6, tw7, tw8],
-                        dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-                    acc4 += sa * d4
-                    acc5 += sa * d5
-                    acc6 += sb * d6
-                    acc7 += sb * d7
-                    x4, x5, x6, x7 = x4_next, x5_next, x6_next, x7_next
-                wa, wb, x0, x1, x2, x3 = wa_next, wb_next, x0_next, x1_next, x2_next, x3_next
+                wa_next = tl.load(wa_ptrs + 4 * b_next)
+                wb_next = tl.load(wb_ptrs + 4 * b_next)
+                xs_next = _load_x_tiles(xa_ptrs, xb_ptrs, xa_ok, xb_ok, b_next, TILES)
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _mma_block(
+                    (acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7), sa, sb, wa, wb, xs, tw,
+                    TILES, MMA_ASM)
+                wa, wb, xs = wa_next, wb_next, xs_next
             else:
                 d0 = _block_sum_plain(packed_ptr, code_ptr, x_ptr, ra, 2 * t, b, M, stride_pn, stride_xm)
                 d1 = _block_sum_plain(packed_ptr, code_ptr, x_ptr, ra, 2 * t + 1, b, M, stride_pn, stride_xm)
@@ -425,10 +425,10 @@ def skinny_mma_kernel(
                     acc5 += sa * _block_sum_plain(packed_ptr, code_ptr, x_ptr, ra, 9 + 2 * t, b, M, stride_pn, stride_xm)
                     acc6 += sb * _block_sum_plain(packed_ptr, code_ptr, x_ptr, rb, 8 + 2 * t, b, M, stride_pn, stride_xm)
                     acc7 += sb * _block_sum_plain(packed_ptr, code_ptr, x_ptr, rb, 9 + 2 * t, b, M, stride_pn, stride_xm)
-            acc0 += sa * d0
-            acc1 += sa * d1
-            acc2 += sb * d2
-            acc3 += sb * d3
+                acc0 += sa * d0
+                acc1 += sa * d1
+                acc2 += sb * d2
+                acc3 += sb * d3
             sa, sb = sa_next, sb_next
     out = out_ptr + pid_s * stride_os
     _store(out, acc0, 2 * t, row, M, N, stride_om)  # D[g, 2t]: x row 2t, W row g
