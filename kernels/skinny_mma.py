@@ -42,7 +42,7 @@ bf16(code[high nibble]) per byte:
     barrier.
 
 Feeding it (meta-parameter STAGES). The kernel is bound by waiting for memory, not by its
-arithmetic: with every load hitting L1 the same kernel runs 3x faster (BENCHMARKS.md). Loads into
+arithmetic: with every load hitting L1 the same kernel runs 2.6-3x faster (BENCHMARKS.md). Loads into
 registers cannot be moved ahead by writing them earlier: ptxas issues a global load just before
 its first use, wherever it stands in the source (a "next block" register rotation only added a
 copy that waited for the load). So with STAGES > 0, W, the 8-bit absmax codes and the absmax2
@@ -50,7 +50,9 @@ come through a ring of STAGES slots per warp in shared memory, filled by cp.asyn
 register to wait on) STAGES - 1 blocks ahead: lane l copies 16 bytes of the warp's row l // 2,
 one lane the 16 rows' scale bytes, one their absmax2 (16 rows starting at a multiple of 16
 share one DQ group); one commit group per block; cp.async.wait_group + a warp barrier before a
-thread reads its bytes back, a warp barrier before a slot is refilled. Needs N a multiple of 16.
+thread reads its bytes back, a warp barrier before a slot is refilled. Needs N a multiple of 16
+and, with the table, fits 2-3 stages in the 48 KB (the launcher checks; the interpreter runs
+STAGES as 0).
 On the H100 this took 11008 x 4096 from HBM from 20.6 to 18.5 us (BENCHMARKS.md), not to the
 10 us a kernel that only reads the bytes takes: some latency stays exposed.
 
@@ -115,7 +117,7 @@ def mma_asm(tiles: int, lut: bool) -> str:
     return "\n".join(lines)
 
 
-RING_SLOT = 592  # bytes per warp and stage: W (16 rows x 32), the 16 rows' scales (64), absmax2 (16)
+RING_SLOT = 592  # per warp and stage: W (16 rows x 32 bytes), 16 rows' scales (64), absmax2 (16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -244,7 +246,8 @@ def _ring_issue(b, stage, copy_w, copy_s, copy_g, w_src, s_src, s_lane, row0, g_
     tl.inline_asm_elementwise(
         RING_ISSUE, "=r,r,l,r,l,r,r,l,r",
         [copy_w + stage * RING_SLOT_C, w_src + 32 * b, copy_s + stage * RING_SLOT_C,
-         s_src + b * N, s_lane, copy_g + stage * RING_SLOT_C, absmax2_ptr + (b * N + row0) // DQ_BLOCK, g_lane],
+         s_src + b * N, s_lane, copy_g + stage * RING_SLOT_C,
+         absmax2_ptr + (b * N + row0) // DQ_BLOCK, g_lane],
         dtype=tl.int32, is_pure=False, pack=1)
 
 
@@ -393,10 +396,10 @@ def skinny_mma_kernel(
                 (acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7), sa, sb, wa, wb,
                 _load_x_tiles(xa_ptrs, xb_ptrs, xa_ok, xb_ok, b, TILES), tw, TILES, MMA_ASM)
     else:
-        # Loads run one block ahead (software pipelining by hand): those of block b + 1 are in flight
-        # while block b is decoded and multiplied. (On the H100 this changed the byte-permute
-        # variant's times by a few percent either way: the decode, not memory, is what limits it.)
-        # (the last block loads itself again as its "next": no masks, every address in bounds)
+        # Loads written one block ahead (block b + 1's while block b is decoded and multiplied; the
+        # last block loads itself again as its "next": every address in bounds). ptxas still
+        # issues them just before the copy into "current" at the end of the loop, which waits for
+        # them: this path is not really ahead (ncu; the ring above is).
         sa, sb = _scales(scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr, b_begin, ra, rb, N,
                          FORMAT, DQ_BLOCK)
         if ASM:
