@@ -70,6 +70,7 @@ def skinny_matmul_kernel(
     FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     LOOKUP: tl.constexpr, EVEN_K: tl.constexpr, SWAP: tl.constexpr = 0, ASM: tl.constexpr = 1,
+    PDL: tl.constexpr = 0,
 ):
     """1 < M <= 16: out[s, m, n] = partial sum over split s (out is y itself when SPLIT_K == 1).
 
@@ -79,6 +80,7 @@ def skinny_matmul_kernel(
     GROUPS: tl.constexpr = BLOCK_K // QBLOCK if BLOCK_K > QBLOCK else 1
     HALF: tl.constexpr = BLOCK_K // 2
     pid_n = tl.program_id(0)
+    allow_dependents(PDL)
     pid_s = tl.program_id(1)
     k_begin = pid_s * K_PER_SPLIT
     k_end = min(k_begin + K_PER_SPLIT, KP)
@@ -136,7 +138,7 @@ def gemv_kernel(
     N, K, KP, stride_pn, K_PER_SPLIT, stride_xk, stride_os, stride_on,
     FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOKUP: tl.constexpr, EVEN_K: tl.constexpr,
-    XPAIR: tl.constexpr, ASM: tl.constexpr = 1,
+    XPAIR: tl.constexpr, ASM: tl.constexpr = 1, PDL: tl.constexpr = 0,
 ):
     """M = 1: out[s, n] = sum over split s of W[n, k] * x[k], float32 on CUDA cores.
 
@@ -150,6 +152,7 @@ def gemv_kernel(
     HQ: tl.constexpr = QBLOCK // 2
     LK: tl.constexpr = 0 if LOOKUP == 2 else LOOKUP
     pid_n = tl.program_id(0)
+    allow_dependents(PDL)
     pid_s = tl.program_id(1)
     k_begin = pid_s * K_PER_SPLIT
     k_end = min(k_begin + K_PER_SPLIT, KP)
@@ -193,14 +196,41 @@ def gemv_kernel(
 
 
 @triton.jit
-def reduce_partials_kernel(part_ptr, y_ptr, SIZE, SPLIT_K, BLOCK: tl.constexpr):
-    """y.flat[i] = sum_s partials[s].flat[i], s in order (float32), rounded to y's dtype."""
+def reduce_partials_kernel(part_ptr, y_ptr, SIZE, SPLIT_K, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    """y.flat[i] = sum_s partials[s].flat[i], s in order (float32), rounded to y's dtype.
+
+    With PDL (programmatic dependent launch, Hopper) this kernel is launched while the one that
+    writes the partials still runs, and waits here for it to finish (griddepcontrol.wait): its
+    launch overlaps the other's work instead of following it (about 1 us per call in a graph)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < SIZE
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, SPLIT_K):
         acc += tl.load(part_ptr + s * SIZE + offs, mask=mask, other=0.0)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def allow_dependents(PDL: tl.constexpr):
+    """With PDL: let the next kernel (reduce_partials_kernel, launched with launch_pdl) start now;
+    it waits for this one to finish before it reads anything."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+def pdl_ok(device) -> bool:
+    """Programmatic dependent launch: a CUDA device of compute capability 9.0 or more, and a Triton
+    that has it (launch_pdl, griddepcontrol); never in the interpreter."""
+    if interpreting() or device.type != "cuda":
+        return False
+    if device not in _pdl:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        _pdl[device] = (torch.cuda.get_device_capability(device)[0] >= 9
+                        and "launch_pdl" in CUDAOptions.__dataclass_fields__
+                        and hasattr(tl.extra.cuda, "gdc_wait"))
+    return _pdl[device]
 
 
 def _cand(bn, bk, lookup, warps, stages, per_sm, swap=0):
@@ -259,6 +289,7 @@ REDUCE_BLOCK = 1024
 MAX_TUNE_COPIES = 16
 
 _sm_count = {}
+_pdl = {}  # device -> pdl_ok
 _chosen = {}  # (shape, format, M class, dtype, device) -> config dict
 
 
@@ -322,7 +353,8 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     stride_os = 0 if split_k == 1 else out.stride(0)
     stride_om, stride_on = (y.stride(0), y.stride(1)) if split_k == 1 else (out.stride(1), out.stride(2))
     grid = (triton.cdiv(n, block_n), split_k)
-    consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, **meta, **opts)
+    pdl = split_k > 1 and pdl_ok(x.device)
+    consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, PDL=int(pdl), **meta, **opts)
     if mma:
         tiles, lut = (1 if m <= 8 else 2), meta.get("LUT", 0)
         warps = opts.get("num_warps", 4)
@@ -340,7 +372,7 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
             WARPS=warps, TILES=tiles, LUT=lut,
             MMA_ASM=skinny_mma.mma_asm(tiles, bool(lut)) if not interpreting() else "",
             ASM=int(not interpreting()), STAGES=stages, RING_DECLARE=ring_declare,
-            RING_READ=ring_read, **opts)
+            RING_READ=ring_read, PDL=int(pdl), **opts)
     elif gemv:
         # x as 32-bit pairs where it is contiguous bf16 with an even start
         pairs = (x.dtype == torch.bfloat16 and x.stride(1) == 1 and k % 2 == 0
@@ -356,8 +388,9 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
             IEEE=x.dtype == torch.float32, ASM=int(not interpreting()), **consts)
     if split_k > 1:
         size = m * n
-        reduce_partials_kernel[(triton.cdiv(size, REDUCE_BLOCK),)](out, y, size, split_k,
-                                                                  BLOCK=REDUCE_BLOCK, num_warps=4)
+        reduce_partials_kernel[(triton.cdiv(size, REDUCE_BLOCK),)](
+            out, y, size, split_k, BLOCK=REDUCE_BLOCK, num_warps=4, PDL=int(pdl),
+            **({"launch_pdl": True} if pdl else {}))
     return y
 
 

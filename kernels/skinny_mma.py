@@ -299,12 +299,15 @@ def skinny_mma_kernel(
     FORMAT: tl.constexpr, DQ_BLOCK: tl.constexpr, WARPS: tl.constexpr, TILES: tl.constexpr,
     LUT: tl.constexpr = 0, MMA_ASM: tl.constexpr = "", ASM: tl.constexpr = 1,
     STAGES: tl.constexpr = 0, RING_DECLARE: tl.constexpr = "", RING_READ: tl.constexpr = "",
+    PDL: tl.constexpr = 0,
 ):
     """out[s, m, n] = sum over the blocks of split s of absmax * (mma block sum); TILES = 1 for
     M <= 8, 2 for M <= 16 (x rows 8..15 in a second mma); MMA_ASM = mma_asm(TILES, LUT)."""
     T: tl.constexpr = 32 * WARPS
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
+    if PDL:  # the reduction kernel may launch now (skinny_matmul.allow_dependents)
+        tl.extra.cuda.gdc_launch_dependents()
     tid = _thread_ids(T, ASM)
     g = tid % 32 // 4
     t = tid % 4
