@@ -15,7 +15,9 @@ independent programs, each with a few wide loads in flight. A second tiny kernel
 SPLIT_K partials in a fixed order (deterministic, no atomics) and rounds to x's dtype; with
 SPLIT_K = 1 the first kernel writes y directly. Both are plain launches with fixed arguments once
 the config is chosen, so the pair can be captured in a CUDA graph (the partial buffer comes from
-the caching allocator, which graph capture supports).
+the caching allocator, which graph capture supports). On Hopper the second is launched with
+programmatic dependent launch (pdl_ok): it starts while the first runs and waits for it
+(griddepcontrol), which hides its launch (0.4-0.5 us per call; BENCHMARKS.md).
 
 M == 1 (gemv_kernel), on CUDA cores, float32 throughout:
     y[n] = sum_b s[b, n] * sum_{k in block b} v(q[n, k]) * x[k]
