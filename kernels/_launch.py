@@ -1,5 +1,6 @@
 """Python-side helpers of the launchers: checking a quantized weight and an activation, turning the
-weight into kernel arguments, and choosing between the autotuned kernel and a fixed config.
+weight into kernel arguments, and choosing between the autotuned kernel and a fixed config; and
+programmatic dependent launch (pdl_ok, with its one device-side call, allow_dependents).
 
 A "quantized weight" is any object with the attributes of quant.QuantizedWeight (duck typing, so
 that kernels/ does not import quant.py): quant_type, out_features, in_features, block_size,
@@ -10,6 +11,8 @@ import os
 import weakref
 
 import torch
+import triton
+import triton.language as tl
 
 FORMAT_NF4, FORMAT_NF4_DQ, FORMAT_INT4 = 0, 1, 2
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -146,3 +149,27 @@ def launch(kernel, tuned, grid, args, consts: dict, config: dict = None):
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+_pdl = {}  # device -> pdl_ok
+
+
+@triton.jit
+def allow_dependents(PDL: tl.constexpr):
+    """With PDL: let the next kernel (reduce_partials_kernel, launched with launch_pdl) start now;
+    it waits for this one to finish before it reads anything."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+def pdl_ok(device) -> bool:
+    """Programmatic dependent launch: a CUDA device of compute capability 9.0 or more, and a Triton
+    that has it (launch_pdl, griddepcontrol); never in the interpreter."""
+    if interpreting() or device.type != "cuda":
+        return False
+    if device not in _pdl:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        _pdl[device] = (torch.cuda.get_device_capability(device)[0] >= 9
+                        and "launch_pdl" in CUDAOptions.__dataclass_fields__
+                        and hasattr(tl.extra.cuda, "gdc_wait"))
+    return _pdl[device]

@@ -86,6 +86,14 @@ def code_values(nib, zero_f, code_ptr, FORMAT: tl.constexpr, LOOKUP: tl.constexp
 
 
 @triton.jit
+def double_dequant(q, absmax2, code8_ptr, offset):
+    """A block's absmax from its 8-bit code q (int32) and its group's absmax2, as
+    quant.double_dequantize: code8[q] * absmax2 + offset. (Two roundings there; the compiler may
+    fuse them into one FMA: then the absmax can differ by one float32 ulp from the reference.)"""
+    return tl.load(code8_ptr + q) * absmax2 + offset
+
+
+@triton.jit
 def load_block_scales(scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
                       kblock, row, mask, N,
                       FORMAT: tl.constexpr, DQ_BLOCK: tl.constexpr):
@@ -98,9 +106,7 @@ def load_block_scales(scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
     if FORMAT == 1:
         q = tl.load(scales_ptr + idx, mask=mask, other=0).to(tl.int32)
         absmax2 = tl.load(absmax2_ptr + idx // DQ_BLOCK, mask=mask, other=0.0)
-        # two roundings, as quant.double_dequantize (the compiler may fuse them into one FMA:
-        # then the absmax can differ by one float32 ulp from the reference)
-        scale = tl.load(code8_ptr + q) * absmax2 + tl.load(offset_ptr)
+        scale = double_dequant(q, absmax2, code8_ptr, tl.load(offset_ptr))
     else:
         scale = tl.load(scales_ptr + idx, mask=mask, other=0.0)
     if FORMAT == 2:
@@ -177,8 +183,6 @@ def dequantize_tile(p, scale, zero_f, code_ptr,
         w_hi = tl.reshape((code_values(hi3, z3, code_ptr, FORMAT, LOOKUP) * s3).to(DTYPE), (ROWS, BYTES))
         w_lo = tl.reshape((code_values(lo3, z3, code_ptr, FORMAT, LOOKUP) * s3).to(DTYPE), (ROWS, BYTES))
     return tl.interleave(w_hi, w_lo)
-
-
 
 
 # ----------------------------------------------------------------------------- LOOKUP = 3

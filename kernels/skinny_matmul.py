@@ -58,7 +58,8 @@ import triton
 import triton.testing
 import triton.language as tl
 
-from ._launch import check_activation, check_lookup, interpreting, prmt_ok, split_config, weight_args
+from ._launch import (allow_dependents, check_activation, check_lookup, interpreting, pdl_ok,
+                      prmt_ok, split_config, weight_args)
 from . import skinny_mma
 from ._tile import code_values, dequantize_tile, dequantize_tile_prmt, load_block_scales, nf4_code_pairs
 
@@ -214,27 +215,6 @@ def reduce_partials_kernel(part_ptr, y_ptr, SIZE, SPLIT_K, BLOCK: tl.constexpr, 
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def allow_dependents(PDL: tl.constexpr):
-    """With PDL: let the next kernel (reduce_partials_kernel, launched with launch_pdl) start now;
-    it waits for this one to finish before it reads anything."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-def pdl_ok(device) -> bool:
-    """Programmatic dependent launch: a CUDA device of compute capability 9.0 or more, and a Triton
-    that has it (launch_pdl, griddepcontrol); never in the interpreter."""
-    if interpreting() or device.type != "cuda":
-        return False
-    if device not in _pdl:
-        from triton.backends.nvidia.compiler import CUDAOptions
-        _pdl[device] = (torch.cuda.get_device_capability(device)[0] >= 9
-                        and "launch_pdl" in CUDAOptions.__dataclass_fields__
-                        and hasattr(tl.extra.cuda, "gdc_wait"))
-    return _pdl[device]
-
-
 def _cand(bn, bk, lookup, warps, stages, per_sm, swap=0):
     cand = {"BLOCK_N": bn, "BLOCK_K": bk, "LOOKUP": lookup, "num_warps": warps,
             "num_stages": stages, "PROGRAMS_PER_SM": per_sm}
@@ -291,7 +271,6 @@ REDUCE_BLOCK = 1024
 MAX_TUNE_COPIES = 16
 
 _sm_count = {}
-_pdl = {}  # device -> pdl_ok
 _chosen = {}  # (shape, format, M class, dtype, device) -> config dict
 
 
@@ -356,11 +335,12 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     stride_om, stride_on = (y.stride(0), y.stride(1)) if split_k == 1 else (out.stride(1), out.stride(2))
     grid = (triton.cdiv(n, block_n), split_k)
     pdl = split_k > 1 and pdl_ok(x.device)
-    consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, PDL=int(pdl), **meta, **opts)
+    asm = not interpreting()  # inline PTX (CUDA); the interpreter runs each kernel's plain path
+    consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, ASM=int(asm), PDL=int(pdl), **meta, **opts)
     if mma:
         tiles, lut = (1 if m <= 8 else 2), meta.get("LUT", 0)
         warps = opts.get("num_warps", 4)
-        stages = 0 if interpreting() else meta.get("STAGES", 0)
+        stages = meta.get("STAGES", 0) if asm else 0
         ring_declare, ring_read = skinny_mma.ring_asm(stages, warps, fmt) if stages else ("", "")
         if stages and not skinny_mma.ring_ok(n, tensors[0], tensors[1], dq_block):
             raise ValueError("the MMA kernel's cp.async ring (STAGES > 0) needs N a multiple of 16 "
@@ -372,22 +352,20 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
             x, *tensors, out, m, n, tensors[0].stride(0), x.stride(0) if m > 1 else 0,
             kp // qb, k_per_split // qb, stride_os, stride_om, FORMAT=fmt, DQ_BLOCK=dq_block,
             WARPS=warps, TILES=tiles, LUT=lut,
-            MMA_ASM=skinny_mma.mma_asm(tiles, bool(lut)) if not interpreting() else "",
-            ASM=int(not interpreting()), STAGES=stages, RING_DECLARE=ring_declare,
-            RING_READ=ring_read, PDL=int(pdl), **opts)
+            MMA_ASM=skinny_mma.mma_asm(tiles, bool(lut)) if asm else "", ASM=int(asm),
+            STAGES=stages, RING_DECLARE=ring_declare, RING_READ=ring_read, PDL=int(pdl), **opts)
     elif gemv:
         # x as 32-bit pairs where it is contiguous bf16 with an even start
         pairs = (x.dtype == torch.bfloat16 and x.stride(1) == 1 and k % 2 == 0
                  and x.storage_offset() % 2 == 0)
         x_arg = x.reshape(k).view(torch.int32) if pairs else x
         gemv_kernel[grid](x_arg, *tensors, out, n, k, kp, tensors[0].stride(0), k_per_split,
-                          x.stride(1), stride_os, stride_on, XPAIR=int(pairs),
-                          ASM=int(not interpreting()), **consts)
+                          x.stride(1), stride_os, stride_on, XPAIR=int(pairs), **consts)
     else:
         skinny_matmul_kernel[grid](
             x, *tensors, out, m, n, k, kp, tensors[0].stride(0), k_per_split,
             x.stride(0), x.stride(1), stride_os, stride_om, stride_on,
-            IEEE=x.dtype == torch.float32, ASM=int(not interpreting()), **consts)
+            IEEE=x.dtype == torch.float32, **consts)
     if split_k > 1:
         size = m * n
         reduce_partials_kernel[(triton.cdiv(size, REDUCE_BLOCK),)](
@@ -401,7 +379,7 @@ def _stream_copies(tensors, device):
     points), enough of them to be twice the size of L2 (at most MAX_TUNE_COPIES): cycled
     through, each call reads W from HBM, as in decoding, where every layer's weight is read once
     per token. (One weight replayed stays in the H100's 50 MB L2, and the fastest config there is
-    not the fastest from HBM; BENCHMARKS.md.) Unused slots alias the packed tensor (_launch)."""
+    not the fastest from HBM; BENCHMARKS.md.) Unused zeros alias the packed tensor (weight_args)."""
     packed, scales, zeros = tensors[:3]
     nbytes = packed.numel() + scales.numel() * scales.element_size()
     if zeros is not packed:
@@ -411,8 +389,7 @@ def _stream_copies(tensors, device):
     copies = []
     for _ in range(count):
         p = packed.clone()
-        copies.append((p, p if scales is packed else scales.clone(),
-                       p if zeros is packed else zeros.clone(), *tensors[3:]))
+        copies.append((p, scales.clone(), p if zeros is packed else zeros.clone(), *tensors[3:]))
     return copies
 
 

@@ -76,7 +76,9 @@ import functools
 import triton
 import triton.language as tl
 
-from ._tile import PRMT_TEMPS, _table_word, load_block_scales, nf4_code_pairs, prmt_decode_lines
+from ._launch import allow_dependents
+from ._tile import (PRMT_TEMPS, _table_word, double_dequant, load_block_scales, nf4_code_pairs,
+                    prmt_decode_lines)
 
 QBLOCK = 64  # the one block size of this kernel: 4 mma k-steps per block
 
@@ -117,6 +119,13 @@ def mma_asm(tiles: int, lut: bool) -> str:
     return "\n".join(lines)
 
 
+LUT_NAME = "nf4_pair_lut"
+LUT_SIZE = 256 * 32  # words: 256 byte values x 32 copies (one per lane: no bank conflicts), 32 KB
+LUT_WORDS = tl.constexpr(LUT_SIZE)
+# declared at the kernel's top scope (no braces), so that mma_asm's PTX can name it; the kernel
+# runs this statement once (one element per thread, outside the loop): PTX allows one declaration
+LUT_DECLARE: tl.constexpr = tl.constexpr(
+    f".shared .align 16 .b32 {LUT_NAME}[{LUT_SIZE}];\nmov.u32 $0, {LUT_NAME};")
 RING_SLOT = 592  # per warp and stage: W (16 rows x 32 bytes), 16 rows' scales (64), absmax2 (16)
 
 
@@ -168,13 +177,6 @@ def static_shared_bytes(lut: int, stages: int, warps: int) -> int:
     return (4 * LUT_SIZE if lut else 0) + stages * warps * RING_SLOT
 
 
-LUT_NAME = "nf4_pair_lut"
-LUT_SIZE = 256 * 32  # words: 256 byte values x 32 copies (one per lane: no bank conflicts), 32 KB
-LUT_WORDS = tl.constexpr(LUT_SIZE)
-# declared at the kernel's top scope (no braces), so that mma_asm's PTX can name it; the kernel
-# runs this statement once (one element per thread, outside the loop): PTX allows one declaration
-LUT_DECLARE: tl.constexpr = tl.constexpr(
-    f".shared .align 16 .b32 {LUT_NAME}[{LUT_SIZE}];\nmov.u32 $0, {LUT_NAME};")
 # operands: the block sums (4 per tile), W (2 x .b64), x (4 x .b64 per tile), 9 table operands
 MMA_CONSTRAINTS_1: tl.constexpr = tl.constexpr(",".join(["=f"] * 4 + ["l"] * 6 + ["r"] * 9))
 MMA_CONSTRAINTS_2: tl.constexpr = tl.constexpr(",".join(["=f"] * 8 + ["l"] * 10 + ["r"] * 9))
@@ -306,8 +308,7 @@ def skinny_mma_kernel(
     T: tl.constexpr = 32 * WARPS
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    if PDL:  # the reduction kernel may launch now (skinny_matmul.allow_dependents)
-        tl.extra.cuda.gdc_launch_dependents()
+    allow_dependents(PDL)
     tid = _thread_ids(T, ASM)
     g = tid % 32 // 4
     t = tid % 4
@@ -390,8 +391,8 @@ def skinny_mma_kernel(
                 dtype=(tl.int64, tl.int64, tl.int32, tl.int32, tl.int32), is_pure=False, pack=1)
             if FORMAT == 1:
                 absmax2 = g2.to(tl.float32, bitcast=True)
-                sa = tl.load(code8_ptr + qa) * absmax2 + offset
-                sb = tl.load(code8_ptr + qb) * absmax2 + offset
+                sa = double_dequant(qa, absmax2, code8_ptr, offset)
+                sb = double_dequant(qb, absmax2, code8_ptr, offset)
             else:
                 sa = qa.to(tl.float32, bitcast=True)
                 sb = qb.to(tl.float32, bitcast=True)
