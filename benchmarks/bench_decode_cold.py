@@ -80,7 +80,8 @@ def main():
         for q in qws:  # tune, and build each weight's decoder tables, outside the capture
             kernels.skinny_matmul(x, q)
         configs = {"tuned": sk.chosen_config(x, qws[0]), "gemv LOOKUP 3": sk.PRMT_CANDIDATES_M1[0],
-                   "mma table": sk.MMA_CANDIDATES_M1[0], "mma table + ring": sk.MMA_CANDIDATES_M1[3]}
+                   "mma table": sk._mma_cand(8, 2, 1), "mma table + ring": sk._mma_cand(8, 2, 1, 2),
+                   "mma table + ring + x shared": sk._mma_cand(8, 2, 1, 2, xs=1)}
         nbytes = qws[0].packed.numel() + qws[0].scales.numel()
         for name, cfg in configs.items():
             warm = bench_graph(lambda: kernels.skinny_matmul(x, qws[0], config=cfg), calls=CALLS)

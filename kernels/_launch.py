@@ -1,6 +1,6 @@
 """Python-side helpers of the launchers: checking a quantized weight and an activation, turning the
 weight into kernel arguments, and choosing between the autotuned kernel and a fixed config; and
-programmatic dependent launch (pdl_ok, with its one device-side call, allow_dependents).
+programmatic dependent launch (pdl_ok, with its one device-side call, pdl_chain).
 
 A "quantized weight" is any object with the attributes of quant.QuantizedWeight (duck typing, so
 that kernels/ does not import quant.py): quant_type, out_features, in_features, block_size,
@@ -155,10 +155,14 @@ _pdl = {}  # device -> pdl_ok
 
 
 @triton.jit
-def allow_dependents(PDL: tl.constexpr):
-    """With PDL: let the next kernel (reduce_partials_kernel, launched with launch_pdl) start now;
-    it waits for this one to finish before it reads anything."""
+def pdl_chain(PDL: tl.constexpr):
+    """With PDL (every kernel of a skinny matmul is launched with launch_pdl): wait here until the
+    kernel before this one in the stream has finished and its writes are visible
+    (griddepcontrol.wait), then let the kernel after this one start (launch_dependents); it
+    waits in turn. So each launch overlaps the work before it instead of following it, and
+    nothing is read or written early. Call it first thing in the kernel."""
     if PDL:
+        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
 
 

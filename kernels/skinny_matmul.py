@@ -15,9 +15,11 @@ independent programs, each with a few wide loads in flight. A second tiny kernel
 SPLIT_K partials in a fixed order (deterministic, no atomics) and rounds to x's dtype; with
 SPLIT_K = 1 the first kernel writes y directly. Both are plain launches with fixed arguments once
 the config is chosen, so the pair can be captured in a CUDA graph (the partial buffer comes from
-the caching allocator, which graph capture supports). On Hopper the second is launched with
-programmatic dependent launch (pdl_ok): it starts while the first runs and waits for it
-(griddepcontrol), which hides its launch (0.4-0.5 us per call; BENCHMARKS.md).
+the caching allocator, which graph capture supports). On Hopper both are launched with
+programmatic dependent launch (pdl_ok, _launch.pdl_chain): each starts while the kernel before
+it still runs and waits for it (griddepcontrol) before it reads anything, which hides the
+launches (the reduction's: 0.4-0.5 us per call; the main kernel's behind the reduction of the
+call before: 0.2-0.6 us more; BENCHMARKS.md).
 
 M == 1 (gemv_kernel), on CUDA cores, float32 throughout:
     y[n] = sum_b s[b, n] * sum_{k in block b} v(q[n, k]) * x[k]
@@ -58,7 +60,7 @@ import triton
 import triton.testing
 import triton.language as tl
 
-from ._launch import (allow_dependents, check_activation, check_lookup, interpreting, pdl_ok,
+from ._launch import (pdl_chain, check_activation, check_lookup, interpreting, pdl_ok,
                       prmt_ok, split_config, weight_args)
 from . import skinny_mma
 from ._tile import code_values, dequantize_tile, dequantize_tile_prmt, load_block_scales, nf4_code_pairs
@@ -83,7 +85,7 @@ def skinny_matmul_kernel(
     GROUPS: tl.constexpr = BLOCK_K // QBLOCK if BLOCK_K > QBLOCK else 1
     HALF: tl.constexpr = BLOCK_K // 2
     pid_n = tl.program_id(0)
-    allow_dependents(PDL)
+    pdl_chain(PDL)
     pid_s = tl.program_id(1)
     k_begin = pid_s * K_PER_SPLIT
     k_end = min(k_begin + K_PER_SPLIT, KP)
@@ -155,7 +157,7 @@ def gemv_kernel(
     HQ: tl.constexpr = QBLOCK // 2
     LK: tl.constexpr = 0 if LOOKUP == 2 else LOOKUP
     pid_n = tl.program_id(0)
-    allow_dependents(PDL)
+    pdl_chain(PDL)
     pid_s = tl.program_id(1)
     k_begin = pid_s * K_PER_SPLIT
     k_end = min(k_begin + K_PER_SPLIT, KP)
@@ -203,10 +205,9 @@ def reduce_partials_kernel(part_ptr, y_ptr, SIZE, SPLIT_K, BLOCK: tl.constexpr, 
     """y.flat[i] = sum_s partials[s].flat[i], s in order (float32), rounded to y's dtype.
 
     With PDL (programmatic dependent launch, Hopper) this kernel is launched while the one that
-    writes the partials still runs, and waits here for it to finish (griddepcontrol.wait): its
-    launch overlaps the other's work instead of following it (about 1 us per call in a graph)."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
+    writes the partials still runs, and waits here for it to finish (pdl_chain): its launch
+    overlaps the other's work instead of following it."""
+    pdl_chain(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < SIZE
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -249,19 +250,24 @@ PRMT_CANDIDATES_M1 = [_cand(16, 128, 3, 1, 1, 32), _cand(8, 256, 3, 1, 1, 32), _
 PRMT_CANDIDATES_M16 = [_cand(64, 256, 3, 4, 1, 8, swap=1), _cand(64, 128, 3, 4, 3, 8, swap=1)]
 
 
-def _mma_cand(warps, per_sm, lut, stages=0):
+def _mma_cand(warps, per_sm, lut, stages=0, xs=0):
     cand = {"MMA": 1, "LUT": lut, "num_warps": warps, "PROGRAMS_PER_SM": per_sm}
-    return {**cand, "STAGES": stages} if stages else cand
+    if stages:
+        cand["STAGES"] = stages
+    return {**cand, "XS": 1} if xs else cand
 
 
 # skinny_mma_kernel (tensor cores; NF4 with block 64, bf16 x, K a multiple of 64): the best of
 # sweeps on an H100 with the weight read from HBM (BENCHMARKS.md). At M = 1 the shared-memory
-# table (LUT 1) in large programs, most with W coming through the cp.async ring (STAGES, N a
-# multiple of 16; the tuner skips them elsewhere); at M = 16 the byte permutes (LUT 0).
-MMA_CANDIDATES_M1 = [_mma_cand(8, 2, 1), _mma_cand(8, 4, 1), _mma_cand(16, 2, 1),
-                     _mma_cand(8, 2, 1, stages=2), _mma_cand(8, 4, 1, stages=2),
-                     _mma_cand(8, 3, 1, stages=3), _mma_cand(4, 4, 1, stages=2)]
-MMA_CANDIDATES_M16 = [_mma_cand(2, 8, 0), _mma_cand(4, 4, 0), _mma_cand(8, 2, 1),
+# table (LUT 1) in large programs, the best with W coming through the cp.async ring (STAGES, N a
+# multiple of 16; the tuner skips them elsewhere) and x in shared memory (XS); at M = 16 the
+# byte permutes (LUT 0), the best also with the ring and XS.
+MMA_CANDIDATES_M1 = [_mma_cand(8, 2, 1), _mma_cand(8, 4, 1),
+                     _mma_cand(8, 2, 1, stages=2, xs=1), _mma_cand(8, 3, 1, stages=2, xs=1),
+                     _mma_cand(8, 2, 1, stages=3, xs=1), _mma_cand(8, 2, 1, stages=2),
+                     _mma_cand(8, 3, 1, stages=3)]
+MMA_CANDIDATES_M16 = [_mma_cand(2, 8, 0), _mma_cand(4, 4, 0), _mma_cand(8, 2, 0, stages=3, xs=1),
+                      _mma_cand(8, 4, 0, stages=3, xs=1), _mma_cand(8, 2, 0, stages=2, xs=1),
                       _mma_cand(4, 6, 0, stages=4)]
 # Small enough for the interpreter; SPLIT_K = 2 so that the tests exercise the reduction.
 # (LOOKUP 2, the tl.gather table, is for tl.dot; the M = 1 kernel takes it as 0.)
@@ -335,6 +341,7 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     stride_om, stride_on = (y.stride(0), y.stride(1)) if split_k == 1 else (out.stride(1), out.stride(2))
     grid = (triton.cdiv(n, block_n), split_k)
     pdl = split_k > 1 and pdl_ok(x.device)
+    pdl_opt = {"launch_pdl": True} if pdl else {}  # every kernel of the call: see pdl_chain
     asm = not interpreting()  # inline PTX (CUDA); the interpreter runs each kernel's plain path
     consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, ASM=int(asm), PDL=int(pdl), **meta, **opts)
     if mma:
@@ -348,29 +355,36 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
         if skinny_mma.static_shared_bytes(lut, stages, warps) > skinny_mma.STATIC_SHARED_MAX:
             raise ValueError(f"skinny_mma with LUT={lut}, STAGES={stages} and {warps} warps needs "
                              f"more than {skinny_mma.STATIC_SHARED_MAX} bytes of shared memory")
+        # XS: x in shared memory too, where it fits (it grows with M and the split's length; a
+        # config tuned at M = 5 may run at M = 16); else x is read from global memory as before
+        x_rows, x_blocks = skinny_mma.x_stage_rows(m), k_per_split // qb
+        xs = int(bool(meta.get("XS", 0)) and stages > 0 and skinny_mma.static_shared_bytes(
+            lut, stages, warps, x_rows * x_blocks * 128) <= skinny_mma.STATIC_SHARED_MAX)
+        x_declare, x_read = skinny_mma.x_stage_asm(x_rows, x_blocks, tiles) if xs else ("", "")
         skinny_mma.skinny_mma_kernel[grid](
             x, *tensors, out, m, n, tensors[0].stride(0), x.stride(0) if m > 1 else 0,
             kp // qb, k_per_split // qb, stride_os, stride_om, FORMAT=fmt, DQ_BLOCK=dq_block,
             WARPS=warps, TILES=tiles, LUT=lut,
             MMA_ASM=skinny_mma.mma_asm(tiles, bool(lut)) if asm else "", ASM=int(asm),
-            STAGES=stages, RING_DECLARE=ring_declare, RING_READ=ring_read, PDL=int(pdl), **opts)
+            STAGES=stages, RING_DECLARE=ring_declare, RING_READ=ring_read, PDL=int(pdl),
+            XS=xs, X_ROWS=x_rows, X_BLOCKS=x_blocks, X_DECLARE=x_declare, X_READ=x_read,
+            **pdl_opt, **opts)
     elif gemv:
         # x as 32-bit pairs where it is contiguous bf16 with an even start
         pairs = (x.dtype == torch.bfloat16 and x.stride(1) == 1 and k % 2 == 0
                  and x.storage_offset() % 2 == 0)
         x_arg = x.reshape(k).view(torch.int32) if pairs else x
         gemv_kernel[grid](x_arg, *tensors, out, n, k, kp, tensors[0].stride(0), k_per_split,
-                          x.stride(1), stride_os, stride_on, XPAIR=int(pairs), **consts)
+                          x.stride(1), stride_os, stride_on, XPAIR=int(pairs), **consts, **pdl_opt)
     else:
         skinny_matmul_kernel[grid](
             x, *tensors, out, m, n, k, kp, tensors[0].stride(0), k_per_split,
             x.stride(0), x.stride(1), stride_os, stride_om, stride_on,
-            IEEE=x.dtype == torch.float32, **consts)
+            IEEE=x.dtype == torch.float32, **consts, **pdl_opt)
     if split_k > 1:
         size = m * n
         reduce_partials_kernel[(triton.cdiv(size, REDUCE_BLOCK),)](
-            out, y, size, split_k, BLOCK=REDUCE_BLOCK, num_warps=4, PDL=int(pdl),
-            **({"launch_pdl": True} if pdl else {}))
+            out, y, size, split_k, BLOCK=REDUCE_BLOCK, num_warps=4, PDL=int(pdl), **pdl_opt)
     return y
 
 

@@ -55,6 +55,13 @@ and, with the table, fits 2-3 stages in the 48 KB (the launcher checks; the inte
 STAGES as 0).
 On the H100 this took 11008 x 4096 from HBM from 20.6 to 18.5 us (BENCHMARKS.md), not to the
 10 us a kernel that only reads the bytes takes: some latency stays exposed.
+With XS = 1 (and the ring) x comes from shared memory too: each program first copies x's rows
+(1 at M = 1, else the 8 or 16 of the mma tiles) over its split's blocks there (cp.async, 8 bytes
+per copy; X_ROWS x X_BLOCKS x 128 bytes, where it fits in the 48 KB: else the launcher runs it
+with x from global memory). Why: with the ring, ncu put the first mma of every block waiting on
+x's global loads (a third of the stall samples): the 8 warps of a program read the same x block
+at about the same time, one L2 round trip each block. From shared memory: 0.5-1.2 us less at
+M = 1, 3-4 us at M = 16 (BENCHMARKS.md).
 
 Which thread holds which element is decided by the hardware lane, not by Triton's layout: every
 lane-dependent index comes from %tid.x (read with inline PTX) and each (32 * num_warps,) tensor
@@ -76,7 +83,7 @@ import functools
 import triton
 import triton.language as tl
 
-from ._launch import allow_dependents
+from ._launch import pdl_chain
 from ._tile import (PRMT_TEMPS, _table_word, double_dequant, load_block_scales, nf4_code_pairs,
                     prmt_decode_lines)
 
@@ -147,6 +154,42 @@ def ring_asm(stages: int, warps: int, fmt: int):
     return declare, read
 
 
+X_NAME = "x_stage"
+
+
+@functools.lru_cache(maxsize=None)
+def x_stage_asm(rows: int, blocks: int, tiles: int):
+    """PTX of x in shared memory (XS): its declaration (rows x blocks x 128 bytes: x row r, block
+    j of the split at byte 128 (r blocks + j); the statement gives its address) and the read of
+    one block by one thread: 32 bytes of x row g ($0..$3 from [$8]) and, with tiles = 2, of row
+    g + 8 ($4..$7 from [$9]); zeros where $10 (row g < M) or $11 (row g + 8 < M) is 0."""
+    declare = (f".shared .align 16 .b8 {X_NAME}[{rows * blocks * 128}];\n"
+               f"mov.u32 $0, {X_NAME};")
+    read = ["{ .reg .pred p, q; setp.ne.u32 p, $10, 0; setp.ne.u32 q, $11, 0;",
+            "mov.b64 $0, 0; mov.b64 $1, 0; mov.b64 $2, 0; mov.b64 $3, 0;",
+            "@p ld.shared.v2.b64 {$0, $1}, [$8];", "@p ld.shared.v2.b64 {$2, $3}, [$8+16];"]
+    if tiles == 2:
+        read += ["mov.b64 $4, 0; mov.b64 $5, 0; mov.b64 $6, 0; mov.b64 $7, 0;",
+                 "@q ld.shared.v2.b64 {$4, $5}, [$9];", "@q ld.shared.v2.b64 {$6, $7}, [$9+16];"]
+    else:
+        read += ["mov.b64 $4, $0; mov.b64 $5, $1; mov.b64 $6, $2; mov.b64 $7, $3;"]
+    return declare, "\n".join(read + ["}"])
+
+
+def x_stage_rows(m: int) -> int:
+    """Rows of x kept in shared memory: 1 at M = 1, else the 8 or 16 rows of the mma tiles."""
+    return 1 if m == 1 else (8 if m <= 8 else 16)
+
+
+# one 8-byte piece of x into shared memory ([$1] from [$2]) where $3 != 0
+X_COPY: tl.constexpr = tl.constexpr(
+    "{ .reg .pred p; setp.ne.u32 p, $3, 0;\n"
+    "@p cp.async.ca.shared.global [$1], [$2], 8; }\n"
+    "mov.u32 $0, 0;")
+# wait for every cp.async of this thread, then for the whole program (bar.sync follows)
+WAIT_ALL: tl.constexpr = tl.constexpr("cp.async.wait_all;\nmov.u32 $0, 0;")
+
+
 RING_NAME = "w_ring"
 RING_SLOT_C: tl.constexpr = tl.constexpr(RING_SLOT)
 # one block's copies into a warp's stage slot, as one group: first make sure the warp is done
@@ -172,9 +215,9 @@ def ring_ok(n: int, packed, scales, dq_block: int) -> bool:
             and scales.data_ptr() % 16 == 0)
 
 
-def static_shared_bytes(lut: int, stages: int, warps: int) -> int:
-    """Shared memory the kernel declares: the table (LUT) and the ring."""
-    return (4 * LUT_SIZE if lut else 0) + stages * warps * RING_SLOT
+def static_shared_bytes(lut: int, stages: int, warps: int, x_bytes: int = 0) -> int:
+    """Shared memory the kernel declares: the table (LUT), the ring and x (XS)."""
+    return (4 * LUT_SIZE if lut else 0) + stages * warps * RING_SLOT + x_bytes
 
 
 # operands: the block sums (4 per tile), W (2 x .b64), x (4 x .b64 per tile), 9 table operands
@@ -302,13 +345,15 @@ def skinny_mma_kernel(
     LUT: tl.constexpr = 0, MMA_ASM: tl.constexpr = "", ASM: tl.constexpr = 1,
     STAGES: tl.constexpr = 0, RING_DECLARE: tl.constexpr = "", RING_READ: tl.constexpr = "",
     PDL: tl.constexpr = 0,
+    XS: tl.constexpr = 0, X_ROWS: tl.constexpr = 1, X_BLOCKS: tl.constexpr = 1,
+    X_DECLARE: tl.constexpr = "", X_READ: tl.constexpr = "",
 ):
     """out[s, m, n] = sum over the blocks of split s of absmax * (mma block sum); TILES = 1 for
     M <= 8, 2 for M <= 16 (x rows 8..15 in a second mma); MMA_ASM = mma_asm(TILES, LUT)."""
     T: tl.constexpr = 32 * WARPS
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    allow_dependents(PDL)
+    pdl_chain(PDL)
     tid = _thread_ids(T, ASM)
     g = tid % 32 // 4
     t = tid % 4
@@ -327,30 +372,6 @@ def skinny_mma_kernel(
     xb_ptrs = xa_ptrs + 8 * (stride_xm // 4)
     xa_ok = g < M
     xb_ok = g + 8 < M
-    if ASM:
-        tab = code_ptr.to(tl.pointer_type(tl.int32)) + 16
-        if LUT:  # fill the shared-memory table: word 32 b + lane = pair of byte value b
-            lut = tl.inline_asm_elementwise(LUT_DECLARE, "=r,r", [tid], dtype=tl.int32,
-                                            is_pure=True, pack=1)
-            for i in range(LUT_WORDS // T):
-                wi = i * T + tid
-                _st_shared(lut + 4 * wi, tl.load(tab + 12 + wi // 32))
-            tl.debug_barrier()
-            tw0 = tid % 32 * 4
-            tw1, tw2, tw3, tw4, tw5, tw6, tw7, tw8 = tw0, tw0, tw0, tw0, tw0, tw0, tw0, tw0
-        else:  # the decoder's 9 table words (_tile.py), in registers for the whole loop
-            tw0, tw1, tw2 = _table_word(tab, 0), _table_word(tab, 1), _table_word(tab, 2)
-            tw3, tw4, tw5 = _table_word(tab, 3), _table_word(tab, 4), _table_word(tab, 5)
-            tw6, tw7, tw8 = _table_word(tab, 6), _table_word(tab, 7), _table_word(tab, 8)
-        tw = (tw0, tw1, tw2, tw3, tw4, tw5, tw6, tw7, tw8)
-    acc0 = tl.zeros((T,), dtype=tl.float32)
-    acc1 = tl.zeros((T,), dtype=tl.float32)
-    acc2 = tl.zeros((T,), dtype=tl.float32)
-    acc3 = tl.zeros((T,), dtype=tl.float32)
-    acc4 = tl.zeros((T,), dtype=tl.float32)
-    acc5 = tl.zeros((T,), dtype=tl.float32)
-    acc6 = tl.zeros((T,), dtype=tl.float32)
-    acc7 = tl.zeros((T,), dtype=tl.float32)
     if STAGES:
         # W and the scales come through a ring of STAGES slots per warp in shared memory, filled
         # by cp.async STAGES - 1 blocks ahead: a copy has no register to wait on, so ptxas issues
@@ -379,6 +400,51 @@ def skinny_mma_kernel(
         for pre in tl.static_range(STAGES - 1):
             _ring_issue(min(b_begin + pre, last), pre, copy_w, copy_s, copy_g, w_src, s_src, s_lane,
                         row0_n, g_lane, absmax2_ptr, N, DQ_BLOCK)
+    if ASM:
+        tab = code_ptr.to(tl.pointer_type(tl.int32)) + 16
+        if LUT:  # fill the shared-memory table: word 32 b + lane = pair of byte value b
+            lut = tl.inline_asm_elementwise(LUT_DECLARE, "=r,r", [tid], dtype=tl.int32,
+                                            is_pure=True, pack=1)
+            for i in range(LUT_WORDS // T):
+                wi = i * T + tid
+                _st_shared(lut + 4 * wi, tl.load(tab + 12 + wi // 32))
+            if not XS:  # (with XS, after x's copies)
+                tl.debug_barrier()
+            tw0 = tid % 32 * 4
+            tw1, tw2, tw3, tw4, tw5, tw6, tw7, tw8 = tw0, tw0, tw0, tw0, tw0, tw0, tw0, tw0
+        else:  # the decoder's 9 table words (_tile.py), in registers for the whole loop
+            tw0, tw1, tw2 = _table_word(tab, 0), _table_word(tab, 1), _table_word(tab, 2)
+            tw3, tw4, tw5 = _table_word(tab, 3), _table_word(tab, 4), _table_word(tab, 5)
+            tw6, tw7, tw8 = _table_word(tab, 6), _table_word(tab, 7), _table_word(tab, 8)
+        tw = (tw0, tw1, tw2, tw3, tw4, tw5, tw6, tw7, tw8)
+    if XS:
+        # x rows 0 .. X_ROWS - 1 over this split's blocks into shared memory, once: the loop then
+        # reads x with no global load to wait for. Layout: row r, block j of the split at byte
+        # 128 (r X_BLOCKS + j), 16 pieces of 8 bytes per block; one wait and one barrier for all.
+        x_stage = tl.inline_asm_elementwise(X_DECLARE, "=r,r", [tid], dtype=tl.int32,
+                                            is_pure=True, pack=1)
+        for i in range(tl.cdiv(X_ROWS * X_BLOCKS * 16, T)):
+            piece = i * T + tid  # 8-byte pieces: row, block of the split, 16 per block
+            xr = piece // (X_BLOCKS * 16)
+            xj = piece % (X_BLOCKS * 16)
+            ok = (xr < M) & (b_begin + xj // 16 < b_end)
+            tl.inline_asm_elementwise(
+                X_COPY, "=r,r,l,r",
+                [x_stage + 8 * piece, x64 + xr * (stride_xm // 4) + 16 * b_begin + xj, ok.to(tl.int32)],
+                dtype=tl.int32, is_pure=False, pack=1)
+        tl.inline_asm_elementwise(WAIT_ALL, "=r,r", [tid], dtype=tl.int32, is_pure=False, pack=1)
+        tl.debug_barrier()
+        xa_stage = x_stage + (g * X_BLOCKS) * 128 + 32 * t
+        xb_stage = xa_stage + 8 * X_BLOCKS * 128
+    acc0 = tl.zeros((T,), dtype=tl.float32)
+    acc1 = tl.zeros((T,), dtype=tl.float32)
+    acc2 = tl.zeros((T,), dtype=tl.float32)
+    acc3 = tl.zeros((T,), dtype=tl.float32)
+    acc4 = tl.zeros((T,), dtype=tl.float32)
+    acc5 = tl.zeros((T,), dtype=tl.float32)
+    acc6 = tl.zeros((T,), dtype=tl.float32)
+    acc7 = tl.zeros((T,), dtype=tl.float32)
+    if STAGES:
         for b in range(b_begin, b_end):
             ahead = b - b_begin + STAGES - 1
             _ring_issue(min(b_begin + ahead, last), ahead % STAGES, copy_w, copy_s, copy_g, w_src,
@@ -396,9 +462,17 @@ def skinny_mma_kernel(
             else:
                 sa = qa.to(tl.float32, bitcast=True)
                 sb = qb.to(tl.float32, bitcast=True)
+            if XS:
+                j = (b - b_begin) * 128
+                xs = tl.inline_asm_elementwise(
+                    X_READ, "=l,=l,=l,=l,=l,=l,=l,=l,r,r,r,r",
+                    [xa_stage + j, xb_stage + j, xa_ok.to(tl.int32), xb_ok.to(tl.int32)],
+                    dtype=(tl.int64,) * 8, is_pure=False, pack=1)
+            else:
+                xs = _load_x_tiles(xa_ptrs, xb_ptrs, xa_ok, xb_ok, b, TILES)
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _mma_block(
-                (acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7), sa, sb, wa, wb,
-                _load_x_tiles(xa_ptrs, xb_ptrs, xa_ok, xb_ok, b, TILES), tw, TILES, MMA_ASM)
+                (acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7), sa, sb, wa, wb, xs, tw, TILES,
+                MMA_ASM)
     else:
         # Loads written one block ahead (block b + 1's while block b is decoded and multiplied; the
         # last block loads itself again as its "next": every address in bounds). ptxas still

@@ -204,19 +204,21 @@ def test_prmt_decoder_only_for_nf4_bf16():
                            config={"BLOCK_R": 16, "BLOCK_C": 128, "LOOKUP": 3})
 
 
-# (decoder, warps, splits of the 3 blocks, cp.async ring stages: 0 = none; the interpreter has
-# no ring and runs those as 0): rings longer than a split too
-MMA_CONFIGS = [{"MMA": 1, "LUT": lut, "num_warps": w, "SPLIT_K": s, "STAGES": st}
-               for lut, w, s, st in [(0, 1, 1, 0), (1, 2, 2, 0), (0, 1, 3, 0), (1, 1, 2, 0),
-                                     (1, 2, 1, 2), (0, 1, 2, 3), (1, 1, 3, 4), (0, 2, 1, 4)]]
+# (decoder, warps, splits of the 3 blocks, cp.async ring stages: 0 = none, x in shared memory;
+# the interpreter has no ring and runs those as STAGES 0, XS 0): rings longer than a split too
+MMA_CONFIGS = [{"MMA": 1, "LUT": lut, "num_warps": w, "SPLIT_K": s, "STAGES": st, "XS": xs}
+               for lut, w, s, st, xs in [(0, 1, 1, 0, 0), (1, 2, 2, 0, 0), (0, 1, 3, 0, 0),
+                                         (1, 1, 2, 0, 0), (1, 2, 1, 2, 0), (0, 1, 2, 3, 0),
+                                         (1, 1, 3, 4, 0), (0, 2, 1, 4, 0), (1, 2, 2, 2, 1),
+                                         (0, 1, 1, 3, 1), (0, 2, 3, 2, 1)]]
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "nf4dq"])
 @pytest.mark.parametrize("m", [1, 3, 8, 11, 16])
 def test_mma_kernel_equals_reference(fmt, m):
     """skinny_mma (tensor cores, M <= 16): N = 40 (a partial warp of 16 rows), 1-3 splits of K
-    (3 blocks), M up to 8 (one mma) and up to 16 (two), with and without the cp.async ring (GPU,
-    N = 48). On the CPU the kernel's plain statement (ASM=0), on the GPU the PTX with both
+    (3 blocks), M up to 8 (one mma) and up to 16 (two), with and without the cp.async ring and x
+    in shared memory (GPU, N = 48). On the CPU the kernel's plain statement (ASM=0), on the GPU the PTX with both
     decoders. bf16 code values times the absmax: the bound of the M = 1 kernel (module
     docstring), against the float64 product."""
     x = gaussian(m, 192, seed=51 + m, dtype=torch.bfloat16)
