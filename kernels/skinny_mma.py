@@ -162,18 +162,17 @@ def x_stage_asm(rows: int, blocks: int, tiles: int):
     """PTX of x in shared memory (XS): its declaration (rows x blocks x 128 bytes: x row r, block
     j of the split at byte 128 (r blocks + j); the statement gives its address) and the read of
     one block by one thread: 32 bytes of x row g ($0..$3 from [$8]) and, with tiles = 2, of row
-    g + 8 ($4..$7 from [$9]); zeros where $10 (row g < M) or $11 (row g + 8 < M) is 0."""
+    g + 8 ($4..$7 from [$9]; else copies of the first four). No zeros are needed for the rows
+    past M (threads of M = 1 read row 0, rows M..7 of M <= 8 hold whatever they hold): x row m
+    only reaches the mma's output column m, and columns m >= M are not stored."""
     declare = (f".shared .align 16 .b8 {X_NAME}[{rows * blocks * 128}];\n"
                f"mov.u32 $0, {X_NAME};")
-    read = ["{ .reg .pred p, q; setp.ne.u32 p, $10, 0; setp.ne.u32 q, $11, 0;",
-            "mov.b64 $0, 0; mov.b64 $1, 0; mov.b64 $2, 0; mov.b64 $3, 0;",
-            "@p ld.shared.v2.b64 {$0, $1}, [$8];", "@p ld.shared.v2.b64 {$2, $3}, [$8+16];"]
+    read = ["ld.shared.v2.b64 {$0, $1}, [$8];", "ld.shared.v2.b64 {$2, $3}, [$8+16];"]
     if tiles == 2:
-        read += ["mov.b64 $4, 0; mov.b64 $5, 0; mov.b64 $6, 0; mov.b64 $7, 0;",
-                 "@q ld.shared.v2.b64 {$4, $5}, [$9];", "@q ld.shared.v2.b64 {$6, $7}, [$9+16];"]
+        read += ["ld.shared.v2.b64 {$4, $5}, [$9];", "ld.shared.v2.b64 {$6, $7}, [$9+16];"]
     else:
-        read += ["mov.b64 $4, $0; mov.b64 $5, $1; mov.b64 $6, $2; mov.b64 $7, $3;"]
-    return declare, "\n".join(read + ["}"])
+        read += ["mov.b64 $4, $0;", "mov.b64 $5, $1;", "mov.b64 $6, $2;", "mov.b64 $7, $3;"]
+    return declare, "\n".join(read)
 
 
 def x_stage_rows(m: int) -> int:
@@ -281,18 +280,18 @@ def _load_x_tiles(xa_ptrs, xb_ptrs, xa_ok, xb_ok, b, TILES: tl.constexpr):
 
 
 @triton.jit
-def _ring_issue(b, stage, copy_w, copy_s, copy_g, w_src, s_src, s_lane, row0, g_lane, absmax2_ptr,
+def _ring_issue(b, slot, copy_w, copy_s, copy_g, w_src, s_src, s_lane, row0, g_lane, absmax2_ptr,
                 N, DQ_BLOCK: tl.constexpr):
-    """Start the copies of block b into ring stage `stage` of this thread's warp: lane l copies
+    """Start the copies of block b into the ring stage at byte `slot` of this thread's warp's
+    ring (RING_SLOT times the stage): lane l copies
     bytes 16 (l % 2) .. + 16 of the warp's row l // 2 (w_src: that row and half at block 0); the
     scale lanes (s_lane) 16 bytes of the 16 rows' scales of block b (s_src: at block 0);
     g_lane the absmax2 of the warp's rows (NF4 + DQ: indices b N + row0 .. + 15 start at a
     multiple of 16 and DQ_BLOCK is one, so they share one)."""
     tl.inline_asm_elementwise(
         RING_ISSUE, "=r,r,l,r,l,r,r,l,r",
-        [copy_w + stage * RING_SLOT_C, w_src + 32 * b, copy_s + stage * RING_SLOT_C,
-         s_src + b * N, s_lane, copy_g + stage * RING_SLOT_C,
-         absmax2_ptr + (b * N + row0) // DQ_BLOCK, g_lane],
+        [copy_w + slot, w_src + 32 * b, copy_s + slot, s_src + b * N, s_lane, copy_g + slot,
+         absmax2_ptr + (b * N + row0).to(tl.uint32) // DQ_BLOCK, g_lane],  # (unsigned: a shift)
         dtype=tl.int32, is_pure=False, pack=1)
 
 
@@ -398,8 +397,8 @@ def skinny_mma_kernel(
         row0_n = row0 % N
         offset = tl.load(offset_ptr) if FORMAT == 1 else 0.0
         for pre in tl.static_range(STAGES - 1):
-            _ring_issue(min(b_begin + pre, last), pre, copy_w, copy_s, copy_g, w_src, s_src, s_lane,
-                        row0_n, g_lane, absmax2_ptr, N, DQ_BLOCK)
+            _ring_issue(min(b_begin + pre, last), pre * RING_SLOT_C, copy_w, copy_s, copy_g, w_src,
+                        s_src, s_lane, row0_n, g_lane, absmax2_ptr, N, DQ_BLOCK)
     if ASM:
         tab = code_ptr.to(tl.pointer_type(tl.int32)) + 16
         if LUT:  # fill the shared-memory table: word 32 b + lane = pair of byte value b
@@ -434,7 +433,7 @@ def skinny_mma_kernel(
                 dtype=tl.int32, is_pure=False, pack=1)
         tl.inline_asm_elementwise(WAIT_ALL, "=r,r", [tid], dtype=tl.int32, is_pure=False, pack=1)
         tl.debug_barrier()
-        xa_stage = x_stage + (g * X_BLOCKS) * 128 + 32 * t
+        xa_stage = x_stage + (g % X_ROWS * X_BLOCKS) * 128 + 32 * t  # (M = 1: row 0)
         xb_stage = xa_stage + 8 * X_BLOCKS * 128
     acc0 = tl.zeros((T,), dtype=tl.float32)
     acc1 = tl.zeros((T,), dtype=tl.float32)
@@ -445,11 +444,12 @@ def skinny_mma_kernel(
     acc6 = tl.zeros((T,), dtype=tl.float32)
     acc7 = tl.zeros((T,), dtype=tl.float32)
     if STAGES:
+        slot = b_begin * 0  # byte offset of block b's stage: RING_SLOT ((b - b_begin) % STAGES)
         for b in range(b_begin, b_end):
-            ahead = b - b_begin + STAGES - 1
-            _ring_issue(min(b_begin + ahead, last), ahead % STAGES, copy_w, copy_s, copy_g, w_src,
-                        s_src, s_lane, row0_n, g_lane, absmax2_ptr, N, DQ_BLOCK)
-            slot = (b - b_begin) % STAGES * RING_SLOT_C
+            # block b + STAGES - 1 goes to the stage read in the previous iteration
+            ahead = tl.where(slot == 0, (STAGES - 1) * RING_SLOT_C, slot - RING_SLOT_C)
+            _ring_issue(min(b + STAGES - 1, last), ahead, copy_w, copy_s, copy_g, w_src, s_src,
+                        s_lane, row0_n, g_lane, absmax2_ptr, N, DQ_BLOCK)
             wa, wb, qa, qb, g2 = tl.inline_asm_elementwise(
                 RING_READ, "=l,=l,=r,=r,=r,r,r,r,r,r",
                 [read_a + slot, read_a + slot + 256, warp_ring + slot + 512 + g * ES,
@@ -465,14 +465,14 @@ def skinny_mma_kernel(
             if XS:
                 j = (b - b_begin) * 128
                 xs = tl.inline_asm_elementwise(
-                    X_READ, "=l,=l,=l,=l,=l,=l,=l,=l,r,r,r,r",
-                    [xa_stage + j, xb_stage + j, xa_ok.to(tl.int32), xb_ok.to(tl.int32)],
+                    X_READ, "=l,=l,=l,=l,=l,=l,=l,=l,r,r", [xa_stage + j, xb_stage + j],
                     dtype=(tl.int64,) * 8, is_pure=False, pack=1)
             else:
                 xs = _load_x_tiles(xa_ptrs, xb_ptrs, xa_ok, xb_ok, b, TILES)
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _mma_block(
                 (acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7), sa, sb, wa, wb, xs, tw, TILES,
                 MMA_ASM)
+            slot = tl.where(slot == (STAGES - 1) * RING_SLOT_C, 0, slot + RING_SLOT_C)
     else:
         # Loads written one block ahead (block b + 1's while block b is decoded and multiplied; the
         # last block loads itself again as its "next": every address in bounds). ptxas still
