@@ -60,8 +60,8 @@ With XS = 1 (and the ring) x comes from shared memory too: each program first co
 per copy; X_ROWS x X_BLOCKS x 128 bytes, where it fits in the 48 KB: else the launcher runs it
 with x from global memory). Why: with the ring, ncu put the first mma of every block waiting on
 x's global loads (a third of the stall samples): the 8 warps of a program read the same x block
-at about the same time, one L2 round trip each block. From shared memory: 0.5-1.2 us less at
-M = 1, 3-4 us at M = 16 (BENCHMARKS.md).
+at about the same time, one L2 round trip each block. From shared memory: 0.5-1.1 us less at
+M = 1, 4-5 us at M = 16 (BENCHMARKS.md).
 
 Which thread holds which element is decided by the hardware lane, not by Triton's layout: every
 lane-dependent index comes from %tid.x (read with inline PTX) and each (32 * num_warps,) tensor
@@ -379,6 +379,8 @@ def skinny_mma_kernel(
         # Copies are 16 bytes per lane, one group per block; reads are this thread's bytes.
         # Layout: warp w, stage s at RING_SLOT * (STAGES w + s): W rows 0..15 x 32 bytes, the 16
         # rows' scales (16 bytes: 8-bit codes; 64: float32), their absmax2 (NF4 + DQ).
+        # The first STAGES - 1 blocks are asked for here, before the table fill and x's copies,
+        # so that their trip from memory overlaps those.
         ES: tl.constexpr = 1 if FORMAT == 1 else 4
         ring = tl.inline_asm_elementwise(RING_DECLARE, "=r,r", [tid], dtype=tl.int32,
                                          is_pure=True, pack=1)

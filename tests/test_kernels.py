@@ -218,9 +218,9 @@ MMA_CONFIGS = [{"MMA": 1, "LUT": lut, "num_warps": w, "SPLIT_K": s, "STAGES": st
 def test_mma_kernel_equals_reference(fmt, m):
     """skinny_mma (tensor cores, M <= 16): N = 40 (a partial warp of 16 rows), 1-3 splits of K
     (3 blocks), M up to 8 (one mma) and up to 16 (two), with and without the cp.async ring and x
-    in shared memory (GPU, N = 48). On the CPU the kernel's plain statement (ASM=0), on the GPU the PTX with both
-    decoders. bf16 code values times the absmax: the bound of the M = 1 kernel (module
-    docstring), against the float64 product."""
+    in shared memory (GPU, N = 48). On the CPU the kernel's plain statement (ASM=0), on the GPU
+    the PTX with both decoders. bf16 code values times the absmax: the bound of the M = 1 kernel
+    (module docstring), against the float64 product."""
     x = gaussian(m, 192, seed=51 + m, dtype=torch.bfloat16)
     weights = {n: make_weight(fmt, n, 192, seed=50) for n in (40, 48)}
     for cfg in MMA_CONFIGS:
