@@ -162,17 +162,23 @@ def x_stage_asm(rows: int, blocks: int, tiles: int):
     """PTX of x in shared memory (XS): its declaration (rows x blocks x 128 bytes: x row r, block
     j of the split at byte 128 (r blocks + j); the statement gives its address) and the read of
     one block by one thread: 32 bytes of x row g ($0..$3 from [$8]) and, with tiles = 2, of row
-    g + 8 ($4..$7 from [$9]; else copies of the first four). No zeros are needed for the rows
-    past M (threads of M = 1 read row 0, rows M..7 of M <= 8 hold whatever they hold): x row m
-    only reaches the mma's output column m, and columns m >= M are not stored."""
+    g + 8 ($4..$7 from [$9]; else copies of the first four). Rows past M need no zeros (rows
+    M..7 of M <= 8 hold whatever they hold): x row m only reaches the mma's output column m, and
+    columns m >= M are not stored. At M = 1 (rows = 1) only the 4 threads of g = 0 ($10) read,
+    the others take zeros: all 32 threads reading the same 4 addresses made the M = 1 kernel
+    0.1-0.5 us slower (a 16-byte shared load takes a pass per 8 threads)."""
     declare = (f".shared .align 16 .b8 {X_NAME}[{rows * blocks * 128}];\n"
                f"mov.u32 $0, {X_NAME};")
-    read = ["ld.shared.v2.b64 {$0, $1}, [$8];", "ld.shared.v2.b64 {$2, $3}, [$8+16];"]
+    p = "@p " if rows == 1 else ""
+    read = ["{ .reg .pred p; setp.eq.u32 p, $10, 0;"]
+    if rows == 1:
+        read += ["mov.b64 $0, 0; mov.b64 $1, 0; mov.b64 $2, 0; mov.b64 $3, 0;"]
+    read += [f"{p}ld.shared.v2.b64 {{$0, $1}}, [$8];", f"{p}ld.shared.v2.b64 {{$2, $3}}, [$8+16];"]
     if tiles == 2:
         read += ["ld.shared.v2.b64 {$4, $5}, [$9];", "ld.shared.v2.b64 {$6, $7}, [$9+16];"]
     else:
         read += ["mov.b64 $4, $0;", "mov.b64 $5, $1;", "mov.b64 $6, $2;", "mov.b64 $7, $3;"]
-    return declare, "\n".join(read)
+    return declare, "\n".join(read + ["}"])
 
 
 def x_stage_rows(m: int) -> int:
@@ -467,7 +473,7 @@ def skinny_mma_kernel(
             if XS:
                 j = (b - b_begin) * 128
                 xs = tl.inline_asm_elementwise(
-                    X_READ, "=l,=l,=l,=l,=l,=l,=l,=l,r,r", [xa_stage + j, xb_stage + j],
+                    X_READ, "=l,=l,=l,=l,=l,=l,=l,=l,r,r,r", [xa_stage + j, xb_stage + j, g],
                     dtype=(tl.int64,) * 8, is_pure=False, pack=1)
             else:
                 xs = _load_x_tiles(xa_ptrs, xb_ptrs, xa_ok, xb_ok, b, TILES)
