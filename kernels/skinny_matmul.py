@@ -277,7 +277,7 @@ REDUCE_BLOCK = 1024
 MAX_TUNE_COPIES = 16
 
 _sm_count = {}
-_chosen = {}  # (shape, format, M class, dtype, device) -> config dict
+_chosen = {}  # _key(...) -> config dict
 
 
 def sm_count(device: torch.device) -> int:
@@ -437,12 +437,17 @@ def _tune(x, w, candidates, args):
 
 def chosen_config(x, w):
     """The config that skinny_matmul(x, w) uses (after the first call), or None."""
-    return _chosen.get(_key(x, w))
+    fmt, tensors, kp, qb, dq_block = weight_args(w)
+    return _chosen.get(_key(x, w, tensors, dq_block))
 
 
-def _key(x, w):
+def _key(x, w, tensors, dq_block):
+    """What a tuned config depends on: the shape and format, M = 1 or not, x's dtype and device,
+    whether skinny_mma may run (x_aligned) and whether its ring may (ring_ok: the alignment of
+    this weight's tensors), so that a config is never reused where it cannot run."""
     return (w.out_features, w.in_features, w.quant_type, w.double_quant, w.block_size,
-            x.shape[0] == 1, x.dtype, x.device, x_aligned(x))  # (whether skinny_mma may run)
+            x.shape[0] == 1, x.dtype, x.device, x_aligned(x),
+            skinny_mma.ring_ok(w.out_features, tensors[0], tensors[1], dq_block))
 
 
 def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
@@ -461,7 +466,7 @@ def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
     if config is None:
-        key = _key(x, w)
+        key = _key(x, w, tensors, dq_block)
         config = _chosen.get(key)
         if config is None:
             candidates = CANDIDATES_M1 if m == 1 else CANDIDATES_M16

@@ -428,6 +428,26 @@ def test_autotuned_launch_path_in_interpreter(monkeypatch):
     assert len(tried) == len(skinny.CANDIDATES_M1) + len(skinny.CANDIDATES_M16)
 
 
+def test_skinny_tuned_config_key_sees_the_ring():
+    """A tuned config is cached per _key: two weights of one shape whose tensors differ in what
+    the cp.async ring needs (16-byte aligned packed bytes) get different keys, so a ring config
+    tuned on one is never reused on the other (it would raise)."""
+    import dataclasses
+    sk = importlib.import_module("kernels.skinny_matmul")
+    from kernels._launch import weight_args
+    qw = make_weight("nf4dq", 48, 192, seed=54)
+    buf = torch.zeros(qw.packed.numel() + 1, dtype=torch.uint8, device=qw.packed.device)
+    shifted = buf[1:].view(qw.packed.shape)  # contiguous, one byte past 16-byte alignment
+    shifted.copy_(qw.packed)
+    other = dataclasses.replace(qw, packed=shifted)
+    x = gaussian(1, 192, seed=55, dtype=torch.bfloat16)
+    keys = []
+    for w in (qw, other):
+        fmt, tensors, kp, qb, dq_block = weight_args(w)
+        keys.append(sk._key(x, w, tensors, dq_block))
+    assert keys[0] != keys[1] and keys[0][:-1] == keys[1][:-1]
+
+
 def test_skinny_split_k_values():
     """split_k_for: enough programs, never an empty split; the launcher's K ranges cover K."""
     from kernels.skinny_matmul import split_k_for
