@@ -78,9 +78,11 @@ def code_with_tables(w) -> torch.Tensor:
     (kernels/_tile.py) and the 256 code pairs of skinny_mma's table, stored as float32 bit
     patterns: the kernels' `code` argument.
 
-    Built on the code's device with tensor ops (no copy to the host, so no synchronization) and
-    cached per code tensor (weights usually share one): build it outside CUDA-graph capture (any
-    eager call does).
+    Built on the code's device with tensor ops and cached per code tensor (weights usually share
+    one): build it outside CUDA-graph capture (any eager call does). Once built, it is never
+    written again, and the build is waited for (one stream synchronization per code tensor), so
+    that skinny_mma may read it before its PDL wait (pdl_chain): no kernel still running can be
+    writing it.
     """
     code = w.code
     cached = _code_tables.get(id(code))
@@ -101,6 +103,8 @@ def code_with_tables(w) -> torch.Tensor:
     words = torch.cat([words, pairs])
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     ext = torch.cat([code.detach().float(), words.view(torch.float32)])
+    if ext.is_cuda:
+        torch.cuda.current_stream(ext.device).synchronize()
     _code_tables[id(code)] = (weakref.ref(code), code._version, ext)
     return ext
 
@@ -159,8 +163,9 @@ def pdl_chain(PDL: tl.constexpr):
     """With PDL (every kernel of a skinny matmul is launched with launch_pdl): wait here until the
     kernel before this one in the stream has finished and its writes are visible
     (griddepcontrol.wait), then let the kernel after this one start (launch_dependents); it
-    waits in turn. So each launch overlaps the work before it instead of following it, and
-    nothing is read or written early. Call it first thing in the kernel."""
+    waits in turn. So each launch overlaps the work before it instead of following it. Call it
+    before the kernel reads or writes anything a kernel before it may write: first thing, but
+    for skinny_mma's table fill (the decoder table is never written after its build)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -358,7 +358,6 @@ def skinny_mma_kernel(
     T: tl.constexpr = 32 * WARPS
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    pdl_chain(PDL)
     tid = _thread_ids(T, ASM)
     g = tid % 32 // 4
     t = tid % 4
@@ -385,8 +384,6 @@ def skinny_mma_kernel(
         # Copies are 16 bytes per lane, one group per block; reads are this thread's bytes.
         # Layout: warp w, stage s at RING_SLOT * (STAGES w + s): W rows 0..15 x 32 bytes, the 16
         # rows' scales (16 bytes: 8-bit codes; 64: float32), their absmax2 (NF4 + DQ).
-        # The first STAGES - 1 blocks are asked for here, before the table fill and x's copies,
-        # so that their trip from memory overlaps those.
         ES: tl.constexpr = 1 if FORMAT == 1 else 4
         ring = tl.inline_asm_elementwise(RING_DECLARE, "=r,r", [tid], dtype=tl.int32,
                                          is_pure=True, pack=1)
@@ -403,11 +400,7 @@ def skinny_mma_kernel(
         read_a = warp_ring + g * 32 + t * 8
         last = b_end - 1
         row0_n = row0 % N
-        offset = tl.load(offset_ptr) if FORMAT == 1 else 0.0
-        for pre in tl.static_range(STAGES - 1):
-            _ring_issue(min(b_begin + pre, last), pre * RING_SLOT_C, copy_w, copy_s, copy_g, w_src,
-                        s_src, s_lane, row0_n, g_lane, absmax2_ptr, N, DQ_BLOCK)
-    if ASM:
+    if ASM:  # the decoder's table: read before the PDL wait (see below)
         tab = code_ptr.to(tl.pointer_type(tl.int32)) + 16
         if LUT:  # fill the shared-memory table: word 32 b + lane = pair of byte value b
             lut = tl.inline_asm_elementwise(LUT_DECLARE, "=r,r", [tid], dtype=tl.int32,
@@ -424,6 +417,16 @@ def skinny_mma_kernel(
             tw3, tw4, tw5 = _table_word(tab, 3), _table_word(tab, 4), _table_word(tab, 5)
             tw6, tw7, tw8 = _table_word(tab, 6), _table_word(tab, 7), _table_word(tab, 8)
         tw = (tw0, tw1, tw2, tw3, tw4, tw5, tw6, tw7, tw8)
+    # With PDL, everything above ran while the kernel before this one may still be running (its
+    # launch_dependents came first): it read nothing but the decoder table, which no kernel
+    # writes after its build (code_with_tables waits for the build). Here: wait for that kernel,
+    # let the next one start (_launch.pdl_chain); from here on x, W and y.
+    pdl_chain(PDL)
+    if STAGES:  # the ring's first STAGES - 1 blocks
+        offset = tl.load(offset_ptr) if FORMAT == 1 else 0.0
+        for pre in tl.static_range(STAGES - 1):
+            _ring_issue(min(b_begin + pre, last), pre * RING_SLOT_C, copy_w, copy_s, copy_g, w_src,
+                        s_src, s_lane, row0_n, g_lane, absmax2_ptr, N, DQ_BLOCK)
     if XS:
         # x rows 0 .. X_ROWS - 1 over this split's blocks into shared memory, once: the loop then
         # reads x with no global load to wait for. Layout: row r, block j of the split at byte
