@@ -17,9 +17,10 @@ SPLIT_K = 1 the first kernel writes y directly. Both are plain launches with fix
 the config is chosen, so the pair can be captured in a CUDA graph (the partial buffer comes from
 the caching allocator, which graph capture supports). On Hopper both are launched with
 programmatic dependent launch (pdl_ok, _launch.pdl_chain): each starts while the kernel before
-it still runs and waits for it (griddepcontrol) before it reads anything, which hides the
-launches (the reduction's: 0.4-0.5 us per call; the main kernel's behind the reduction of the
-call before: 0.2-0.6 us more; BENCHMARKS.md).
+it still runs and waits for it (griddepcontrol) before it reads anything that kernel may write,
+which hides the launches (the reduction's: 0.4-0.5 us per call; the main kernel's behind the
+reduction of the call before: 0.2-0.6 us more), and skinny_mma fills its decoder table before
+that wait (0.5-0.8 us more; BENCHMARKS.md).
 
 M == 1 (gemv_kernel), on CUDA cores, float32 throughout:
     y[n] = sum_b s[b, n] * sum_{k in block b} v(q[n, k]) * x[k]
