@@ -154,6 +154,31 @@ def ring_asm(stages: int, warps: int, fmt: int):
     return declare, read
 
 
+RING_NAME = "w_ring"
+RING_SLOT_C: tl.constexpr = tl.constexpr(RING_SLOT)
+# one block's copies into a warp's stage slot, as one group: first make sure the warp is done
+# reading the slot (it was read one iteration ago), then each lane copies 16 bytes of W ([$1]
+# from [$2]), the lanes with $5 != 0 16 bytes of scales ([$3] from [$4]) and the lane with
+# $8 != 0 the absmax2 ([$6] from [$7])
+RING_ISSUE: tl.constexpr = tl.constexpr(
+    "{ .reg .pred p, q; setp.ne.u32 p, $5, 0; setp.ne.u32 q, $8, 0;\n"
+    "bar.warp.sync -1;\n"
+    "cp.async.cg.shared.global [$1], [$2], 16;\n"
+    "@p cp.async.cg.shared.global [$3], [$4], 16;\n"
+    "@q cp.async.ca.shared.global [$6], [$7], 4;\n"
+    "cp.async.commit_group; }\n"
+    "mov.u32 $0, 0;")
+STATIC_SHARED_MAX = 48 * 1024  # what a kernel may declare statically
+
+
+def ring_ok(n: int, packed, scales, dq_block: int) -> bool:
+    """What the ring's copies need: whole 16-row tiles (each warp's 16 scales are one 16-byte
+    run and share one absmax2: DQ_BLOCK a multiple of 16) and 16-byte aligned rows (K a
+    multiple of 64 gives the row stride)."""
+    return (n % 16 == 0 and dq_block % 16 == 0 and packed.data_ptr() % 16 == 0
+            and scales.data_ptr() % 16 == 0)
+
+
 X_NAME = "x_stage"
 
 
@@ -193,31 +218,6 @@ X_COPY: tl.constexpr = tl.constexpr(
     "mov.u32 $0, 0;")
 # wait for every cp.async of this thread, then for the whole program (bar.sync follows)
 WAIT_ALL: tl.constexpr = tl.constexpr("cp.async.wait_all;\nmov.u32 $0, 0;")
-
-
-RING_NAME = "w_ring"
-RING_SLOT_C: tl.constexpr = tl.constexpr(RING_SLOT)
-# one block's copies into a warp's stage slot, as one group: first make sure the warp is done
-# reading the slot (it was read one iteration ago), then each lane copies 16 bytes of W ([$1]
-# from [$2]), the lanes with $5 != 0 16 bytes of scales ([$3] from [$4]) and the lane with
-# $8 != 0 the absmax2 ([$6] from [$7])
-RING_ISSUE: tl.constexpr = tl.constexpr(
-    "{ .reg .pred p, q; setp.ne.u32 p, $5, 0; setp.ne.u32 q, $8, 0;\n"
-    "bar.warp.sync -1;\n"
-    "cp.async.cg.shared.global [$1], [$2], 16;\n"
-    "@p cp.async.cg.shared.global [$3], [$4], 16;\n"
-    "@q cp.async.ca.shared.global [$6], [$7], 4;\n"
-    "cp.async.commit_group; }\n"
-    "mov.u32 $0, 0;")
-STATIC_SHARED_MAX = 48 * 1024  # what a kernel may declare statically
-
-
-def ring_ok(n: int, packed, scales, dq_block: int) -> bool:
-    """What the ring's copies need: whole 16-row tiles (each warp's 16 scales are one 16-byte
-    run and share one absmax2: DQ_BLOCK a multiple of 16) and 16-byte aligned rows (K a
-    multiple of 64 gives the row stride)."""
-    return (n % 16 == 0 and dq_block % 16 == 0 and packed.data_ptr() % 16 == 0
-            and scales.data_ptr() % 16 == 0)
 
 
 def static_shared_bytes(lut: int, stages: int, warps: int, x_bytes: int = 0) -> int:
@@ -289,11 +289,11 @@ def _load_x_tiles(xa_ptrs, xb_ptrs, xa_ok, xb_ok, b, TILES: tl.constexpr):
 def _ring_issue(b, slot, copy_w, copy_s, copy_g, w_src, s_src, s_lane, row0, g_lane, absmax2_ptr,
                 N, DQ_BLOCK: tl.constexpr):
     """Start the copies of block b into the ring stage at byte `slot` of this thread's warp's
-    ring (RING_SLOT times the stage): lane l copies
-    bytes 16 (l % 2) .. + 16 of the warp's row l // 2 (w_src: that row and half at block 0); the
-    scale lanes (s_lane) 16 bytes of the 16 rows' scales of block b (s_src: at block 0);
-    g_lane the absmax2 of the warp's rows (NF4 + DQ: indices b N + row0 .. + 15 start at a
-    multiple of 16 and DQ_BLOCK is one, so they share one)."""
+    ring (RING_SLOT times the stage): lane l copies bytes 16 (l % 2) .. + 16 of the warp's row
+    l // 2 (w_src: that row and half at block 0); the scale lanes (s_lane) 16 bytes of the 16
+    rows' scales of block b (s_src: at block 0); g_lane the absmax2 of the warp's rows (NF4 +
+    DQ: indices b N + row0 .. + 15 start at a multiple of 16 and DQ_BLOCK is one, so they share
+    one)."""
     tl.inline_asm_elementwise(
         RING_ISSUE, "=r,r,l,r,l,r,r,l,r",
         [copy_w + slot, w_src + 32 * b, copy_s + slot, s_src + b * N, s_lane, copy_g + slot,
