@@ -11,7 +11,11 @@ feed tl.dot) reaches 10-20% of the bandwidth. So the work is split along K as we
     bytes per row (16-byte loads), and writes a float32 partial sum to partials[s, m, n].
 
 SPLIT_K is chosen so that there are about PROGRAMS_PER_SM programs per SM: thousands of
-independent programs, each with a few wide loads in flight. A second tiny kernel then adds the
+independent programs, each with a few wide loads in flight; "about" is at least as many, or
+with FIT = 1 at most as many. FIT matters where all programs are resident at once (the
+skinny_mma configs): 32 row tiles x 9 splits = 288 programs on 132 SMs put 3 on some SMs and 2
+on others, and the SMs with 3 set the time; 8 or 12 splits (256 or 384) do not (4096x11008 at
+M = 16 on an H100: 30.2 -> 21.4 us, BENCHMARKS.md). A second tiny kernel then adds the
 SPLIT_K partials in a fixed order (deterministic, no atomics) and rounds to x's dtype; with
 SPLIT_K = 1 the first kernel writes y directly. Both are plain launches with fixed arguments once
 the config is chosen, so the pair can be captured in a CUDA graph (the partial buffer comes from
@@ -251,10 +255,12 @@ PRMT_CANDIDATES_M1 = [_cand(16, 128, 3, 1, 1, 32), _cand(8, 256, 3, 1, 1, 32), _
 PRMT_CANDIDATES_M16 = [_cand(64, 256, 3, 4, 1, 8, swap=1), _cand(64, 128, 3, 4, 3, 8, swap=1)]
 
 
-def _mma_cand(warps, per_sm, lut, stages=0, xs=0):
+def _mma_cand(warps, per_sm, lut, stages=0, xs=0, fit=0):
     cand = {"MMA": 1, "LUT": lut, "num_warps": warps, "PROGRAMS_PER_SM": per_sm}
     if stages:
         cand["STAGES"] = stages
+    if fit:
+        cand["FIT"] = 1
     return {**cand, "XS": 1} if xs else cand
 
 
@@ -262,14 +268,16 @@ def _mma_cand(warps, per_sm, lut, stages=0, xs=0):
 # sweeps on an H100 with the weight read from HBM (BENCHMARKS.md). At M = 1 the shared-memory
 # table (LUT 1) in large programs, the best with W coming through the cp.async ring (STAGES, N a
 # multiple of 16; the tuner skips them elsewhere) and x in shared memory (XS); at M = 16 the
-# byte permutes (LUT 0), the best also with the ring and XS.
+# byte permutes (LUT 0), the best also with the ring and XS; with FIT (at most PROGRAMS_PER_SM
+# per SM, even) 1, 2 or 3 per SM.
 MMA_CANDIDATES_M1 = [_mma_cand(8, 2, 1), _mma_cand(8, 4, 1),
                      _mma_cand(8, 2, 1, stages=2, xs=1), _mma_cand(8, 3, 1, stages=2, xs=1),
                      _mma_cand(8, 2, 1, stages=3, xs=1), _mma_cand(8, 2, 1, stages=2),
-                     _mma_cand(8, 3, 1, stages=3)]
+                     _mma_cand(8, 3, 1, stages=3), _mma_cand(8, 2, 1, stages=2, xs=1, fit=1)]
 MMA_CANDIDATES_M16 = [_mma_cand(2, 8, 0), _mma_cand(4, 4, 0), _mma_cand(8, 2, 0, stages=3, xs=1),
                       _mma_cand(8, 4, 0, stages=3, xs=1), _mma_cand(8, 2, 0, stages=2, xs=1),
-                      _mma_cand(4, 6, 0, stages=4)]
+                      _mma_cand(4, 6, 0, stages=4), _mma_cand(8, 3, 0, stages=3, xs=1, fit=1),
+                      _mma_cand(8, 1, 0, stages=3, xs=1, fit=1)]
 # Small enough for the interpreter; SPLIT_K = 2 so that the tests exercise the reduction.
 # (LOOKUP 2, the tl.gather table, is for tl.dot; the M = 1 kernel takes it as 0.)
 INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "LOOKUP": 2, "SPLIT_K": 2}
@@ -291,11 +299,14 @@ def sm_count(device: torch.device) -> int:
     return _sm_count[idx]
 
 
-def split_k_for(n: int, kp: int, block_n: int, block_k: int, programs: int) -> int:
-    """Smallest SPLIT_K giving at least `programs` programs, without empty splits."""
+def split_k_for(n: int, kp: int, block_n: int, block_k: int, programs: int, fit: bool = False) -> int:
+    """SPLIT_K for about `programs` programs, without empty splits: the smallest giving at least
+    that many or, with `fit`, the largest giving at most that many (programs = PROGRAMS_PER_SM
+    times the SMs: then no SM runs more programs than the others, see FIT below)."""
     n_blocks = triton.cdiv(n, block_n)
     k_steps = triton.cdiv(kp, block_k)
-    split = max(1, min(k_steps, triton.cdiv(programs, n_blocks)))
+    split = programs // n_blocks if fit else triton.cdiv(programs, n_blocks)
+    split = max(1, min(k_steps, split))
     steps_per_split = triton.cdiv(k_steps, split)
     return triton.cdiv(k_steps, steps_per_split)
 
@@ -316,6 +327,7 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     meta, opts = split_config(config)
     per_sm = meta.pop("PROGRAMS_PER_SM", 4)
     split_k = meta.pop("SPLIT_K", None)
+    fit = meta.pop("FIT", 0)
     mma = meta.pop("MMA", 0)
     if mma:
         if not mma_ok(x, fmt, k, kp, qb):
@@ -331,7 +343,7 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     if gemv:
         block_k = meta["BLOCK_K"] = max(block_k, qb)  # whole quantization blocks per step
     if split_k is None:
-        split_k = split_k_for(n, kp, block_n, block_k, per_sm * sm_count(x.device))
+        split_k = split_k_for(n, kp, block_n, block_k, per_sm * sm_count(x.device), bool(fit))
     k_steps = triton.cdiv(kp, block_k)
     split_k = max(1, min(split_k, k_steps))
     k_per_split = triton.cdiv(k_steps, split_k) * block_k
@@ -455,7 +467,7 @@ def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
     """y = x @ W.T for a 2-D x with 1 <= M <= 16 rows; y (M, out_features) in x's dtype.
 
     config: fixed meta-parameters (BLOCK_N, BLOCK_K, LOOKUP, num_warps, num_stages, and either
-    SPLIT_K or PROGRAMS_PER_SM) instead of the tuned choice; SPLIT_K = 1 is the classic
+    SPLIT_K or PROGRAMS_PER_SM, with FIT) instead of the tuned choice; SPLIT_K = 1 is the classic
     one-program-per-row-block kernel. The CPU interpreter uses INTERPRETER_CONFIG by default.
     """
     fmt, tensors, kp, qb, dq_block = weight_args(w)

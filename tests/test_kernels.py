@@ -455,11 +455,20 @@ def test_skinny_split_k_values():
     assert split_k_for(11008, 4096, 32, 256, 4 * 132) == 2
     assert split_k_for(4096, 11008, 32, 256, 4 * 132) == 5  # 43 steps: 9 per split, 5 splits
     assert split_k_for(64, 128, 32, 256, 1000) == 1  # one step of K: nothing to split
+    # fit: at most that many programs (skinny_mma's 128-row tiles, 64-column blocks)
+    assert split_k_for(4096, 11008, 128, 64, 2 * 132) == 9  # 288 programs: 3 on some SMs
+    assert split_k_for(4096, 11008, 128, 64, 2 * 132, fit=True) == 8  # 256
+    assert split_k_for(4096, 11008, 128, 64, 3 * 132, fit=True) == 12  # 384: 3 on every SM
+    assert split_k_for(11008, 4096, 128, 64, 2 * 132, fit=True) == 3  # 86 x 3 = 258
+    assert split_k_for(11008, 4096, 128, 64, 100, fit=True) == 1  # fewer than the row tiles
     for n, kp, bk, programs in [(40, 192, 64, 100), (4096, 11008, 256, 528), (72, 448, 128, 7)]:
-        split = split_k_for(n, kp, 16, bk, programs)
-        steps = -(-kp // bk)
-        per = -(-steps // split)
-        assert (split - 1) * per < steps <= split * per  # the last split is not empty
+        for fit in (False, True):
+            split = split_k_for(n, kp, 16, bk, programs, fit)
+            steps = -(-kp // bk)
+            per = -(-steps // split)
+            assert (split - 1) * per < steps <= split * per  # the last split is not empty
+            tiles = -(-n // 16)
+            assert tiles * split <= max(programs, tiles) if fit else tiles * split >= min(programs, tiles * steps)
 
 
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests use the tuned configs")
