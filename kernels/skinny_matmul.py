@@ -15,7 +15,7 @@ independent programs, each with a few wide loads in flight; "about" is at least 
 with FIT = 1 at most as many. FIT matters where all programs are resident at once (the
 skinny_mma configs): 32 row tiles x 9 splits = 288 programs on 132 SMs put 3 on some SMs and 2
 on others, and the SMs with 3 set the time; 8 or 12 splits (256 or 384) do not (4096x11008 at
-M = 16 on an H100: 30.2 -> 21.4 us, BENCHMARKS.md). A second tiny kernel then adds the
+M = 16 on an H100, from HBM: 32.3 -> 21.4 us, BENCHMARKS.md). A second tiny kernel then adds the
 SPLIT_K partials in a fixed order (deterministic, no atomics) and rounds to x's dtype; with
 SPLIT_K = 1 the first kernel writes y directly. Both are plain launches with fixed arguments once
 the config is chosen, so the pair can be captured in a CUDA graph (the partial buffer comes from
@@ -268,8 +268,8 @@ def _mma_cand(warps, per_sm, lut, stages=0, xs=0, fit=0):
 # sweeps on an H100 with the weight read from HBM (BENCHMARKS.md). At M = 1 the shared-memory
 # table (LUT 1) in large programs, the best with W coming through the cp.async ring (STAGES, N a
 # multiple of 16; the tuner skips them elsewhere) and x in shared memory (XS); at M = 16 the
-# byte permutes (LUT 0), the best also with the ring and XS; with FIT (at most PROGRAMS_PER_SM
-# per SM, even) 1, 2 or 3 per SM.
+# byte permutes (LUT 0), the best also with the ring and XS; and FIT variants (at most
+# PROGRAMS_PER_SM programs per SM, so that no SM has more than the others).
 MMA_CANDIDATES_M1 = [_mma_cand(8, 2, 1), _mma_cand(8, 4, 1),
                      _mma_cand(8, 2, 1, stages=2, xs=1), _mma_cand(8, 3, 1, stages=2, xs=1),
                      _mma_cand(8, 2, 1, stages=3, xs=1), _mma_cand(8, 2, 1, stages=2),
