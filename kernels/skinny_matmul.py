@@ -300,9 +300,10 @@ def sm_count(device: torch.device) -> int:
 
 
 def split_k_for(n: int, kp: int, block_n: int, block_k: int, programs: int, fit: bool = False) -> int:
-    """SPLIT_K for about `programs` programs, without empty splits: the smallest giving at least
-    that many or, with `fit`, the largest giving at most that many (programs = PROGRAMS_PER_SM
-    times the SMs: then no SM runs more programs than the others, see FIT below)."""
+    """SPLIT_K for about `programs` programs: the smallest giving at least that many or, with
+    `fit`, the largest giving at most that many (programs = PROGRAMS_PER_SM times the SMs: then
+    no SM runs more programs than the others, see FIT above); then lowered where needed so that
+    no split is empty (equal splits of whole steps)."""
     n_blocks = triton.cdiv(n, block_n)
     k_steps = triton.cdiv(kp, block_k)
     split = programs // n_blocks if fit else triton.cdiv(programs, n_blocks)
