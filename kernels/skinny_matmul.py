@@ -273,7 +273,8 @@ def _mma_cand(warps, per_sm, lut, stages=0, xs=0, fit=0):
 MMA_CANDIDATES_M1 = [_mma_cand(8, 2, 1), _mma_cand(8, 4, 1),
                      _mma_cand(8, 2, 1, stages=2, xs=1), _mma_cand(8, 3, 1, stages=2, xs=1),
                      _mma_cand(8, 2, 1, stages=3, xs=1), _mma_cand(8, 2, 1, stages=2),
-                     _mma_cand(8, 3, 1, stages=3), _mma_cand(8, 2, 1, stages=2, xs=1, fit=1)]
+                     _mma_cand(8, 3, 1, stages=3), _mma_cand(8, 2, 1, stages=2, xs=1, fit=1),
+                     _mma_cand(8, 2, 1, stages=3, xs=1, fit=1)]
 MMA_CANDIDATES_M16 = [_mma_cand(2, 8, 0), _mma_cand(4, 4, 0), _mma_cand(8, 2, 0, stages=3, xs=1),
                       _mma_cand(8, 4, 0, stages=3, xs=1), _mma_cand(8, 2, 0, stages=2, xs=1),
                       _mma_cand(4, 6, 0, stages=4), _mma_cand(8, 3, 0, stages=3, xs=1, fit=1),
@@ -366,21 +367,22 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
         if stages and not skinny_mma.ring_ok(n, tensors[0], tensors[1], dq_block):
             raise ValueError("the MMA kernel's cp.async ring (STAGES > 0) needs N a multiple of 16 "
                              "and 16-byte aligned packed and scale tensors")
-        if skinny_mma.static_shared_bytes(lut, stages, warps) > skinny_mma.STATIC_SHARED_MAX:
+        if skinny_mma.static_shared_bytes(lut, stages, warps, fmt) > skinny_mma.STATIC_SHARED_MAX:
             raise ValueError(f"skinny_mma with LUT={lut}, STAGES={stages} and {warps} warps needs "
                              f"more than {skinny_mma.STATIC_SHARED_MAX} bytes of shared memory")
         # XS: x in shared memory too, where it fits (it grows with M and the split's length; a
         # config tuned at M = 5 may run at M = 16); else x is read from global memory as before
         x_rows, x_blocks = skinny_mma.x_stage_rows(m), k_per_split // qb
         xs = int(bool(meta.get("XS", 0)) and stages > 0 and skinny_mma.static_shared_bytes(
-            lut, stages, warps, x_rows * x_blocks * 128) <= skinny_mma.STATIC_SHARED_MAX)
+            lut, stages, warps, fmt, x_rows * x_blocks * 128) <= skinny_mma.STATIC_SHARED_MAX)
         x_declare, x_read = skinny_mma.x_stage_asm(x_rows, x_blocks, tiles) if xs else ("", "")
         skinny_mma.skinny_mma_kernel[grid](
             x, *tensors, out, m, n, tensors[0].stride(0), x.stride(0) if m > 1 else 0,
             kp // qb, k_per_split // qb, stride_os, stride_om, FORMAT=fmt, DQ_BLOCK=dq_block,
             WARPS=warps, TILES=tiles, LUT=lut,
             MMA_ASM=skinny_mma.mma_asm(tiles, bool(lut)) if asm else "", ASM=int(asm),
-            STAGES=stages, RING_DECLARE=ring_declare, RING_READ=ring_read, PDL=int(pdl),
+            STAGES=stages, SLOT=skinny_mma.ring_slot(fmt), RING_DECLARE=ring_declare,
+            RING_READ=ring_read, PDL=int(pdl),
             XS=xs, X_ROWS=x_rows, X_BLOCKS=x_blocks, X_DECLARE=x_declare, X_READ=x_read,
             **pdl_opt, **opts)
     elif gemv:

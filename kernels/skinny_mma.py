@@ -133,19 +133,28 @@ LUT_WORDS = tl.constexpr(LUT_SIZE)
 # runs this statement once (one element per thread, outside the loop): PTX allows one declaration
 LUT_DECLARE: tl.constexpr = tl.constexpr(
     f".shared .align 16 .b32 {LUT_NAME}[{LUT_SIZE}];\nmov.u32 $0, {LUT_NAME};")
-RING_SLOT = 592  # per warp and stage: W (16 rows x 32 bytes), 16 rows' scales (64), absmax2 (16)
+
+
+def ring_slot(fmt: int) -> int:
+    """Bytes per warp and stage of the ring: W (16 rows x 32 bytes), the 16 rows' scales (8-bit
+    codes with double quantization, FORMAT 1: 16 bytes; float32 absmax: 64), then 16 bytes for
+    the absmax2 of NF4 + DQ (4 used; read, and not used, without DQ). The 48 bytes NF4 + DQ
+    saves per slot against the float32 layout let 3 stages, x in shared memory and the table fit
+    at 22 blocks per split (11008x4096's FIT split): 1 us faster from HBM than 2 stages
+    (BENCHMARKS.md)."""
+    return 512 + 16 * (1 if fmt == 1 else 4) + 16
 
 
 @functools.lru_cache(maxsize=None)
 def ring_asm(stages: int, warps: int, fmt: int):
     """PTX of the cp.async ring (STAGES > 0): its declaration (a static .shared array of
-    stages * warps * RING_SLOT bytes named RING_NAME; the statement gives its address) and the
-    read of one stage by one thread: wait until at most stages - 1 groups of copies are in flight
-    (the stage's have landed), sync the warp (other lanes copied them), then this thread's 8
+    stages * warps * ring_slot(fmt) bytes named RING_NAME; the statement gives its address) and
+    the read of one stage by one thread: wait until at most stages - 1 groups of copies are in
+    flight (the stage's have landed), sync the warp (other lanes copied them), then this thread's 8
     bytes of W rows g ($0 from [$5]) and g + 8 ($1 from [$6]), the scale of each row ($2 from
     [$7], $3 from [$8]: the 8-bit code of NF4 + DQ, the float32 absmax of plain NF4) and the
     warp's absmax2 ($4 from [$9], NF4 + DQ: its 16 rows share one, see _ring_issue)."""
-    declare = (f".shared .align 16 .b8 {RING_NAME}[{stages * warps * RING_SLOT}];\n"
+    declare = (f".shared .align 16 .b8 {RING_NAME}[{stages * warps * ring_slot(fmt)}];\n"
                f"mov.u32 $0, {RING_NAME};")
     ld = "ld.shared.u8" if fmt == 1 else "ld.shared.b32"
     read = (f"cp.async.wait_group {stages - 1};\nbar.warp.sync -1;\n"
@@ -155,7 +164,6 @@ def ring_asm(stages: int, warps: int, fmt: int):
 
 
 RING_NAME = "w_ring"
-RING_SLOT_C: tl.constexpr = tl.constexpr(RING_SLOT)
 # one block's copies into a warp's stage slot, as one group: first make sure the warp is done
 # reading the slot (it was read one iteration ago), then each lane copies 16 bytes of W ([$1]
 # from [$2]), the lanes with $5 != 0 16 bytes of scales ([$3] from [$4]) and the lane with
@@ -220,9 +228,9 @@ X_COPY: tl.constexpr = tl.constexpr(
 WAIT_ALL: tl.constexpr = tl.constexpr("cp.async.wait_all;\nmov.u32 $0, 0;")
 
 
-def static_shared_bytes(lut: int, stages: int, warps: int, x_bytes: int = 0) -> int:
+def static_shared_bytes(lut: int, stages: int, warps: int, fmt: int, x_bytes: int = 0) -> int:
     """Shared memory the kernel declares: the table (LUT), the ring and x (XS)."""
-    return (4 * LUT_SIZE if lut else 0) + stages * warps * RING_SLOT + x_bytes
+    return (4 * LUT_SIZE if lut else 0) + stages * warps * ring_slot(fmt) + x_bytes
 
 
 # operands: the block sums (4 per tile), W (2 x .b64), x (4 x .b64 per tile), 9 table operands
@@ -289,11 +297,11 @@ def _load_x_tiles(xa_ptrs, xb_ptrs, xa_ok, xb_ok, b, TILES: tl.constexpr):
 def _ring_issue(b, slot, copy_w, copy_s, copy_g, w_src, s_src, s_lane, row0, g_lane, absmax2_ptr,
                 N, DQ_BLOCK: tl.constexpr):
     """Start the copies of block b into the ring stage at byte `slot` of this thread's warp's
-    ring (RING_SLOT times the stage): lane l copies bytes 16 (l % 2) .. + 16 of the warp's row
-    l // 2 (w_src: that row and half at block 0); the scale lanes (s_lane) 16 bytes of the 16
-    rows' scales of block b (s_src: at block 0); g_lane the absmax2 of the warp's rows (NF4 +
-    DQ: indices b N + row0 .. + 15 start at a multiple of 16 and DQ_BLOCK is one, so they share
-    one)."""
+    ring (SLOT = ring_slot(FORMAT) times the stage): lane l copies bytes 16 (l % 2) .. + 16 of
+    the warp's row l // 2 (w_src: that row and half at block 0); the scale lanes (s_lane) 16
+    bytes of the 16 rows' scales of block b (s_src: at block 0); g_lane the absmax2 of the warp's
+    rows (NF4 + DQ: indices b N + row0 .. + 15 start at a multiple of 16 and DQ_BLOCK is one, so
+    they share one)."""
     tl.inline_asm_elementwise(
         RING_ISSUE, "=r,r,l,r,l,r,r,l,r",
         [copy_w + slot, w_src + 32 * b, copy_s + slot, s_src + b * N, s_lane, copy_g + slot,
@@ -348,7 +356,8 @@ def skinny_mma_kernel(
     M, N, stride_pn, stride_xm, NBLOCKS, BLOCKS_PER_SPLIT, stride_os, stride_om,
     FORMAT: tl.constexpr, DQ_BLOCK: tl.constexpr, WARPS: tl.constexpr, TILES: tl.constexpr,
     LUT: tl.constexpr = 0, MMA_ASM: tl.constexpr = "", ASM: tl.constexpr = 1,
-    STAGES: tl.constexpr = 0, RING_DECLARE: tl.constexpr = "", RING_READ: tl.constexpr = "",
+    STAGES: tl.constexpr = 0, SLOT: tl.constexpr = 0, RING_DECLARE: tl.constexpr = "",
+    RING_READ: tl.constexpr = "",
     PDL: tl.constexpr = 0,
     XS: tl.constexpr = 0, X_ROWS: tl.constexpr = 1, X_BLOCKS: tl.constexpr = 1,
     X_DECLARE: tl.constexpr = "", X_READ: tl.constexpr = "",
@@ -382,20 +391,20 @@ def skinny_mma_kernel(
         # it where it stands (a load into a register is issued just before its first use however
         # early it is written, and each block then waited for its bytes: ncu, BENCHMARKS.md).
         # Copies are 16 bytes per lane, one group per block; reads are this thread's bytes.
-        # Layout: warp w, stage s at RING_SLOT * (STAGES w + s): W rows 0..15 x 32 bytes, the 16
+        # Layout: warp w, stage s at SLOT * (STAGES w + s): W rows 0..15 x 32 bytes, the 16
         # rows' scales (16 bytes: 8-bit codes; 64: float32), their absmax2 (NF4 + DQ).
         ES: tl.constexpr = 1 if FORMAT == 1 else 4
         ring = tl.inline_asm_elementwise(RING_DECLARE, "=r,r", [tid], dtype=tl.int32,
                                          is_pure=True, pack=1)
         lane = tid % 32
         row0 = pid_n * (16 * WARPS) + tid // 32 * 16
-        warp_ring = ring + tid // 32 * (STAGES * RING_SLOT_C)
+        warp_ring = ring + tid // 32 * (STAGES * SLOT)
         w_src = packed_ptr + (row0 + lane // 2) % N * stride_pn + lane % 2 * 16
         s_src = scales_ptr + row0 % N + lane * (16 // ES)
         s_lane = (lane < ES).to(tl.int32)
         copy_w = warp_ring + lane * 16
         copy_s = warp_ring + 512 + lane * 16
-        copy_g = warp_ring + 576
+        copy_g = warp_ring + 512 + 16 * ES
         g_lane = ((lane == 1) & (FORMAT == 1)).to(tl.int32)
         read_a = warp_ring + g * 32 + t * 8
         last = b_end - 1
@@ -425,7 +434,7 @@ def skinny_mma_kernel(
     if STAGES:  # the ring's first STAGES - 1 blocks
         offset = tl.load(offset_ptr) if FORMAT == 1 else 0.0
         for pre in tl.static_range(STAGES - 1):
-            _ring_issue(min(b_begin + pre, last), pre * RING_SLOT_C, copy_w, copy_s, copy_g, w_src,
+            _ring_issue(min(b_begin + pre, last), pre * SLOT, copy_w, copy_s, copy_g, w_src,
                         s_src, s_lane, row0_n, g_lane, absmax2_ptr, N, DQ_BLOCK)
     if XS:
         # x rows 0 .. X_ROWS - 1 over this split's blocks into shared memory, once: the loop then
@@ -455,10 +464,10 @@ def skinny_mma_kernel(
     acc6 = tl.zeros((T,), dtype=tl.float32)
     acc7 = tl.zeros((T,), dtype=tl.float32)
     if STAGES:
-        slot = b_begin * 0  # byte offset of block b's stage: RING_SLOT ((b - b_begin) % STAGES)
+        slot = b_begin * 0  # byte offset of block b's stage: SLOT ((b - b_begin) % STAGES)
         for b in range(b_begin, b_end):
             # block b + STAGES - 1 goes to the stage read in the previous iteration
-            ahead = tl.where(slot == 0, (STAGES - 1) * RING_SLOT_C, slot - RING_SLOT_C)
+            ahead = tl.where(slot == 0, (STAGES - 1) * SLOT, slot - SLOT)
             _ring_issue(min(b + STAGES - 1, last), ahead, copy_w, copy_s, copy_g, w_src, s_src,
                         s_lane, row0_n, g_lane, absmax2_ptr, N, DQ_BLOCK)
             wa, wb, qa, qb, g2 = tl.inline_asm_elementwise(
@@ -483,7 +492,7 @@ def skinny_mma_kernel(
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _mma_block(
                 (acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7), sa, sb, wa, wb, xs, tw, TILES,
                 MMA_ASM)
-            slot = tl.where(slot == (STAGES - 1) * RING_SLOT_C, 0, slot + RING_SLOT_C)
+            slot = tl.where(slot == (STAGES - 1) * SLOT, 0, slot + SLOT)
     else:
         # Loads written one block ahead (block b + 1's while block b is decoded and multiplied; the
         # last block loads itself again as its "next": every address in bounds). ptxas still
