@@ -51,10 +51,12 @@ register to wait on) STAGES - 1 blocks ahead: lane l copies 16 bytes of the warp
 one lane the 16 rows' scale bytes, one their absmax2 (16 rows starting at a multiple of 16
 share one DQ group); one commit group per block; cp.async.wait_group + a warp barrier before a
 thread reads its bytes back, a warp barrier before a slot is refilled. Needs N a multiple of 16
-and, with the table, fits 2-3 stages in the 48 KB (the launcher checks; the interpreter runs
-STAGES as 0).
+and, with the table, fits 2-3 stages in the 48 KB (ring_slot; the launcher checks; the
+interpreter runs STAGES as 0).
 On the H100 this took 11008 x 4096 from HBM from 20.6 to 18.5 us (BENCHMARKS.md), not to the
-10 us a kernel that only reads the bytes takes: some latency stays exposed.
+10 us a kernel that only reads the bytes takes: some latency stays exposed. A third stage (with
+XS below) took it from 15.4 to 14.3 us; deeper rings (in dynamic shared memory), smaller tables
+with room for them, and L2 prefetches were slower (BENCHMARKS.md).
 With XS = 1 (and the ring) x comes from shared memory too: each program first copies x's rows
 (1 at M = 1, else the 8 or 16 of the mma tiles) over its split's blocks there (cp.async, 8 bytes
 per copy; X_ROWS x X_BLOCKS x 128 bytes, where it fits in the 48 KB: else the launcher runs it
