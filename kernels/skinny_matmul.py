@@ -256,12 +256,10 @@ PRMT_CANDIDATES_M16 = [_cand(64, 256, 3, 4, 1, 8, swap=1), _cand(64, 128, 3, 4, 
 
 
 def _mma_cand(warps, per_sm, lut, stages=0, xs=0, fit=0):
+    """A skinny_mma config; STAGES, XS and FIT only where set (absent means 0)."""
     cand = {"MMA": 1, "LUT": lut, "num_warps": warps, "PROGRAMS_PER_SM": per_sm}
-    if stages:
-        cand["STAGES"] = stages
-    if fit:
-        cand["FIT"] = 1
-    return {**cand, "XS": 1} if xs else cand
+    optional = {"STAGES": stages, "XS": int(bool(xs)), "FIT": int(bool(fit))}
+    return {**cand, **{k: v for k, v in optional.items() if v}}
 
 
 # skinny_mma_kernel (tensor cores; NF4 with block 64, bf16 x, K a multiple of 64): the best of
