@@ -1,0 +1,226 @@
+"""Fused NF4 dequantize-matmul for Hopper (sm_90), training shapes: y = x @ W.T, written in Gluon.
+
+Gluon (triton.experimental.gluon) is Triton with the layouts, shared memory, barriers and the
+tensor-core instruction (wgmma) spelled out by the kernel instead of chosen by the compiler.
+This kernel needs that control; kernels/fused_matmul.py is the same computation in plain Triton
+(any GPU, and the CPU interpreter), and this file says what it does differently and why.
+
+Math (as fused_matmul's LOOKUP = 3): y[m, n] = sum_k x[m, k] * W[n, k] with
+W[n, k] = bf16(bf16(code[q]) * bf16(absmax)), products accumulated in float32 by the tensor
+cores, y rounded to bf16. Computed transposed, y.T tile = W tile @ x tile.T, so that the weight
+rows are the instruction's M (64 per warp group) and the tokens its N (up to 256).
+
+Per program: BLOCK_N = 128 weight rows x BLOCK_M = 256 tokens; 8 warps = 2 warp groups, group g
+owns weight rows 64 g .. 64 g + 63 of the tile. The K loop steps by BLOCK_K = 64 = one NF4
+block (one scale per row per step). Step i:
+  1. x: a TMA copy brought the (256, 64) bf16 tile of step i into stage i % STAGES of a ring in
+     shared memory (issued STAGES - 2 steps ahead, completion counted on that stage's mbarrier).
+  2. W: each thread holds 16 packed bytes of one row (loaded from global memory one step ahead,
+     into registers), decodes them to 32 bf16 weights with byte permutes (_tile.py, LOOKUP = 3:
+     about 3.4 instructions per weight) and stores them into buffer i % 2 of a (128, 64) bf16
+     tile in shared memory, in the swizzled layout the tensor cores read.
+  3. wgmma (asynchronous): acc (128, 256) += W_smem @ x_stage.T, both operands from shared
+     memory; then wait until at most this one is in flight: step i - 1's is done, so step
+     i + 1's decoding (step 2) runs while the tensor cores work on step i.
+Why not plain Triton: there tl.dot(W, x.T) takes the decoded W as the register operand of
+wgmma, so the compiler converts it from the decoding layout (16 contiguous bytes per thread) to
+the operand's (pairs of columns 8 apart) through shared memory with a CTA-wide barrier around
+each conversion, and it waits for each wgmma before the next (1.4-1.6x cuBLAS, BENCHMARKS.md).
+Here the decoded tile goes to shared memory once, in the layout wgmma reads directly, with one
+barrier per step, and wgmma runs in the background of the next step's decoding.
+
+Hazards, and what orders them:
+  - buffer i % 2 is rewritten at step i + 2, after each warp group's wait at step i + 1 (which
+    leaves only step i + 1's wgmma in flight); a warp group only ever writes the 64 rows its own
+    wgmma reads (warps 4 g .. 4 g + 3 hold rows 64 g .. 64 g + 63 in the decoding layout too).
+  - a ring stage read by step i's wgmma (of both warp groups) is refilled at step i + 2, after
+    the barrier of step i + 2, which every warp reaches after its wait at step i + 1.
+  - fence_async_shared: makes the threads' stores to the W buffer visible to wgmma, which reads
+    shared memory through the asynchronous proxy.
+
+Layout read: x (M, K) bf16 row-major with 16-byte aligned rows (TMA); packed uint8 (N, KP/2);
+scales (KP/64, N) (float32 absmax, or uint8 codes with absmax2 / code8 / offset for double
+quantization); y (M, N) bf16. K < KP (padded weights): TMA reads x's columns beyond K as zeros.
+"""
+
+import torch
+import triton
+
+try:  # Gluon ships with Triton >= 3.5; without it (or without sm_90) fused_matmul is used
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                  warpgroup_mma, warpgroup_mma_init,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover
+    HAVE_GLUON = False
+
+from ._launch import FORMAT_INT4, check_activation, weight_args
+from ._tile import NF4_PRMT_ASM, NF4_PRMT_CONSTRAINTS
+
+BLOCK_N, BLOCK_M, BLOCK_K, STAGES, INFLIGHT, GROUP_M, WARPS = 128, 256, 64, 4, 2, 8, 8
+
+if HAVE_GLUON:
+    @gluon.jit
+    def _table_word(tab, i):
+        """Word i of the decoder's table in a regular register (see _tile._table_word)."""
+        return gl.inline_asm_elementwise(
+            "{ .reg .b32 l; mov.u32 l, %laneid; and.b32 l, l, $2; xor.b32 $0, $1, l; }", "=r,r,r",
+            [gl.load(tab + i), gl.load(tab + 9)], dtype=gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, j, pred,
+                    off_m, off_n, N, STEP_BYTES: gl.constexpr, STAGES: gl.constexpr):
+        """Start the TMA copies of step j (x tile, packed W tile, its scales) into stage j % STAGES."""
+        BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+        sj = j % STAGES
+        bar = ready.index(sj)
+        mbarrier.expect(bar, STEP_BYTES, pred=pred)
+        tma.async_copy_global_to_shared(x_desc, [off_m, j * BLOCK_K], bar, x_ring.index(sj), pred=pred)
+        tma.async_copy_global_to_shared(p_desc, [off_n, j * (BLOCK_K // 2)], bar, p_ring.index(sj), pred=pred)
+        tma.async_copy_global_to_shared(s_desc, [j * N + off_n], bar, s_ring.index(sj), pred=pred)
+
+    @gluon.jit
+    def fused_matmul_sm90_kernel(
+        x_desc, p_desc, s_desc, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, y_ptr,
+        M, N, KP, stride_ym,
+        FORMAT: gl.constexpr, DQ_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr, INFLIGHT: gl.constexpr, GROUP_M: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+        BYTES: gl.constexpr = BLOCK_K // 2
+
+        # grouped program order (as fused_matmul): GROUP_M token tiles share W tiles in L2
+        pid = gl.program_id(0)
+        num_pid_m = gl.cdiv(M, BLOCK_M)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        group_id = pid // (GROUP_M * num_pid_n)
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (pid % (GROUP_M * num_pid_n)) % group_size_m
+        pid_n = (pid % (GROUP_M * num_pid_n)) // group_size_m
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+
+        # decoding layout: a thread holds 16 consecutive packed bytes (32 weights) of one row;
+        # warp w holds rows 16 w .. 16 w + 15, so warp group g the rows its wgmma reads
+        dec: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [num_warps, 1], [1, 0])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
+        w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.bfloat16)
+
+        # the ring: stage s holds one step's x tile, packed W tile and scales (one TMA each,
+        # all counted on mbarrier ready[s])
+        x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+        p_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BYTES], p_desc.layout)
+        s_ring = gl.allocate_shared_memory(s_desc.dtype, [STAGES, BLOCK_N], s_desc.layout)
+        w_bufs = gl.allocate_shared_memory(gl.bfloat16, [INFLIGHT, BLOCK_N, BLOCK_K], w_layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for j0 in gl.static_range(STAGES):
+            mbarrier.init(ready.index(j0), count=1)
+        STEP_BYTES: gl.constexpr = (x_desc.block_type.nbytes + p_desc.block_type.nbytes
+                                    + s_desc.block_type.nbytes)
+
+        # KP >= 64 always (a weight has at least one block); telling the compiler removes the
+        # zero-trip path of the loop, whose zeroing of acc made ptxas serialize every wgmma
+        gl.assume(KP >= BLOCK_K)
+        num_k = KP // BLOCK_K
+        for j0 in gl.static_range(STAGES - INFLIGHT):  # the first steps
+            _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, j0, j0 < num_k,
+                        off_m, off_n, N, STEP_BYTES, STAGES)
+
+        rows = (off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dec))) % N
+        tab = code_ptr.to(gl.pointer_type(gl.int32)) + 16
+        t0 = _table_word(tab, 0)
+        t1 = _table_word(tab, 1)
+        t2 = _table_word(tab, 2)
+        t3 = _table_word(tab, 3)
+        t4 = _table_word(tab, 4)
+        t5 = _table_word(tab, 5)
+        t6 = _table_word(tab, 6)
+        t7 = _table_word(tab, 7)
+        t8 = _table_word(tab, 8)
+        offset = gl.load(offset_ptr) if FORMAT == 1 else 0.0
+
+        acc = warpgroup_mma_init(gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_layout))
+        for i in range(num_k):
+            stage = i % STAGES
+            mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
+            p = p_ring.index(stage).load(dec)
+            sc = s_ring.index(stage).load(gl.SliceLayout(1, dec))
+            if FORMAT == 1:  # absmax = code8[q] * absmax2[group] + offset (L1-resident tables)
+                scale = (gl.load(code8_ptr + sc.to(gl.int32))
+                         * gl.load(absmax2_ptr + (i * N + rows) // DQ_BLOCK) + offset)
+            else:
+                scale = sc
+            sb = scale.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+            s2 = (sb | (sb << 16))[:, None]
+            pair = gl.inline_asm_elementwise(
+                NF4_PRMT_ASM, NF4_PRMT_CONSTRAINTS, [p, s2, t0, t1, t2, t3, t4, t5, t6, t7, t8],
+                dtype=gl.int32, is_pure=True, pack=4)
+            # word j: bf16 of column 2 j in its low half, of column 2 j + 1 in its high half
+            w_even = pair.to(gl.int16).to(gl.bfloat16, bitcast=True)
+            w_odd = (pair >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True)
+            w = gl.reshape(gl.join(w_even, w_odd), [BLOCK_N, BLOCK_K])
+            # at most INFLIGHT - 1 wgmmas left running: step i - INFLIGHT's is done, so its W
+            # buffer (i % INFLIGHT) and ring stage may be overwritten
+            acc = warpgroup_mma_wait(num_outstanding=INFLIGHT - 1, deps=(acc, ))
+            w_buf = w_bufs.index(i % INFLIGHT)
+            w_buf.store(w)
+            fence_async_shared()
+            gl.thread_barrier()
+            # step i + STAGES - INFLIGHT into the stage step i - INFLIGHT used (every warp waited
+            # for that wgmma, and read its W bytes, before the barrier)
+            j = i + STAGES - INFLIGHT
+            _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, j, j < num_k,
+                        off_m, off_n, N, STEP_BYTES, STAGES)
+            acc = warpgroup_mma(w_buf, x_ring.index(stage).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        for j0 in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(j0))
+
+        # y[m, n] = acc[n, m]: transpose, then rows of 128 contiguous bf16 per store
+        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+        out = gl.convert_layout(gl.permute(acc.to(gl.bfloat16), (1, 0)), out_layout)
+        ym = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
+        yn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+        gl.store(y_ptr + ym[:, None] * stride_ym + yn[None, :], out,
+                 mask=(ym < M)[:, None] & (yn < N)[None, :])
+
+
+def sm90_ok(x: torch.Tensor, w) -> bool:
+    """Whether fused_matmul_sm90 can take this call: Gluon, an sm_90 GPU, bf16 x that TMA can
+    read (unit stride along K, 16-byte aligned base and rows), an NF4 weight with blocks of 64."""
+    return (HAVE_GLUON and x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0)
+            and x.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(1) == 1
+            and x.data_ptr() % 16 == 0 and (x.stride(0) * 2) % 16 == 0 and x.shape[0] > 0
+            and w.quant_type == "nf4" and w.block_size == BLOCK_K and w.packed.is_cuda)
+
+
+def fused_matmul_sm90(x: torch.Tensor, w, stages: int = STAGES, inflight: int = INFLIGHT) -> torch.Tensor:
+    """y = x @ W.T for bf16 x (M, in_features) and an NF4 weight, on an sm_90 GPU (sm90_ok)."""
+    fmt, tensors, kp, qb, dq_block = weight_args(w)
+    check_activation(x, w.in_features, w.packed.device, "x")
+    if fmt == FORMAT_INT4 or not sm90_ok(x, w):
+        raise ValueError("fused_matmul_sm90 needs an sm_90 GPU, bf16 x readable by TMA and an NF4 "
+                         "weight with block size 64 (sm90_ok)")
+    packed, scales, _zeros, absmax2, code, code8, offset = tensors
+    m, n, k = x.shape[0], w.out_features, w.in_features
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    x_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.bfloat16)
+    x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [BLOCK_M, BLOCK_K], x_layout)
+    plain = lambda bits, rank: gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=rank)  # noqa: E731
+    p_desc = TensorDescriptor(packed, [n, kp // 2], [kp // 2, 1], [BLOCK_N, BLOCK_K // 2], plain(8, 2))
+    flat = scales.view(-1)
+    s_desc = TensorDescriptor(flat, [flat.numel()], [1], [BLOCK_N], plain(8 * flat.element_size(), 1))
+    grid = (triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N),)
+    fused_matmul_sm90_kernel[grid](
+        x_desc, p_desc, s_desc, absmax2, code, code8, offset, y,
+        m, n, kp, y.stride(0),
+        FORMAT=fmt, DQ_BLOCK=dq_block, BLOCK_N=BLOCK_N, STAGES=stages, INFLIGHT=inflight, GROUP_M=GROUP_M,
+        num_warps=WARPS)
+    return y
