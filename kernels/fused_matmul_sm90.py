@@ -58,7 +58,7 @@ except ImportError:  # pragma: no cover
     HAVE_GLUON = False
 
 from ._launch import FORMAT_INT4, check_activation, weight_args
-from ._tile import NF4_PRMT_ASM, NF4_PRMT_CONSTRAINTS
+from ._tile import NF4_PRMT_CODES_ASM, NF4_PRMT_CODES_CONSTRAINTS
 
 BLOCK_N, BLOCK_M, BLOCK_K, STAGES, INFLIGHT, GROUP_M, WARPS = 128, 256, 64, 4, 2, 8, 8
 
@@ -145,6 +145,14 @@ if HAVE_GLUON:
         t7 = _table_word(tab, 7)
         t8 = _table_word(tab, 8)
         offset = gl.load(offset_ptr) if FORMAT == 1 else 0.0
+        # double quantization: the 256-value code8 table in every warp's registers (8 per lane;
+        # gl.gather then picks a block's value with warp shuffles, no memory access), and the
+        # absmax2 of each row's group loaded a step ahead
+        if FORMAT == 1:
+            code8 = gl.load(code8_ptr + gl.arange(0, 256, layout=gl.BlockedLayout([8], [32], [num_warps], [0])))
+        else:
+            code8 = offset
+        b = gl.load(absmax2_ptr + rows // DQ_BLOCK) if FORMAT == 1 else offset
 
         acc = warpgroup_mma_init(gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_layout))
         for i in range(num_k):
@@ -152,16 +160,19 @@ if HAVE_GLUON:
             mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
             p = p_ring.index(stage).load(dec)
             sc = s_ring.index(stage).load(gl.SliceLayout(1, dec))
-            if FORMAT == 1:  # absmax = code8[q] * absmax2[group] + offset (L1-resident tables)
-                scale = (gl.load(code8_ptr + sc.to(gl.int32))
-                         * gl.load(absmax2_ptr + (i * N + rows) // DQ_BLOCK) + offset)
+            if FORMAT == 1:  # absmax = code8[q] * absmax2[group] + offset
+                scale = gl.gather(code8, sc.to(gl.int32), 0) * b + offset
             else:
                 scale = sc
+            # decode unscaled, then scale (mul.rn.bf16x2, as LOOKUP 3): the scale's table
+            # lookups (code8, absmax2) have the whole decode to arrive
+            codes = gl.inline_asm_elementwise(
+                NF4_PRMT_CODES_ASM, NF4_PRMT_CODES_CONSTRAINTS, [p, t0, t1, t2, t3, t4, t5, t6, t7, t8],
+                dtype=gl.int32, is_pure=True, pack=4)
             sb = scale.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
             s2 = (sb | (sb << 16))[:, None]
-            pair = gl.inline_asm_elementwise(
-                NF4_PRMT_ASM, NF4_PRMT_CONSTRAINTS, [p, s2, t0, t1, t2, t3, t4, t5, t6, t7, t8],
-                dtype=gl.int32, is_pure=True, pack=4)
+            pair = gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [codes, s2],
+                                             dtype=gl.int32, is_pure=True, pack=1)
             # word j: bf16 of column 2 j in its low half, of column 2 j + 1 in its high half
             w_even = pair.to(gl.int16).to(gl.bfloat16, bitcast=True)
             w_odd = (pair >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True)
@@ -179,6 +190,8 @@ if HAVE_GLUON:
             _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, j, j < num_k,
                         off_m, off_n, N, STEP_BYTES, STAGES)
             acc = warpgroup_mma(w_buf, x_ring.index(stage).permute((1, 0)), acc, is_async=True)
+            if FORMAT == 1:  # (after the fence and the arrive, which would wait for it)
+                b = gl.load(absmax2_ptr + (((i + 1) % num_k) * N + rows) // DQ_BLOCK)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         for j0 in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(j0))
