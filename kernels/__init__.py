@@ -2,6 +2,7 @@
 
     dequantize(w, dtype)        kernels/dequantize.py      dense weight, e.g. for dequantize+cuBLAS
     fused_matmul(x, w)          kernels/fused_matmul.py    y = x @ W.T, tiles dequantized on chip
+                                kernels/fused_matmul_sm90.py  the same on Hopper (Gluon), M > 128
     fused_matmul_dx(dy, w)      kernels/fused_matmul_dx.py dx = dy @ W (backward), same idea
     skinny_matmul(x, w)         kernels/skinny_matmul.py   y = x @ W.T for M <= 16 (decoding)
 

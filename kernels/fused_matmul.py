@@ -38,6 +38,7 @@ import triton.language as tl
 
 from ._launch import (check_activation, check_lookup, interpreting, launch, next_power_of_2,
                       prmt_ok, weight_args)
+from . import fused_matmul_sm90
 from ._tile import dequantize_tile, dequantize_tile_prmt, load_block_scales
 
 
@@ -156,6 +157,8 @@ def fused_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
 
     config: fixed meta-parameters (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, LOOKUP, num_warps,
     num_stages) instead of autotuning; the CPU interpreter uses INTERPRETER_CONFIG by default.
+    Without config, M > 128 rows, bf16 and an NF4 weight on an sm_90 GPU (H100) run
+    kernels/fused_matmul_sm90.py instead (fused_matmul_sm90.sm90_ok says when).
     """
     fmt, tensors, kp, qb, dq_block = weight_args(w)
     check_activation(x, w.in_features, w.packed.device, "x")
@@ -170,6 +173,8 @@ def fused_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
+    if config is None and m > 128 and fused_matmul_sm90.sm90_ok(x, w):
+        return fused_matmul_sm90.fused_matmul_sm90(x, w)  # Hopper, NF4, bf16: the Gluon kernel
     if config is not None:
         check_lookup(config.get("LOOKUP"), fmt, x.dtype)
     if prmt_ok(fmt, x.dtype):

@@ -663,6 +663,39 @@ def test_gpu_prmt_decoder_every_config(n, k):
                 assert_matmul_close(kernels.fused_matmul(x, qw, config=config_dict(cfg)), x, w.t(), dtype)
 
 
+SM90 = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not SM90, reason="the Gluon kernel kernels/fused_matmul_sm90.py needs an sm_90 GPU")
+@pytest.mark.parametrize("fmt", ["nf4dq"])
+@pytest.mark.parametrize("n,k", [(256, 320), (4096, 4096), (11008, 4096), (4096, 11008), (128, 296)],
+                         ids=["256x320", "4096x4096", "11008x4096", "4096x11008", "128x296pad"])
+def test_gpu_fused_sm90(fmt, n, k):
+    """The Hopper kernel against x @ prmt_weight(qw).T (its weights are LOOKUP 3's) with M not a
+    multiple of its 256 tokens, few K steps and K padded to 320, and fused_matmul's dispatch to
+    it for M > 128; where sm90_ok refuses (x strided along K, N not a multiple of 128, NF4
+    without double quantization), fused_matmul runs the Triton kernel."""
+    sm90 = importlib.import_module("kernels.fused_matmul_sm90")
+    dtype = torch.bfloat16
+    qw = make_weight(fmt, n, k, seed=60)
+    w = prmt_weight(qw)
+    for m in (1, 129, 333, 4096):
+        x = gaussian(m, k, seed=61 + m, dtype=dtype)
+        assert sm90.sm90_ok(x, qw)
+        y = sm90.fused_matmul_sm90(x, qw)
+        assert_matmul_close(y, x, w.t(), dtype)
+        if m > 128:
+            assert torch.equal(kernels.fused_matmul(x, qw), y)
+    x = gaussian(300, 2 * k, seed=62, dtype=dtype)[:, ::2]  # stride along K: not for TMA
+    assert not sm90.sm90_ok(x, qw)
+    assert_matmul_close(kernels.fused_matmul(x, qw), x, w.t(), dtype)  # the Triton kernel
+    for other in (make_weight(fmt, n + 72, k, seed=63), make_weight("nf4", n, k, seed=64)):
+        x = gaussian(300, k, seed=65, dtype=dtype)
+        assert not sm90.sm90_ok(x, other)
+        assert_matmul_close(kernels.fused_matmul(x, other), x, prmt_weight(other).t(), dtype)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("m", [1, 7])
 def test_gpu_skinny_in_cuda_graph(m):
