@@ -12,31 +12,43 @@ rows are the instruction's M (64 per warp group) and the tokens its N (up to 256
 
 Per program: BLOCK_N = 128 weight rows x BLOCK_M = 256 tokens; 8 warps = 2 warp groups, group g
 owns weight rows 64 g .. 64 g + 63 of the tile. The K loop steps by BLOCK_K = 64 = one NF4
-block (one scale per row per step). Step i:
-  1. x: a TMA copy brought the (256, 64) bf16 tile of step i into stage i % STAGES of a ring in
-     shared memory (issued STAGES - 2 steps ahead, completion counted on that stage's mbarrier).
-  2. W: each thread holds 16 packed bytes of one row (loaded from global memory one step ahead,
-     into registers), decodes them to 32 bf16 weights with byte permutes (_tile.py, LOOKUP = 3:
-     about 3.4 instructions per weight) and stores them into buffer i % 2 of a (128, 64) bf16
-     tile in shared memory, in the swizzled layout the tensor cores read.
-  3. wgmma (asynchronous): acc (128, 256) += W_smem @ x_stage.T, both operands from shared
-     memory; then wait until at most this one is in flight: step i - 1's is done, so step
-     i + 1's decoding (step 2) runs while the tensor cores work on step i.
+block (one scale per row per step). A ring of STAGES (4) stages in shared memory holds, per
+step, the (256, 64) bf16 x tile, the (128, 32) packed W bytes and the 128 scales, brought by
+three TMA copies counted on the stage's mbarrier. Step i:
+  1. wait for stage i % STAGES; each thread reads 16 packed bytes of one row and its row's scale
+     code, looks up code8 (gl.gather: the table sits in every warp's registers, the compiler
+     goes through shared memory) and multiplies by absmax2 (loaded a step ahead) + offset.
+  2. decode the 32 weights with byte permutes (_tile.py, LOOKUP = 3: about 3.4 instructions per
+     weight), unscaled, then scale them (mul.rn.bf16x2) last, so the scale's lookups have the
+     whole decode to arrive.
+  3. wait until at most INFLIGHT - 1 (1) wgmmas are running: step i - 2's is done.
+  4. store the weights into W buffer i % 2, in the 128-byte-swizzled layout wgmma reads; fence;
+     CTA barrier; issue the TMA copies of step i + STAGES - 2 into the stage step i - 2 used.
+  5. wgmma (asynchronous): acc (128, 256) += W_buf @ x_stage.T, both operands from shared
+     memory; it runs while the warps do steps 1-4 of step i + 1.
 Why not plain Triton: there tl.dot(W, x.T) takes the decoded W as the register operand of
 wgmma, so the compiler converts it from the decoding layout (16 contiguous bytes per thread) to
 the operand's (pairs of columns 8 apart) through shared memory with a CTA-wide barrier around
 each conversion, and it waits for each wgmma before the next (1.4-1.6x cuBLAS, BENCHMARKS.md).
-Here the decoded tile goes to shared memory once, in the layout wgmma reads directly, with one
-barrier per step, and wgmma runs in the background of the next step's decoding.
+Here the decoded tile goes to shared memory once, in the layout wgmma reads directly.
+Lessons that cost time (BENCHMARKS.md, ninth session): ptxas serializes every wgmma (its note
+C7515) if anything writes the accumulator registers while one is in flight, here the zeroing on
+the loop's zero-trip path (gl.assume removes it); and global loads cannot be prefetched into
+registers across a step: fence.proxy.async becomes MEMBAR.ALL.CTA and the mbarrier arrive is a
+release, both wait for every load in flight. Hence TMA for everything read per step.
 
 Hazards, and what orders them:
-  - buffer i % 2 is rewritten at step i + 2, after each warp group's wait at step i + 1 (which
-    leaves only step i + 1's wgmma in flight); a warp group only ever writes the 64 rows its own
+  - W buffer i % 2 is rewritten at step i + 2, after each warp group's wait at step i + 2
+    (only step i + 1's wgmma may still run); a warp group only ever writes the 64 rows its own
     wgmma reads (warps 4 g .. 4 g + 3 hold rows 64 g .. 64 g + 63 in the decoding layout too).
-  - a ring stage read by step i's wgmma (of both warp groups) is refilled at step i + 2, after
-    the barrier of step i + 2, which every warp reaches after its wait at step i + 1.
+  - the ring stage of step i is refilled at step i + 2, after the barrier of step i + 2, which
+    every warp reaches after its wait (step i's wgmma done) and after reading its W bytes.
   - fence_async_shared: makes the threads' stores to the W buffer visible to wgmma, which reads
-    shared memory through the asynchronous proxy.
+    shared memory through the asynchronous proxy (and orders the reads of the stage before the
+    TMA that overwrites it).
+
+Restrictions (sm90_ok): NF4 with double quantization and blocks of 64, out_features a multiple
+of 128, bf16 x that TMA can read; fused_matmul runs the Triton kernel otherwise.
 
 Layout read: x (M, K) bf16 row-major with 16-byte aligned rows (TMA); packed uint8 (N, KP/2);
 scales (KP/64, N) (float32 absmax, or uint8 codes with absmax2 / code8 / offset for double
