@@ -51,8 +51,7 @@ Restrictions (sm90_ok): NF4 with double quantization and blocks of 64, out_featu
 of 128, bf16 x that TMA can read; fused_matmul runs the Triton kernel otherwise.
 
 Layout read: x (M, K) bf16 row-major with 16-byte aligned rows (TMA); packed uint8 (N, KP/2);
-scales (KP/64, N) (float32 absmax, or uint8 codes with absmax2 / code8 / offset for double
-quantization); y (M, N) bf16. K < KP (padded weights): TMA reads x's columns beyond K as zeros.
+scales (KP/64, N) uint8 codes with absmax2 / code8 / offset (double quantization); y (M, N) bf16. K < KP (padded weights): TMA reads x's columns beyond K as zeros.
 """
 
 import torch
@@ -69,7 +68,7 @@ try:  # Gluon ships with Triton >= 3.5; without it (or without sm_90) fused_matm
 except ImportError:  # pragma: no cover
     HAVE_GLUON = False
 
-from ._launch import FORMAT_INT4, check_activation, weight_args
+from ._launch import check_activation, weight_args
 from ._tile import NF4_PRMT_CODES_ASM, NF4_PRMT_CODES_CONSTRAINTS
 
 BLOCK_N, BLOCK_M, BLOCK_K, STAGES, INFLIGHT, GROUP_M, WARPS = 128, 256, 64, 4, 2, 8, 8
@@ -98,7 +97,7 @@ if HAVE_GLUON:
     def fused_matmul_sm90_kernel(
         x_desc, p_desc, s_desc, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, y_ptr,
         M, N, KP, stride_ym,
-        FORMAT: gl.constexpr, DQ_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
+        DQ_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, INFLIGHT: gl.constexpr, GROUP_M: gl.constexpr,
         num_warps: gl.constexpr,
     ):
@@ -156,15 +155,12 @@ if HAVE_GLUON:
         t6 = _table_word(tab, 6)
         t7 = _table_word(tab, 7)
         t8 = _table_word(tab, 8)
-        offset = gl.load(offset_ptr) if FORMAT == 1 else 0.0
-        # double quantization: the 256-value code8 table in every warp's registers (8 per lane;
-        # gl.gather then picks a block's value with warp shuffles, no memory access), and the
-        # absmax2 of each row's group loaded a step ahead
-        if FORMAT == 1:
-            code8 = gl.load(code8_ptr + gl.arange(0, 256, layout=gl.BlockedLayout([8], [32], [num_warps], [0])))
-        else:
-            code8 = offset
-        b = gl.load(absmax2_ptr + rows // DQ_BLOCK) if FORMAT == 1 else offset
+        # double quantization, absmax = code8[q] * absmax2[group] + offset: the 256-value code8
+        # table in every warp's registers (gl.gather picks from it; the compiler goes through
+        # shared memory), the absmax2 of each row's group loaded a step ahead
+        offset = gl.load(offset_ptr)
+        code8 = gl.load(code8_ptr + gl.arange(0, 256, layout=gl.BlockedLayout([8], [32], [num_warps], [0])))
+        absmax2 = gl.load(absmax2_ptr + rows // DQ_BLOCK)
 
         acc = warpgroup_mma_init(gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_layout))
         for i in range(num_k):
@@ -172,10 +168,7 @@ if HAVE_GLUON:
             mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
             p = p_ring.index(stage).load(dec)
             sc = s_ring.index(stage).load(gl.SliceLayout(1, dec))
-            if FORMAT == 1:  # absmax = code8[q] * absmax2[group] + offset
-                scale = gl.gather(code8, sc.to(gl.int32), 0) * b + offset
-            else:
-                scale = sc
+            scale = gl.gather(code8, sc.to(gl.int32), 0) * absmax2 + offset
             # decode unscaled, then scale (mul.rn.bf16x2, as LOOKUP 3): the scale's table
             # lookups (code8, absmax2) have the whole decode to arrive
             codes = gl.inline_asm_elementwise(
@@ -202,8 +195,8 @@ if HAVE_GLUON:
             _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, j, j < num_k,
                         off_m, off_n, N, STEP_BYTES, STAGES)
             acc = warpgroup_mma(w_buf, x_ring.index(stage).permute((1, 0)), acc, is_async=True)
-            if FORMAT == 1:  # (after the fence and the arrive, which would wait for it)
-                b = gl.load(absmax2_ptr + (((i + 1) % num_k) * N + rows) // DQ_BLOCK)
+            # (after the fence and the arrive, which would wait for it)
+            absmax2 = gl.load(absmax2_ptr + (((i + 1) % num_k) * N + rows) // DQ_BLOCK)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         for j0 in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(j0))
@@ -225,7 +218,7 @@ def sm90_ok(x: torch.Tensor, w) -> bool:
     projection). Not enabled, because they faulted ("illegal instruction") in their first GPU
     tests and are not debugged yet: out_features not a multiple of 128 (a partial last tile;
     the 1-D TMA of its scales then starts off 16-byte alignment, a suspect), and NF4 with float32
-    absmax (the FORMAT 0 path). fused_matmul runs the Triton kernel for those."""
+    absmax (a variant reading them, since removed). fused_matmul runs the Triton kernel there."""
     return (HAVE_GLUON and x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0)
             and x.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(1) == 1
             and x.data_ptr() % 16 == 0 and (x.stride(0) * 2) % 16 == 0 and x.shape[0] > 0
@@ -236,11 +229,12 @@ def sm90_ok(x: torch.Tensor, w) -> bool:
 
 def fused_matmul_sm90(x: torch.Tensor, w, stages: int = STAGES, inflight: int = INFLIGHT) -> torch.Tensor:
     """y = x @ W.T for bf16 x (M, in_features) and an NF4 weight, on an sm_90 GPU (sm90_ok)."""
-    fmt, tensors, kp, qb, dq_block = weight_args(w)
+    _fmt, tensors, kp, _qb, dq_block = weight_args(w)
     check_activation(x, w.in_features, w.packed.device, "x")
-    if fmt == FORMAT_INT4 or not sm90_ok(x, w):
+    if not sm90_ok(x, w):
         raise ValueError("fused_matmul_sm90 needs an sm_90 GPU, bf16 x readable by TMA and an NF4 "
-                         "weight with block size 64 (sm90_ok)")
+                         "weight with double quantization, block size 64 and out_features a "
+                         "multiple of 128 (sm90_ok)")
     packed, scales, _zeros, absmax2, code, code8, offset = tensors
     m, n, k = x.shape[0], w.out_features, w.in_features
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -248,12 +242,12 @@ def fused_matmul_sm90(x: torch.Tensor, w, stages: int = STAGES, inflight: int = 
     x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [BLOCK_M, BLOCK_K], x_layout)
     plain = lambda bits, rank: gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=rank)  # noqa: E731
     p_desc = TensorDescriptor(packed, [n, kp // 2], [kp // 2, 1], [BLOCK_N, BLOCK_K // 2], plain(8, 2))
-    flat = scales.view(-1)
-    s_desc = TensorDescriptor(flat, [flat.numel()], [1], [BLOCK_N], plain(8 * flat.element_size(), 1))
+    flat = scales.view(-1)  # the 8-bit absmax codes
+    s_desc = TensorDescriptor(flat, [flat.numel()], [1], [BLOCK_N], plain(8, 1))
     grid = (triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N),)
     fused_matmul_sm90_kernel[grid](
         x_desc, p_desc, s_desc, absmax2, code, code8, offset, y,
         m, n, kp, y.stride(0),
-        FORMAT=fmt, DQ_BLOCK=dq_block, BLOCK_N=BLOCK_N, STAGES=stages, INFLIGHT=inflight, GROUP_M=GROUP_M,
+        DQ_BLOCK=dq_block, BLOCK_N=BLOCK_N, STAGES=stages, INFLIGHT=inflight, GROUP_M=GROUP_M,
         num_warps=WARPS)
     return y
