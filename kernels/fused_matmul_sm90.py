@@ -235,9 +235,15 @@ def fused_matmul_sm90(x: torch.Tensor, w, stages: int = STAGES, inflight: int = 
         raise ValueError("fused_matmul_sm90 needs an sm_90 GPU, bf16 x readable by TMA and an NF4 "
                          "weight with double quantization, block size 64 and out_features a "
                          "multiple of 128 (sm90_ok)")
+    y = torch.empty((x.shape[0], w.out_features), dtype=x.dtype, device=x.device)
+    return launch_into(y, x, tensors, kp, dq_block, stages, inflight)
+
+
+def launch_into(y, x, tensors, kp, dq_block, stages: int = STAGES, inflight: int = INFLIGHT):
+    """The launch itself, into y (M, N), for arguments already checked (weight_args,
+    check_activation, sm90_ok): fused_matmul's dispatch, which has done all three, calls it."""
     packed, scales, _zeros, absmax2, code, code8, offset = tensors
-    m, n, k = x.shape[0], w.out_features, w.in_features
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    (m, k), n = x.shape, y.shape[1]
     x_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.bfloat16)
     x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [BLOCK_M, BLOCK_K], x_layout)
     plain = lambda bits, rank: gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=rank)  # noqa: E731
