@@ -16,8 +16,8 @@ block (one scale per row per step). A ring of STAGES (4) stages in shared memory
 step, the (256, 64) bf16 x tile, the (128, 32) packed W bytes and the 128 scales, brought by
 three TMA copies counted on the stage's mbarrier. Step i:
   1. wait for stage i % STAGES; each thread reads 16 packed bytes of one row and its row's scale
-     code, looks up code8 (gl.gather: the table sits in every warp's registers, the compiler
-     goes through shared memory) and multiplies by absmax2 (loaded a step ahead) + offset.
+     code, loads code8[code] from global memory (the 1 KB table stays in L1) and multiplies
+     by absmax2 (loaded a step ahead) + offset.
   2. decode the 32 weights with byte permutes (_tile.py, LOOKUP = 3: about 3.4 instructions per
      weight), unscaled, then scale them (mul.rn.bf16x2) last, so the scale's lookups have the
      whole decode to arrive.
@@ -155,11 +155,12 @@ if HAVE_GLUON:
         t6 = _table_word(tab, 6)
         t7 = _table_word(tab, 7)
         t8 = _table_word(tab, 8)
-        # double quantization, absmax = code8[q] * absmax2[group] + offset: the 256-value code8
-        # table in every warp's registers (gl.gather picks from it; the compiler goes through
-        # shared memory), the absmax2 of each row's group loaded a step ahead
+        # double quantization, absmax = code8[q] * absmax2[group] + offset: code8[q] read from
+        # global memory each step (an L1 hit: 1 KB), not gl.gather from a copy of the table in
+        # registers, which the compiler does through shared-memory scratch with a CTA barrier
+        # before and after it (2-3% slower, BENCHMARKS.md, eleventh session); the absmax2 of each
+        # row's group loaded a step ahead
         offset = gl.load(offset_ptr)
-        code8 = gl.load(code8_ptr + gl.arange(0, 256, layout=gl.BlockedLayout([8], [32], [num_warps], [0])))
         absmax2 = gl.load(absmax2_ptr + rows // DQ_BLOCK)
 
         acc = warpgroup_mma_init(gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_layout))
@@ -168,7 +169,7 @@ if HAVE_GLUON:
             mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
             p = p_ring.index(stage).load(dec)
             sc = s_ring.index(stage).load(gl.SliceLayout(1, dec))
-            scale = gl.gather(code8, sc.to(gl.int32), 0) * absmax2 + offset
+            scale = gl.load(code8_ptr + sc.to(gl.int32)) * absmax2 + offset
             # decode unscaled, then scale (mul.rn.bf16x2, as LOOKUP 3): the scale's table
             # lookups (code8, absmax2) have the whole decode to arrive
             codes = gl.inline_asm_elementwise(
