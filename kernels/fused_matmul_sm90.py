@@ -10,11 +10,14 @@ W[n, k] = bf16(bf16(code[q]) * bf16(absmax)), products accumulated in float32 by
 cores, y rounded to bf16. Computed transposed, y.T tile = W tile @ x tile.T, so that the weight
 rows are the instruction's M (64 per warp group) and the tokens its N (up to 256).
 
-Per program: BLOCK_N = 128 weight rows x BLOCK_M = 256 tokens; 8 warps = 2 warp groups, group g
-owns weight rows 64 g .. 64 g + 63 of the tile. The K loop steps by BLOCK_K = 64 = one NF4
+Per program: BLOCK_N = 128 weight rows x BLOCK_M = 256 tokens; 8 decoding warps = 2 warp
+groups, group g owns weight rows 64 g .. 64 g + 63 of the tile, and one loader warp (Gluon's
+warp_specialize runs each on its own function; 12 warps launch, warp groups being whole). The K loop steps by BLOCK_K = 64 = one NF4
 block (one scale per row per step). A ring of STAGES (4) stages in shared memory holds, per
 step, the (256, 64) bf16 x tile, the (128, 32) packed W bytes and the 128 scales, brought by
-three TMA copies counted on the stage's mbarrier. Step i:
+three TMA copies counted on the stage's mbarrier ready[s]. The loader warp issues them: for step
+j it waits on empty[j % STAGES] until the decoding warps have freed that stage. Decoding warps,
+step i:
   1. wait for stage i % STAGES; each thread reads 16 packed bytes of one row and its row's scale
      code, loads code8[code] from global memory (the 1 KB table stays in L1) and multiplies
      by absmax2 (loaded a step ahead) + offset.
@@ -23,7 +26,7 @@ three TMA copies counted on the stage's mbarrier. Step i:
      whole decode to arrive.
   3. wait until at most INFLIGHT - 1 (1) wgmmas are running: step i - 2's is done.
   4. store the weights into W buffer i % 2, in the 128-byte-swizzled layout wgmma reads; fence;
-     CTA barrier; issue the TMA copies of step i + STAGES - 2 into the stage step i - 2 used.
+     barrier of the 8 warps; one arrive on empty[(i - 2) % STAGES]: the loader may refill it.
   5. wgmma (asynchronous): acc (128, 256) += W_buf @ x_stage.T, both operands from shared
      memory; it runs while the warps do steps 1-4 of step i + 1.
 Why not plain Triton: there tl.dot(W, x.T) takes the decoded W as the register operand of
@@ -35,14 +38,19 @@ Lessons that cost time (BENCHMARKS.md, ninth session): ptxas serializes every wg
 C7515) if anything writes the accumulator registers while one is in flight, here the zeroing on
 the loop's zero-trip path (gl.assume removes it); and global loads cannot be prefetched into
 registers across a step: fence.proxy.async becomes MEMBAR.ALL.CTA and the mbarrier arrive is a
-release, both wait for every load in flight. Hence TMA for everything read per step.
+release, both wait for every load in flight. Hence TMA for everything read per step. Why a
+loader warp (eleventh session): issued by the decoding warps, the expect and the three copies
+(one thread's operations) each got a CTA barrier from the compiler's shared-memory analysis,
+4 barriers per step; now the decoding warps pass 2 per step and the loader's are its own (5-7%
+faster); and code8 from L1, not gl.gather, whose shared-memory scratch cost 2 more (2-3%).
 
 Hazards, and what orders them:
   - W buffer i % 2 is rewritten at step i + 2, after each warp group's wait at step i + 2
     (only step i + 1's wgmma may still run); a warp group only ever writes the 64 rows its own
     wgmma reads (warps 4 g .. 4 g + 3 hold rows 64 g .. 64 g + 63 in the decoding layout too).
-  - the ring stage of step i is refilled at step i + 2, after the barrier of step i + 2, which
-    every warp reaches after its wait (step i's wgmma done) and after reading its W bytes.
+  - the ring stage of step i is refilled after the arrive on empty[i % STAGES] at step i + 2,
+    which follows the barrier of step i + 2, which every decoding warp reaches after its wait
+    (step i's wgmma done) and after reading its W bytes; the loader waits for that arrive.
   - fence_async_shared: makes the threads' stores to the W buffer visible to wgmma, which reads
     shared memory through the asynchronous proxy (and orders the reads of the stage before the
     TMA that overwrites it).
@@ -72,6 +80,7 @@ from ._launch import check_activation, weight_args
 from ._tile import NF4_PRMT_CODES_ASM, NF4_PRMT_CODES_CONSTRAINTS
 
 BLOCK_N, BLOCK_M, BLOCK_K, STAGES, INFLIGHT, GROUP_M, WARPS = 128, 256, 64, 4, 2, 8, 8
+LOADER_REGS = 40  # registers per thread of the loader warp (it holds a few indices)
 
 if HAVE_GLUON:
     @gluon.jit
@@ -82,67 +91,34 @@ if HAVE_GLUON:
             [gl.load(tab + i), gl.load(tab + 9)], dtype=gl.int32, is_pure=True, pack=1)
 
     @gluon.jit
-    def _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, j, pred,
+    def _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, j,
                     off_m, off_n, N, STEP_BYTES: gl.constexpr, STAGES: gl.constexpr):
         """Start the TMA copies of step j (x tile, packed W tile, its scales) into stage j % STAGES."""
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         sj = j % STAGES
         bar = ready.index(sj)
-        mbarrier.expect(bar, STEP_BYTES, pred=pred)
-        tma.async_copy_global_to_shared(x_desc, [off_m, j * BLOCK_K], bar, x_ring.index(sj), pred=pred)
-        tma.async_copy_global_to_shared(p_desc, [off_n, j * (BLOCK_K // 2)], bar, p_ring.index(sj), pred=pred)
-        tma.async_copy_global_to_shared(s_desc, [j * N + off_n], bar, s_ring.index(sj), pred=pred)
+        mbarrier.expect(bar, STEP_BYTES)
+        tma.async_copy_global_to_shared(x_desc, [off_m, j * BLOCK_K], bar, x_ring.index(sj))
+        tma.async_copy_global_to_shared(p_desc, [off_n, j * (BLOCK_K // 2)], bar, p_ring.index(sj))
+        tma.async_copy_global_to_shared(s_desc, [j * N + off_n], bar, s_ring.index(sj))
 
     @gluon.jit
-    def fused_matmul_sm90_kernel(
-        x_desc, p_desc, s_desc, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, y_ptr,
-        M, N, KP, stride_ym,
-        DQ_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, INFLIGHT: gl.constexpr, GROUP_M: gl.constexpr,
-        num_warps: gl.constexpr,
-    ):
-        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
-        BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-        BYTES: gl.constexpr = BLOCK_K // 2
-
-        # grouped program order (as fused_matmul): GROUP_M token tiles share W tiles in L2
-        pid = gl.program_id(0)
-        num_pid_m = gl.cdiv(M, BLOCK_M)
-        num_pid_n = gl.cdiv(N, BLOCK_N)
-        group_id = pid // (GROUP_M * num_pid_n)
-        first_pid_m = group_id * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + (pid % (GROUP_M * num_pid_n)) % group_size_m
-        pid_n = (pid % (GROUP_M * num_pid_n)) // group_size_m
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-
+    def _decode_and_mma(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
+                        offset_ptr, off_n, N, KP, DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr,
+                        STAGES: gl.constexpr, INFLIGHT: gl.constexpr, num_warps: gl.constexpr):
+        """The 8 decoding warps (steps 1-5 of the module docstring): acc (BLOCK_N, BLOCK_M) =
+        W tile @ x tile.T over the whole K loop."""
+        BLOCK_N: gl.constexpr = w_bufs.shape[1]
+        BLOCK_K: gl.constexpr = w_bufs.shape[2]
         # decoding layout: a thread holds 16 consecutive packed bytes (32 weights) of one row;
         # warp w holds rows 16 w .. 16 w + 15, so warp group g the rows its wgmma reads
         dec: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [num_warps, 1], [1, 0])
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
-        w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.bfloat16)
-
-        # the ring: stage s holds one step's x tile, packed W tile and scales (one TMA each,
-        # all counted on mbarrier ready[s])
-        x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
-        p_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BYTES], p_desc.layout)
-        s_ring = gl.allocate_shared_memory(s_desc.dtype, [STAGES, BLOCK_N], s_desc.layout)
-        w_bufs = gl.allocate_shared_memory(gl.bfloat16, [INFLIGHT, BLOCK_N, BLOCK_K], w_layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for j0 in gl.static_range(STAGES):
-            mbarrier.init(ready.index(j0), count=1)
-        STEP_BYTES: gl.constexpr = (x_desc.block_type.nbytes + p_desc.block_type.nbytes
-                                    + s_desc.block_type.nbytes)
-
         # KP >= 64 always (a weight has at least one block); telling the compiler removes the
         # zero-trip path of the loop, whose zeroing of acc made ptxas serialize every wgmma
         gl.assume(KP >= BLOCK_K)
         num_k = KP // BLOCK_K
-        for j0 in gl.static_range(STAGES - INFLIGHT):  # the first steps
-            _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, j0, j0 < num_k,
-                        off_m, off_n, N, STEP_BYTES, STAGES)
 
         rows = (off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dec))) % N
         tab = code_ptr.to(gl.pointer_type(gl.int32)) + 16
@@ -190,17 +166,81 @@ if HAVE_GLUON:
             w_buf.store(w)
             fence_async_shared()
             gl.thread_barrier()
-            # step i + STAGES - INFLIGHT into the stage step i - INFLIGHT used (every warp waited
-            # for that wgmma, and read its W bytes, before the barrier)
-            j = i + STAGES - INFLIGHT
-            _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, j, j < num_k,
-                        off_m, off_n, N, STEP_BYTES, STAGES)
+            # the stage of step i - INFLIGHT is free (every warp waited for that step's wgmma and
+            # read its W bytes before the barrier): one arrive tells the loader warp
+            mbarrier.arrive(empty.index((i + STAGES - INFLIGHT) % STAGES), pred=i >= INFLIGHT)
             acc = warpgroup_mma(w_buf, x_ring.index(stage).permute((1, 0)), acc, is_async=True)
-            # (after the fence and the arrive, which would wait for it)
+            # (after the fence, which would wait for it)
             absmax2 = gl.load(absmax2_ptr + (((i + 1) % num_k) * N + rows) // DQ_BLOCK)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        return (acc, )
+
+
+    @gluon.jit
+    def _loader(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, empty, off_m, off_n, N, KP,
+                STEP_BYTES: gl.constexpr, STAGES: gl.constexpr):
+        """The loader warp: fills stage j % STAGES with step j once the decoding warps have
+        freed it (the (j // STAGES)-th completion of empty[s], phases counted from 0), up to
+        STAGES steps ahead of them."""
+        BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+        num_k = KP // BLOCK_K
+        for j in range(num_k):
+            s = j % STAGES
+            mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1, pred=j >= STAGES)
+            _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, j,
+                        off_m, off_n, N, STEP_BYTES, STAGES)
+
+    @gluon.jit
+    def fused_matmul_sm90_kernel(
+        x_desc, p_desc, s_desc, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, y_ptr,
+        M, N, KP, stride_ym,
+        DQ_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
+        STAGES: gl.constexpr, INFLIGHT: gl.constexpr, GROUP_M: gl.constexpr,
+        LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+        BYTES: gl.constexpr = BLOCK_K // 2
+
+        # grouped program order (as fused_matmul): GROUP_M token tiles share W tiles in L2
+        pid = gl.program_id(0)
+        num_pid_m = gl.cdiv(M, BLOCK_M)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        group_id = pid // (GROUP_M * num_pid_n)
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (pid % (GROUP_M * num_pid_n)) % group_size_m
+        pid_n = (pid % (GROUP_M * num_pid_n)) // group_size_m
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+
+        w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.bfloat16)
+
+        # the ring: stage s holds one step's x tile, packed W tile and scales (one TMA each,
+        # all counted on mbarrier ready[s]); empty[s]: the decoding warps are done with it
+        x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+        p_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BYTES], p_desc.layout)
+        s_ring = gl.allocate_shared_memory(s_desc.dtype, [STAGES, BLOCK_N], s_desc.layout)
+        w_bufs = gl.allocate_shared_memory(gl.bfloat16, [INFLIGHT, BLOCK_N, BLOCK_K], w_layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for j0 in gl.static_range(STAGES):
+            mbarrier.init(ready.index(j0), count=1)
+            mbarrier.init(empty.index(j0), count=1)
+        STEP_BYTES: gl.constexpr = (x_desc.block_type.nbytes + p_desc.block_type.nbytes
+                                    + s_desc.block_type.nbytes)
+
+        # the decoding warps (num_warps of them) and one loader warp, each running its function
+        acc, = gl.warp_specialize([
+            (_decode_and_mma, (x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr,
+                               code8_ptr, offset_ptr, off_n, N, KP, DQ_BLOCK, BLOCK_M, STAGES, INFLIGHT,
+                               num_warps)),
+            (_loader, (x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, empty, off_m, off_n, N, KP,
+                       STEP_BYTES, STAGES)),
+        ], [1], [LOADER_REGS])
         for j0 in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(j0))
+            mbarrier.invalidate(empty.index(j0))
 
         # y[m, n] = acc[n, m]: transpose, then rows of 128 contiguous bf16 per store
         out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
@@ -256,5 +296,5 @@ def launch_into(y, x, tensors, kp, dq_block, stages: int = STAGES, inflight: int
         x_desc, p_desc, s_desc, absmax2, code, code8, offset, y,
         m, n, kp, y.stride(0),
         DQ_BLOCK=dq_block, BLOCK_N=BLOCK_N, STAGES=stages, INFLIGHT=inflight, GROUP_M=GROUP_M,
-        num_warps=WARPS)
+        LOADER_REGS=LOADER_REGS, num_warps=WARPS)
     return y
