@@ -12,12 +12,12 @@ rows are the instruction's M (64 per warp group) and the tokens its N (up to 256
 
 Per program: BLOCK_N = 128 weight rows x BLOCK_M = 256 tokens; 8 decoding warps = 2 warp
 groups, group g owns weight rows 64 g .. 64 g + 63 of the tile, and one loader warp (Gluon's
-warp_specialize runs each on its own function; 12 warps launch, warp groups being whole). The K loop steps by BLOCK_K = 64 = one NF4
-block (one scale per row per step). A ring of STAGES (4) stages in shared memory holds, per
-step, the (256, 64) bf16 x tile, the (128, 32) packed W bytes and the 128 scales, brought by
-three TMA copies counted on the stage's mbarrier ready[s]. The loader warp issues them: for step
-j it waits on empty[j % STAGES] until the decoding warps have freed that stage. Decoding warps,
-step i:
+warp_specialize runs each on its own function; 12 warps launch, warp groups being whole). The
+K loop steps by BLOCK_K = 64 = one NF4 block (one scale per row per step). A ring of STAGES (4)
+stages in shared memory holds, per step, the (256, 64) bf16 x tile, the (128, 32) packed W
+bytes and the 128 scales, brought by three TMA copies counted on the stage's mbarrier ready[s].
+The loader warp issues them: for step j it waits on empty[j % STAGES] until the decoding warps
+have freed that stage. Decoding warps, step i:
   1. wait for stage i % STAGES; each thread reads 16 packed bytes of one row and its row's scale
      code, loads code8[code] from global memory (the 1 KB table stays in L1) and multiplies
      by absmax2 (loaded a step ahead) + offset.
@@ -79,7 +79,7 @@ except ImportError:  # pragma: no cover
 from ._launch import check_activation, weight_args
 from ._tile import NF4_PRMT_CODES_ASM, NF4_PRMT_CODES_CONSTRAINTS
 
-BLOCK_N, BLOCK_M, BLOCK_K, STAGES, INFLIGHT, GROUP_M, WARPS = 128, 256, 64, 4, 2, 8, 8
+BLOCK_N, BLOCK_M, BLOCK_K, STAGES, INFLIGHT, GROUP_M, WARPS = 128, 256, 64, 4, 2, 2, 8
 LOADER_REGS = 40  # registers per thread of the loader warp (it holds a few indices)
 
 if HAVE_GLUON:
@@ -202,7 +202,10 @@ if HAVE_GLUON:
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         BYTES: gl.constexpr = BLOCK_K // 2
 
-        # grouped program order (as fused_matmul): GROUP_M token tiles share W tiles in L2
+        # grouped program order (as fused_matmul): GROUP_M token tiles share W tiles in L2;
+        # GROUP_M = 2 measured 0-5% faster than 8 in three runs (BENCHMARKS.md, eleventh
+        # session): the (256, K) x tiles, 8x the bytes of a packed W tile, are then shared by
+        # more of the programs running at once
         pid = gl.program_id(0)
         num_pid_m = gl.cdiv(M, BLOCK_M)
         num_pid_n = gl.cdiv(N, BLOCK_N)
