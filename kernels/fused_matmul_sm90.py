@@ -21,9 +21,16 @@ have freed that stage. Decoding warps, step i:
   1. wait for stage i % STAGES; each thread reads 16 packed bytes of one row and its row's scale
      code, loads code8[code] from global memory (the 1 KB table stays in L1) and multiplies
      by absmax2 (loaded a step ahead) + offset.
-  2. decode the 32 weights with byte permutes (_tile.py, LOOKUP = 3: about 3.4 instructions per
-     weight), unscaled, then scale them (mul.rn.bf16x2) last, so the scale's lookups have the
-     whole decode to arrive.
+  2. decode the 32 weights, unscaled, through a table in shared memory: byte -> the bf16 pair
+     of its two weights, 256 words, one copy per lane (32 KB: lane l reads bank l, no
+     conflicts), 3 instructions per byte (prmt, mad, ld.shared); then scale them
+     (mul.rn.bf16x2) last, so the scale's lookups have the whole decode to arrive. Gluon has no
+     gather from shared memory, so the lookup is inline PTX at the table's address, which Gluon
+     cannot name either: the launcher passes candidate offsets from the compiled kernel's LLVM
+     IR, and each program, having filled the table, keeps the first at which every thread reads
+     back what it stored (_find_table). If none passes (another Triton, or the first call), the
+     byte-permute decoder of _tile.py runs (LOOKUP = 3, about 6 instructions per byte, the same
+     numbers bit for bit): a wrong guess costs speed, never a wrong result.
   3. wait until at most INFLIGHT - 1 (1) wgmmas are running: step i - 2's is done.
   4. store the weights into W buffer i % 2, in the 128-byte-swizzled layout wgmma reads; fence;
      barrier of the 8 warps; one arrive on empty[(i - 2) % STAGES]: the loader may refill it.
@@ -42,7 +49,8 @@ release, both wait for every load in flight. Hence TMA for everything read per s
 loader warp (eleventh session): issued by the decoding warps, the expect and the three copies
 (one thread's operations) each got a CTA barrier from the compiler's shared-memory analysis,
 4 barriers per step; now the decoding warps pass 2 per step and the loader's are its own (5-7%
-faster); and code8 from L1, not gl.gather, whose shared-memory scratch cost 2 more (2-3%).
+faster); code8 from L1, not gl.gather, whose shared-memory scratch cost 2 more (2-3%); the
+decoding table 3-5.5% over the byte permutes.
 
 Hazards, and what orders them:
   - W buffer i % 2 is rewritten at step i + 2, after each warp group's wait at step i + 2
@@ -51,6 +59,9 @@ Hazards, and what orders them:
   - the ring stage of step i is refilled after the arrive on empty[i % STAGES] at step i + 2,
     which follows the barrier of step i + 2, which every decoding warp reaches after its wait
     (step i's wgmma done) and after reading its W bytes; the loader waits for that arrive.
+  - the decoding table is filled before the decoding warps' first barrier and only read after;
+    it is an argument of their function, so the compiler keeps its memory while they run
+    (it does not see the reads, which are by address).
   - fence_async_shared: makes the threads' stores to the W buffer visible to wgmma, which reads
     shared memory through the asynchronous proxy (and orders the reads of the stage before the
     TMA that overwrites it).
@@ -61,6 +72,8 @@ of 128, bf16 x that TMA can read; fused_matmul runs the Triton kernel otherwise.
 Layout read: x (M, K) bf16 row-major with 16-byte aligned rows (TMA); packed uint8 (N, KP/2);
 scales (KP/64, N) uint8 codes with absmax2 / code8 / offset (double quantization); y (M, N) bf16. K < KP (padded weights): TMA reads x's columns beyond K as zeros.
 """
+
+import re
 
 import torch
 import triton
@@ -80,9 +93,17 @@ from ._launch import check_activation, weight_args
 from ._tile import NF4_PRMT_CODES_ASM, NF4_PRMT_CODES_CONSTRAINTS
 
 BLOCK_N, BLOCK_M, BLOCK_K, STAGES, INFLIGHT, GROUP_M, WARPS = 128, 256, 64, 4, 2, 2, 8
+# Decoding through the shared-memory table: for each of the 4 bytes of $4, its word of the table
+# (byte * 128 + $5: $5 = the table's address plus 4 * lane, each lane reading its own copy).
+TABLE_ASM = "\n".join(["{", ".reg .b32 i<4>;"] + [
+    f"prmt.b32 i{j}, $4, 0, {0x4440 + j}; mad.lo.u32 i{j}, i{j}, 128, ${5 + j}; ld.shared.b32 ${j}, [i{j}];"
+    for j in range(4)] + ["}"])
+TABLE_BYTES = 256 * 32 * 4
 LOADER_REGS = 40  # registers per thread of the loader warp (it holds a few indices)
 
 if HAVE_GLUON:
+    TABLE_ASM = gl.constexpr(TABLE_ASM)
+
     @gluon.jit
     def _table_word(tab, i):
         """Word i of the decoder's table in a regular register (see _tile._table_word)."""
@@ -103,11 +124,70 @@ if HAVE_GLUON:
         tma.async_copy_global_to_shared(s_desc, [j * N + off_n], bar, s_ring.index(sj))
 
     @gluon.jit
-    def _decode_and_mma(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                        offset_ptr, off_n, N, KP, DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr,
-                        STAGES: gl.constexpr, INFLIGHT: gl.constexpr, num_warps: gl.constexpr):
+    def _pair_word(code_ptr, e):
+        """Word e of the decoding table: bf16(code[e & 15]) << 16 | bf16(code[e >> 4]), byte e's
+        two weights, unscaled (column 2 j, the high nibble, in the low half, as _tile's decoder)."""
+        lo = gl.load(code_ptr + (e >> 4)).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        hi = gl.load(code_ptr + (e & 15)).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32)
+        return (hi << 16) | lo
+
+    @gluon.jit
+    def _and(a, b):
+        return a & b
+
+    @gluon.jit
+    def _find_table(words, where, cands_ptr, n_cands):
+        """The table's offset in shared memory (from the symbol global_smem), or -1: the first of
+        the n_cands (<= 31) candidate offsets at which every thread reads back the words it
+        stored (words, at byte offsets where within the table). Gluon cannot name a buffer's
+        address in inline PTX, so the launcher guesses candidates from the compiled kernel and
+        this checks them: a wrong guess costs speed (the byte-permute decoder runs), never a
+        wrong result."""
+        bits = words * 0
+        for c in range(n_cands):
+            got = gl.inline_asm_elementwise(
+                "{ .reg .b32 a; mov.u32 a, global_smem; add.u32 a, a, $1; ld.shared.b32 $0, [a]; }",
+                "=r,r", [where + gl.load(cands_ptr + c)], dtype=gl.int32, is_pure=False, pack=1)
+            bits = bits | ((got == words).to(gl.int32) << c)
+        found_bits = gl.reduce(gl.reduce(bits, 1, _and), 0, _and)
+        found = -1
+        for c in range(n_cands):
+            if ((found_bits >> c) & 1) == 1 and found < 0:
+                found = gl.load(cands_ptr + c)
+        return found
+
+    @gluon.jit
+    def _decode_and_mma(x_ring, p_ring, s_ring, w_bufs, table, ready, empty, absmax2_ptr, code_ptr,
+                        code8_ptr, offset_ptr, cands_ptr, n_cands, off_n, N, KP, DQ_BLOCK: gl.constexpr,
+                        BLOCK_M: gl.constexpr, STAGES: gl.constexpr, INFLIGHT: gl.constexpr,
+                        num_warps: gl.constexpr):
         """The 8 decoding warps (steps 1-5 of the module docstring): acc (BLOCK_N, BLOCK_M) =
-        W tile @ x tile.T over the whole K loop."""
+        W tile @ x tile.T over the whole K loop. First the decoding table: filled, then found."""
+        fill: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
+        e = gl.arange(0, 256, layout=gl.SliceLayout(1, fill))
+        lane = gl.arange(0, 32, layout=gl.SliceLayout(0, fill))
+        words = _pair_word(code_ptr, e)[:, None] + gl.zeros([256, 32], gl.int32, fill)
+        table.store(words)
+        gl.thread_barrier()
+        table_off = _find_table(words, e[:, None] * 128 + lane[None, :] * 4, cands_ptr, n_cands)
+        gl.store(cands_ptr + n_cands, table_off)  # what was found, for the tests (every program alike)
+        if table_off >= 0:
+            acc = _k_loop(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
+                          offset_ptr, table_off, off_n, N, KP, DQ_BLOCK, BLOCK_M, STAGES, INFLIGHT,
+                          num_warps, True)
+        else:
+            acc = _k_loop(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
+                          offset_ptr, table_off, off_n, N, KP, DQ_BLOCK, BLOCK_M, STAGES, INFLIGHT,
+                          num_warps, False)
+        return (acc, )
+
+    @gluon.jit
+    def _k_loop(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
+                offset_ptr, table_off, off_n, N, KP, DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr,
+                STAGES: gl.constexpr, INFLIGHT: gl.constexpr, num_warps: gl.constexpr,
+                TABLE: gl.constexpr):
+        """The K loop of the decoding warps; TABLE: decode through the shared-memory table at
+        table_off, else with byte permutes."""
         BLOCK_N: gl.constexpr = w_bufs.shape[1]
         BLOCK_K: gl.constexpr = w_bufs.shape[2]
         # decoding layout: a thread holds 16 consecutive packed bytes (32 weights) of one row;
@@ -121,16 +201,22 @@ if HAVE_GLUON:
         num_k = KP // BLOCK_K
 
         rows = (off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dec))) % N
-        tab = code_ptr.to(gl.pointer_type(gl.int32)) + 16
-        t0 = _table_word(tab, 0)
-        t1 = _table_word(tab, 1)
-        t2 = _table_word(tab, 2)
-        t3 = _table_word(tab, 3)
-        t4 = _table_word(tab, 4)
-        t5 = _table_word(tab, 5)
-        t6 = _table_word(tab, 6)
-        t7 = _table_word(tab, 7)
-        t8 = _table_word(tab, 8)
+        if TABLE:  # each lane's address of its own copy of the table
+            base = gl.inline_asm_elementwise(
+                "{ .reg .b32 l; mov.u32 $0, global_smem; mov.u32 l, %laneid;"
+                " mad.lo.u32 $0, l, 4, $0; add.u32 $0, $0, $1; }",
+                "=r,r", [table_off], dtype=gl.int32, is_pure=True, pack=1)
+        else:  # the byte-permute decoder's 9 words (_tile.py)
+            tab = code_ptr.to(gl.pointer_type(gl.int32)) + 16
+            t0 = _table_word(tab, 0)
+            t1 = _table_word(tab, 1)
+            t2 = _table_word(tab, 2)
+            t3 = _table_word(tab, 3)
+            t4 = _table_word(tab, 4)
+            t5 = _table_word(tab, 5)
+            t6 = _table_word(tab, 6)
+            t7 = _table_word(tab, 7)
+            t8 = _table_word(tab, 8)
         # double quantization, absmax = code8[q] * absmax2[group] + offset: code8[q] read from
         # global memory each step (an L1 hit: 1 KB), not gl.gather from a copy of the table in
         # registers, which the compiler does through shared-memory scratch with a CTA barrier
@@ -148,9 +234,13 @@ if HAVE_GLUON:
             scale = gl.load(code8_ptr + sc.to(gl.int32)) * absmax2 + offset
             # decode unscaled, then scale (mul.rn.bf16x2, as LOOKUP 3): the scale's table
             # lookups (code8, absmax2) have the whole decode to arrive
-            codes = gl.inline_asm_elementwise(
-                NF4_PRMT_CODES_ASM, NF4_PRMT_CODES_CONSTRAINTS, [p, t0, t1, t2, t3, t4, t5, t6, t7, t8],
-                dtype=gl.int32, is_pure=True, pack=4)
+            if TABLE:  # 3 instructions per byte (2 weights)
+                codes = gl.inline_asm_elementwise(TABLE_ASM, "=r,=r,=r,=r,r,r,r,r,r", [p, base],
+                                                  dtype=gl.int32, is_pure=True, pack=4)
+            else:  # about 6 per byte
+                codes = gl.inline_asm_elementwise(
+                    NF4_PRMT_CODES_ASM, NF4_PRMT_CODES_CONSTRAINTS, [p, t0, t1, t2, t3, t4, t5, t6, t7, t8],
+                    dtype=gl.int32, is_pure=True, pack=4)
             sb = scale.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
             s2 = (sb | (sb << 16))[:, None]
             pair = gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [codes, s2],
@@ -173,8 +263,7 @@ if HAVE_GLUON:
             # (after the fence, which would wait for it)
             absmax2 = gl.load(absmax2_ptr + (((i + 1) % num_k) * N + rows) // DQ_BLOCK)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        return (acc, )
-
+        return acc
 
     @gluon.jit
     def _loader(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, empty, off_m, off_n, N, KP,
@@ -190,10 +279,10 @@ if HAVE_GLUON:
             _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, j,
                         off_m, off_n, N, STEP_BYTES, STAGES)
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize=["n_cands"])
     def fused_matmul_sm90_kernel(
-        x_desc, p_desc, s_desc, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, y_ptr,
-        M, N, KP, stride_ym,
+        x_desc, p_desc, s_desc, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, y_ptr, cands_ptr,
+        M, N, KP, stride_ym, n_cands,
         DQ_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, INFLIGHT: gl.constexpr, GROUP_M: gl.constexpr,
         LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
@@ -227,6 +316,10 @@ if HAVE_GLUON:
         w_bufs = gl.allocate_shared_memory(gl.bfloat16, [INFLIGHT, BLOCK_N, BLOCK_K], w_layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        # the decoding table, byte -> the bf16 pair of its two weights, one copy per lane (lane l
+        # reads word [e, l]: bank l, no conflicts); passed to the decoding warps, which keeps it
+        # allocated while they run (they read it by address, which the compiler does not see)
+        table = gl.allocate_shared_memory(gl.int32, [256, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         for j0 in gl.static_range(STAGES):
             mbarrier.init(ready.index(j0), count=1)
             mbarrier.init(empty.index(j0), count=1)
@@ -235,9 +328,9 @@ if HAVE_GLUON:
 
         # the decoding warps (num_warps of them) and one loader warp, each running its function
         acc, = gl.warp_specialize([
-            (_decode_and_mma, (x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr,
-                               code8_ptr, offset_ptr, off_n, N, KP, DQ_BLOCK, BLOCK_M, STAGES, INFLIGHT,
-                               num_warps)),
+            (_decode_and_mma, (x_ring, p_ring, s_ring, w_bufs, table, ready, empty, absmax2_ptr, code_ptr,
+                               code8_ptr, offset_ptr, cands_ptr, n_cands, off_n, N, KP, DQ_BLOCK, BLOCK_M,
+                               STAGES, INFLIGHT, num_warps)),
             (_loader, (x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, empty, off_m, off_n, N, KP,
                        STEP_BYTES, STAGES)),
         ], [1], [LOADER_REGS])
@@ -283,6 +376,27 @@ def fused_matmul_sm90(x: torch.Tensor, w, stages: int = STAGES, inflight: int = 
     return launch_into(y, x, tensors, kp, dq_block, stages, inflight)
 
 
+_TABLE_CANDIDATES = {}  # (device, stages, inflight, dq_block) -> int32 offsets (_table_candidates)
+
+
+def table_offset(device, stages: int = STAGES, inflight: int = INFLIGHT, dq_block: int = 256):
+    """The decoding table's offset the last launch found (-1: not found, the byte permutes ran;
+    None: no launch since the first). For the tests."""
+    cands = _TABLE_CANDIDATES.get((torch.device(device), stages, inflight, dq_block))
+    return None if cands is None else int(cands[-1])
+
+
+def _table_candidates(kernel, device) -> torch.Tensor:
+    """Where the decoding table may sit in the compiled kernel's shared memory: every constant
+    offset from global_smem in its LLVM IR that leaves room for the table (at most 31). The
+    kernel checks them in turn (_find_table); none passing only means the slower decoder."""
+    found = sorted({int(v) for v in re.findall(r"@global_smem, i32 (\d+)\)", kernel.asm.get("llir", ""))})
+    ok = [v for v in found if v % 16 == 0 and v + TABLE_BYTES <= kernel.metadata.shared][:31]
+    # (a kernel compiled for other sizes, M % 16 for example, has the same buffers, so in all
+    # likelihood the same offsets); one more slot, where the kernel writes what it found
+    return torch.tensor(ok + [-1], dtype=torch.int32, device=device)
+
+
 def launch_into(y, x, tensors, kp, dq_block, stages: int = STAGES, inflight: int = INFLIGHT):
     """The launch itself, into y (M, N), for arguments already checked (weight_args,
     check_activation, sm90_ok): fused_matmul's dispatch, which has done all three, calls it."""
@@ -295,9 +409,14 @@ def launch_into(y, x, tensors, kp, dq_block, stages: int = STAGES, inflight: int
     flat = scales.view(-1)  # the 8-bit absmax codes
     s_desc = TensorDescriptor(flat, [flat.numel()], [1], [BLOCK_N], plain(8, 1))
     grid = (triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N),)
-    fused_matmul_sm90_kernel[grid](
+    key = (x.device, stages, inflight, dq_block)
+    cands = _TABLE_CANDIDATES.get(key)
+    kernel = fused_matmul_sm90_kernel[grid](
         x_desc, p_desc, s_desc, absmax2, code, code8, offset, y,
-        m, n, kp, y.stride(0),
+        cands if cands is not None else torch.full((1,), -1, dtype=torch.int32, device=x.device),
+        m, n, kp, y.stride(0), 0 if cands is None else cands.numel() - 1,
         DQ_BLOCK=dq_block, BLOCK_N=BLOCK_N, STAGES=stages, INFLIGHT=inflight, GROUP_M=GROUP_M,
         LOADER_REGS=LOADER_REGS, num_warps=WARPS)
+    if cands is None:  # the first call: the next ones look for the table where it may be
+        _TABLE_CANDIDATES[key] = _table_candidates(kernel, x.device)
     return y

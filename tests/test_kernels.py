@@ -697,6 +697,29 @@ def test_gpu_fused_sm90(fmt, n, k):
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(not SM90, reason="the Gluon kernel kernels/fused_matmul_sm90.py needs an sm_90 GPU")
+def test_gpu_fused_sm90_table():
+    """The Hopper kernel decodes through a shared-memory table whose address it must find (Gluon
+    cannot name it in inline PTX): from the second call on it is found, and its results equal bit
+    for bit those of the byte-permute decoder, which runs wherever it is not found."""
+    sm90 = importlib.import_module("kernels.fused_matmul_sm90")
+    qw = make_weight("nf4dq", 4096, 4096, seed=66)
+    x = gaussian(333, 4096, seed=67, dtype=torch.bfloat16)
+    sm90.fused_matmul_sm90(x, qw)  # the first call: candidates from the compiled kernel
+    y = sm90.fused_matmul_sm90(x, qw)
+    assert sm90.table_offset(x.device, dq_block=qw.dq_block_size) >= 0
+    key = (x.device, sm90.STAGES, sm90.INFLIGHT, qw.dq_block_size)
+    saved = sm90._TABLE_CANDIDATES[key]
+    try:  # a wrong guess (offset 0 is the x ring): the check must refuse it
+        sm90._TABLE_CANDIDATES[key] = torch.tensor([0, -1], dtype=torch.int32, device=x.device)
+        y_permute = sm90.fused_matmul_sm90(x, qw)
+        assert sm90.table_offset(x.device, dq_block=qw.dq_block_size) == -1
+    finally:
+        sm90._TABLE_CANDIDATES[key] = saved
+    assert torch.equal(y, y_permute)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("m", [1, 7])
 def test_gpu_skinny_in_cuda_graph(m):
     """Decoding replays a CUDA graph: the split-K kernel + reduction must capture, and replaying
