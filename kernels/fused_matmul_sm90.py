@@ -45,7 +45,8 @@ Lessons that cost time (BENCHMARKS.md, ninth session): ptxas serializes every wg
 C7515) if anything writes the accumulator registers while one is in flight, here the zeroing on
 the loop's zero-trip path (gl.assume removes it); and global loads cannot be prefetched into
 registers across a step: fence.proxy.async becomes MEMBAR.ALL.CTA and the mbarrier arrive is a
-release, both wait for every load in flight. Hence TMA for everything read per step. Why a
+release, both wait for every load in flight. Hence TMA for the tiles (only the 128 rows'
+code8 and absmax2 values are plain loads, used within the step or issued after the fence). Why a
 loader warp (eleventh session): issued by the decoding warps, the expect and the three copies
 (one thread's operations) each got a CTA barrier from the compiler's shared-memory analysis,
 4 barriers per step; now the decoding warps pass 2 per step and the loader's are its own (5-7%
