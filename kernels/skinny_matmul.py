@@ -67,7 +67,7 @@ import triton.language as tl
 
 from ._launch import (pdl_chain, check_activation, check_lookup, interpreting, pdl_ok,
                       prmt_ok, split_config, weight_args)
-from . import skinny_mma
+from . import decode_sm90, skinny_mma
 from ._tile import code_values, dequantize_tile, dequantize_tile_prmt, load_block_scales, nf4_code_pairs
 
 
@@ -279,6 +279,8 @@ MMA_CANDIDATES_M16 = [_mma_cand(2, 8, 0), _mma_cand(4, 4, 0), _mma_cand(8, 2, 0,
                       _mma_cand(8, 1, 0, stages=3, xs=1, fit=1)]
 # Small enough for the interpreter; SPLIT_K = 2 so that the tests exercise the reduction.
 # (LOOKUP 2, the tl.gather table, is for tl.dot; the M = 1 kernel takes it as 0.)
+# kernels/decode_sm90.py (M = 1, Hopper, NF4 with double quantization), where decode_ok
+DECODE_SM90_CANDIDATE = {"DECODE_SM90": 1}
 INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "LOOKUP": 2, "SPLIT_K": 2}
 MAX_M = 16
 REDUCE_BLOCK = 1024
@@ -324,6 +326,8 @@ def mma_ok(x, fmt, k, kp, qb) -> bool:
 
 def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     m, n, k = x.shape[0], w.out_features, w.in_features
+    if config.get("DECODE_SM90"):  # the persistent Gluon kernel (M = 1 on Hopper): one launch
+        return decode_sm90.launch(x, tensors, n, k, dq_block)
     meta, opts = split_config(config)
     per_sm = meta.pop("PROGRAMS_PER_SM", 4)
     split_k = meta.pop("SPLIT_K", None)
@@ -490,6 +494,8 @@ def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
                 ring = skinny_mma.ring_ok(w.out_features, tensors[0], tensors[1], dq_block)
                 candidates = candidates + [c for c in (MMA_CANDIDATES_M1 if m == 1 else MMA_CANDIDATES_M16)
                                            if ring or not c.get("STAGES")]
+            if decode_sm90.decode_ok(x, w):
+                candidates = candidates + [DECODE_SM90_CANDIDATE]
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 return _launch(x, w, candidates[0], *args)  # no timing inside a capture
             config = _chosen[key] = _tune(x, w, candidates, args)

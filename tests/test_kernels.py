@@ -773,3 +773,45 @@ def test_gpu_every_lookup(fmt):
             assert_matmul_close(kernels.fused_matmul_dx(dy, qw, config=cfg), dy, w, dtype)
         cfg = {"BLOCK_R": 32, "BLOCK_C": 256, "LOOKUP": lookup, "num_warps": 4}
         assert_dequantized_equal(kernels.dequantize(qw, dtype, config=cfg), w, qw)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not SM90, reason="the Gluon kernel kernels/decode_sm90.py needs an sm_90 GPU")
+@pytest.mark.parametrize("n, k, programs", [(4096, 4096, None), (11008, 4096, None), (4096, 11008, None),
+                                            (4096, 4096, 7), (48, 192, 5), (64, 4096, 3)])
+def test_gpu_decode_sm90(n, k, programs):
+    """The persistent M = 1 kernel against the float64 product (the bound of the M = 1 kernels).
+    `programs` below one per SM makes row tiles cross programs in other places (48x192: one unit
+    per row tile, 5 programs for 3 units -> 3; 64x4096: 8 units in 3 shares, one tile handed
+    over); calls repeat bit for bit, and the hand-over flags are all zero after each call."""
+    dec = importlib.import_module("kernels.decode_sm90")
+    qw = quant.quantize_nf4(gaussian(n, k, seed=70, dtype=torch.bfloat16) * 0.02)
+    x = gaussian(1, k, seed=71, dtype=torch.bfloat16)
+    assert dec.decode_ok(x, qw)
+    y = dec.decode_sm90(x, qw, programs=programs)
+    assert_matmul_close(y, x, quant.dequantize(qw, torch.float64).t(), torch.bfloat16)
+    assert torch.equal(dec.decode_sm90(x, qw, programs=programs), y)
+    assert int(dec._handover(x.device)[1].abs().sum()) == 0
+    assert not dec.decode_ok(x.float(), qw) and not dec.decode_ok(gaussian(2, k, dtype=torch.bfloat16), qw)
+    with pytest.raises(ValueError):
+        dec.decode_sm90(x, quant.quantize_weight(gaussian(n, k, seed=72) * 0.05, "int4", 64, False))
+
+
+def test_decode_sm90_swizzle_view():
+    """W_VIEW (kernels/decode_sm90.py) is the inverse of the map it states: 8-byte word of
+    (warp w, g, t, r) = 256 (w // 4) + 16 (g + 8 r) + 2 ((2 (w % 4) + t // 2) ^ g) + t % 2
+    (bytes 32 (w % 4) + 8 t of row g + 8 r of box w // 4, 128-byte swizzle: 16-byte chunk j of
+    row r at chunk j ^ (r % 8)). Checked over all 512 words, on the basis the layout is built
+    from (independent of Gluon, which may be missing here)."""
+    dec = importlib.import_module("kernels.decode_sm90")
+    bases = dec.W_VIEW_BASES
+    seen = set()
+    for off in range(512):
+        idx = [0, 0, 0, 0]
+        for bit, basis in enumerate(bases):
+            if off >> bit & 1:
+                idx = [a ^ b for a, b in zip(idx, basis)]
+        w, g, t, r = idx
+        assert off == 256 * (w // 4) + 16 * (g + 8 * r) + 2 * ((2 * (w % 4) + t // 2) ^ g) + t % 2
+        seen.add(tuple(idx))
+    assert len(seen) == 512

@@ -1,0 +1,381 @@
+"""Decoding on Hopper (sm_90): y = x @ W.T for ONE row of bf16 x and an NF4 weight, in Gluon.
+
+A candidate of skinny_matmul's tuner at M = 1 (it runs where it times faster than the other
+candidates). At M = 1 the matmul reads each packed byte once and does little with it, so the
+kernel must keep HBM busy throughout. skinny_mma splits K over thousands of small programs with a
+few cp.async copies in flight each, then adds the partial sums in a second kernel. This kernel:
+  - is persistent: one program per SM, each taking an equal contiguous share of the work;
+  - streams W and its 8-bit absmax codes through a ring in shared memory (STAGES stages of one
+    unit) filled by TMA from a loader warp that starts at once: W is never written by a kernel,
+    so only x, y and the hand-over wait for the kernel before (programmatic dependent launch);
+  - needs no second kernel: a row tile split between programs is finished by the first of them
+    with the others' partial sums (below).
+
+Math (skinny_mma's, the same numbers): per row n and NF4 block b (64 weights),
+    d[n, b] = sum_{k in b} bf16(code[q[n, k]]) * x[k]     (mma.sync, float32)
+    y[n] = bf16( sum_b absmax[b, n] * d[n, b] )             (float32)
+with absmax = code8[q8] * absmax2 + offset (double quantization).
+
+Work: a unit is 16 rows x UNIT_BLOCKS NF4 blocks (UNIT_BLOCKS * 32 bytes per row); units are
+numbered row tile by row tile (row tile rt: rows 16 rt .. 16 rt + 15, its KU units along K, the
+last one may run past K: TMA reads zeros there and those blocks get absmax 0), and program c of G
+takes units [c TOT / G, (c + 1) TOT / G). Per stage the loader brings one unit: UNIT_BLOCKS / 4
+TMA boxes of W (16 rows x 128 bytes each, 128-byte swizzle) and one box of the absmax codes.
+
+The 8 consumer warps each take UNIT_BLOCKS / 8 blocks of a unit, one mma block at a time as
+skinny_mma does (its mma_asm: the shared-memory decoding table, 4 mma.sync m16n8k16): thread
+(warp w, lane 4 g + t) reads 8 bytes of rows g and g + 8 (bytes 8t .. 8t + 7 of the block's 32)
+and x[64 b + 16 t .. + 16], and gets the block sums of rows g and g + 8 (every column of the
+mma's B is x, so every lane holds its rows' sums). All consumer tensors are (8, 8, 4) =
+(warp, g, t), one element per thread (THREAD): which thread holds what is the mma's fragment
+layout, written as linear layouts, and the W bytes are read through a view of the ring stage
+(W_VIEW) that undoes TMA's swizzle. Before the loop each program puts into shared memory the
+decoding table and code8 (static arrays declared in inline PTX, so that inline PTX can index
+them), the absmax2 of its units' blocks (one per block and row tile), all before the PDL wait
+(weight constants), then x (after it).
+
+End of a row tile: each warp writes its 16 sums to a shared buffer (two, alternating) and the
+consumers arrive on done[buf]; the epilogue warp adds the 8 warps' sums in a fixed order and
+  - writes y (bf16) if this program holds the whole row tile;
+  - if the tile began in the program before (this program's first tile, begun mid-tile):
+    publishes the float32 sums to scratch[c] and counts 16 releases on flags[c];
+  - if the tile goes on in the next programs (its last tile): waits for their flags (acquire),
+    adds their sums in program order (deterministic), writes y and resets the flags.
+A program only waits for programs after it, which publish before they wait for anything, and
+there are at most as many programs as SMs, one resident per SM (its shared memory and
+registers): no deadlock. The flags are zero between calls (each call resets what it set), so
+one scratch pair per device serves every call on one stream (the stream orders the calls; two
+streams must not run it at once).
+
+Measured (BENCHMARKS.md, twelfth session): 3-5% faster than the tuned skinny_mma on the H100 at
+11008x4096 and 4096x11008 from HBM; TMA alone streams the bytes in 9.5 us, the consumers are
+the limit (8 warps in lockstep per unit: decode, mma, one arrive).
+
+Restrictions (decode_ok): an sm_90 GPU with Gluon; bf16 x of one row, contiguous, 8-byte aligned;
+NF4 with double quantization, blocks of 64, K a multiple of 64 (no padding); N a multiple of 16;
+the packed bytes and scales 16-byte aligned (TMA). skinny_matmul's other kernels run otherwise.
+
+Memory layout: x (1, K) bf16; packed (N, K/2) uint8, two codes per byte (column 2j high nibble);
+scales (K/64, N) uint8 codes, absmax2 (K N / 256 / DQ) float32, code8 (256), offset (1); y (1, N).
+"""
+
+import functools
+
+import torch
+import triton
+
+try:  # Gluon ships with Triton >= 3.5
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover
+    HAVE_GLUON = False
+
+from ._launch import check_activation, pdl_ok, weight_args
+from . import skinny_mma
+
+UNIT_BLOCKS = 32      # NF4 blocks per row in a unit (8 warps x 4 blocks): 1 KB per row
+STAGES = 4            # ring depth: 4 x 16 KB of W in flight per SM (deeper was slower)
+ROWS = 16             # rows per unit (the mma's M)
+BOX = 128             # bytes per row of a TMA box (the 128-byte swizzle's span)
+WARPS = 8
+# W_VIEW's basis (below; tests/test_kernels.py checks it against the map it inverts)
+W_VIEW_BASES = [[0, 0, 1, 0], [0, 0, 2, 0], [1, 0, 0, 0], [2, 0, 0, 0], [0, 1, 2, 0], [1, 2, 0, 0],
+                [2, 4, 0, 0], [0, 0, 0, 1], [4, 0, 0, 0]]
+
+if HAVE_GLUON:
+    _LANES = [[0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 2, 0], [0, 4, 0]]  # lane = 4 g + t
+    _WARPS = [[1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    # (warp w, g, t): one element per thread, the thread with lane 4 g + t of warp w
+    THREAD = gl.constexpr(gl.DistributedLinearLayout([], _LANES, _WARPS, [], [8, 8, 4]))
+    # (w, g, t, r): r = 0 row g, r = 1 row g + 8; the two 8-byte words of a thread
+    W_REGS = gl.constexpr(gl.DistributedLinearLayout(
+        [[0, 0, 0, 1]], [b + [0] for b in _LANES], [b + [0] for b in _WARPS], [], [8, 8, 4, 2]))
+    # Two TMA boxes (16 rows x 128 bytes, 128-byte swizzle: the 16-byte chunk j of row r sits at
+    # chunk j ^ (r % 8)) seen as 8-byte words: element (w, g, t, r) is bytes 32 (w % 4) + 8 t
+    # .. + 8 of row g + 8 r of box w // 4, at word 256 (w // 4) + 16 (g + 8 r) +
+    # 2 ((2 (w % 4) + t // 2) ^ g) + t % 2. Linear over GF(2); its inverse, per bit of the word
+    # offset (what SharedLinearLayout takes). Lanes g = 0, 1 (one pass of an 8-byte load)
+    # read 8 different 16-byte chunks: no bank conflicts.
+    W_VIEW = gl.constexpr(gl.SharedLinearLayout(W_VIEW_BASES))
+    PLAIN1 = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    PLAIN2 = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    PLAIN3 = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    MMA_ASM = gl.constexpr(skinny_mma.mma_asm(1, True))
+    MMA_CONSTRAINTS = gl.constexpr(",".join(["=f"] * 4 + ["l"] * 6 + ["r"] * 9))
+    LUT_DECLARE = gl.constexpr(skinny_mma.LUT_DECLARE.value)
+    C8_DECLARE = gl.constexpr(".shared .align 16 .b32 dec_code8[256];\nmov.u32 $0, dec_code8;")
+    GDC = gl.constexpr("griddepcontrol.wait;\ngriddepcontrol.launch_dependents;\nmov.u32 $0, 0;")
+
+    @gluon.jit
+    def _thread_index(dim: gl.constexpr):
+        """Index along dim of the (8, 8, 4) THREAD tensors, broadcast to the full shape."""
+        if dim == 0:
+            i = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, THREAD)))
+            i = gl.expand_dims(gl.expand_dims(i, 1), 2)
+        elif dim == 1:
+            i = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, THREAD)))
+            i = gl.expand_dims(gl.expand_dims(i, 0), 2)
+        else:
+            i = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, THREAD)))
+            i = gl.expand_dims(gl.expand_dims(i, 0), 1)
+        return i + gl.zeros([8, 8, 4], gl.int32, THREAD)
+
+    @gluon.jit
+    def _pdl_wait(tid):
+        """Wait for the kernel before this one (its writes visible), then let the next start."""
+        gl.inline_asm_elementwise(GDC, "=r,r", [tid], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _st_shared(addr, value):
+        gl.inline_asm_elementwise("st.shared.b32 [$1], $2;\nmov.u32 $0, 0;", "=r,r,r", [addr, value],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _ld_shared_f32(addr):
+        return gl.inline_asm_elementwise("ld.shared.f32 $0, [$1];", "=f,r", [addr], dtype=gl.float32,
+                                         is_pure=False, pack=1)
+
+    @gluon.jit
+    def _spread(v, dim: gl.constexpr):
+        """A THREAD tensor without dimension dim (g: x, the same for every row; t: the scale
+        codes, the same for every lane of a row) -> the (8, 8, 4) THREAD tensor."""
+        return gl.expand_dims(v, dim) + gl.zeros([8, 8, 4], v.dtype, THREAD)
+
+    @gluon.jit
+    def _consumers(w_ring, s_ring, a2s, xs, red, ready, empty, done, free, x_ptr, code_ptr, code8_ptr,
+                   absmax2_ptr, offset_ptr, N, K, u0, u1, KU, PDL: gl.constexpr,
+                   DQ_BLOCK: gl.constexpr, STAGES: gl.constexpr, UNIT_BLOCKS: gl.constexpr):
+        """The 8 consumer warps: block sums on the tensor cores, scaled and added per row."""
+        w3 = _thread_index(0)
+        g3 = _thread_index(1)
+        t3 = _thread_index(2)
+        tid = w3 * 32 + g3 * 4 + t3
+        # the decoding table (skinny_mma): word 32 e + lane = the bf16 pair of byte value e
+        # (thread e loads it once and stores its 32 copies); code8 beside it (C8_DECLARE)
+        lut = gl.inline_asm_elementwise(LUT_DECLARE, "=r,r", [tid], dtype=gl.int32, is_pure=True, pack=1)
+        c8 = gl.inline_asm_elementwise(C8_DECLARE, "=r,r", [tid], dtype=gl.int32, is_pure=True, pack=1)
+        pair = gl.load(code_ptr.to(gl.pointer_type(gl.int32)) + 28 + tid)
+        _st_shared(c8 + 4 * tid, gl.load(code8_ptr.to(gl.pointer_type(gl.int32)) + tid))
+        # absmax2 of each block of this program's units (rows 16 rt .. 16 rt + 15 of block b
+        # share one, DQ_BLOCK % 16 == 0): row HALF j + h of a2s, element w (zero past K)
+        HALF: gl.constexpr = UNIT_BLOCKS // 8   # blocks per warp per unit
+        AL: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [8, 1], [1, 0])
+        jh = gl.arange(0, a2s.shape[0], layout=gl.SliceLayout(1, AL))[:, None]
+        aw = gl.arange(0, 8, layout=gl.SliceLayout(0, AL))[None, :]
+        su = u0 + jh // HALF
+        blk = (HALF * (su % KU) + jh % HALF) * 8 + aw
+        aok = (su < u1) & (blk < K // 64)
+        a2s._reinterpret(gl.float32, a2s.shape, PLAIN2).store(gl.load(absmax2_ptr + (blk * N + (su // KU) * 16) // DQ_BLOCK, mask=aok, other=0.0))
+        for l in gl.static_range(32):
+            _st_shared(lut + 4 * (32 * tid + l), pair)
+        if PDL:
+            _pdl_wait(tid)
+        # x into shared memory, zero past K: row 4 c + i of xs holds, for (w, t), the 8-byte word
+        # x[64 (8 c + w) + 16 t + 4 i .. + 4] (c: a chunk of 8 blocks)
+        XL: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 8, 4], [8, 1, 1], [2, 1, 0])
+        ci = gl.arange(0, xs.shape[0], layout=gl.SliceLayout(1, gl.SliceLayout(2, XL)))
+        xw = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))
+        xt = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL)))
+        word = (16 * (8 * (ci // 4)[:, None, None] + xw[None, :, None]) + 4 * xt[None, None, :]
+                + (ci % 4)[:, None, None])
+        x64 = x_ptr.to(gl.pointer_type(gl.int64))
+        xs._reinterpret(gl.int64, xs.shape, PLAIN3).store(gl.load(x64 + word, mask=word < K // 4, other=0))
+        gl.thread_barrier()
+
+        tw = (g3 * 4 + t3) * 4  # this lane's column of the table
+        offset = gl.load(offset_ptr)
+        acc_a = gl.zeros([8, 8, 4], gl.float32, THREAD)
+        acc_b = gl.zeros([8, 8, 4], gl.float32, THREAD)
+        piece = 0
+        for j in range(u1 - u0):
+            u = u0 + j
+            rt = u // KU
+            c = u % KU
+            s = j % STAGES
+            mbarrier.wait(ready.index(s), (j // STAGES) & 1)
+            for h in gl.static_range(HALF):
+                # block 8 (HALF c + h) + w of the row: boxes 2 h, 2 h + 1 of the stage
+                wv = w_ring.index(s * 2 * HALF + 2 * h)._reinterpret(gl.int64, [8, 8, 4, 2], W_VIEW).load(W_REGS)
+                wa, wb = gl.split(wv)
+                wa = gl.convert_layout(wa, THREAD, assert_trivial=True)
+                wb = gl.convert_layout(wb, THREAD, assert_trivial=True)
+                cb = HALF * c + h
+                x0 = _spread(xs.index(4 * cb).load(gl.SliceLayout(1, THREAD)), 1)
+                x1 = _spread(xs.index(4 * cb + 1).load(gl.SliceLayout(1, THREAD)), 1)
+                x2 = _spread(xs.index(4 * cb + 2).load(gl.SliceLayout(1, THREAD)), 1)
+                x3 = _spread(xs.index(4 * cb + 3).load(gl.SliceLayout(1, THREAD)), 1)
+                # absmax = code8[q] * absmax2 + offset, zero past K (TMA filled those codes with 0)
+                qs = s_ring.index(s).slice(8 * h, 8, dim=0)
+                qa = _spread(qs.slice(0, 8, dim=1).load(gl.SliceLayout(2, THREAD)), 2).to(gl.int32)
+                qb = _spread(qs.slice(8, 8, dim=1).load(gl.SliceLayout(2, THREAD)), 2).to(gl.int32)
+                a2 = a2s.index(HALF * j + h).load(gl.SliceLayout(1, gl.SliceLayout(2, THREAD)))
+                a2 = gl.expand_dims(gl.expand_dims(a2, 1), 2) + gl.zeros([8, 8, 4], gl.float32, THREAD)
+                ok = 8 * cb + w3 < K // 64
+                sa = gl.where(ok, _ld_shared_f32(c8 + 4 * qa) * a2 + offset, 0.0)
+                sb = gl.where(ok, _ld_shared_f32(c8 + 4 * qb) * a2 + offset, 0.0)
+                # the block sums of rows g (d0) and g + 8 (d2): skinny_mma's decode and 4 mma.sync
+                d0, d1, d2, d3 = gl.inline_asm_elementwise(
+                    MMA_ASM, MMA_CONSTRAINTS, [wa, wb, x0, x1, x2, x3, tw, tw, tw, tw, tw, tw, tw, tw, tw],
+                    dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True, pack=1)
+                acc_a += sa * d0
+                acc_b += sb * d2
+            mbarrier.arrive(empty.index(s))
+            if (c == KU - 1) | (j == u1 - u0 - 1):
+                # the row tile's sums (this program's part) to the epilogue warp
+                buf = piece % 2
+                mbarrier.wait(free.index(buf), ((piece // 2) & 1) ^ 1, pred=piece >= 2)
+                red.index(buf).slice(0, 8, dim=1).store(gl.max(acc_a, axis=2))
+                red.index(buf).slice(8, 8, dim=1).store(gl.max(acc_b, axis=2))
+                mbarrier.arrive(done.index(buf))
+                acc_a = gl.zeros([8, 8, 4], gl.float32, THREAD)
+                acc_b = gl.zeros([8, 8, 4], gl.float32, THREAD)
+                piece += 1
+
+    @gluon.jit
+    def _loader(p_desc, s_desc, w_ring, s_ring, ready, empty, u0, u1, KU,
+                STAGES: gl.constexpr, UNIT_BLOCKS: gl.constexpr):
+        """The loader warp: unit u0 + j into stage j % STAGES once the consumers freed it."""
+        BOXES: gl.constexpr = UNIT_BLOCKS // 4
+        STAGE_BYTES: gl.constexpr = BOXES * p_desc.block_type.nbytes + s_desc.block_type.nbytes
+        for j in range(u1 - u0):
+            u = u0 + j
+            rt = u // KU
+            c = u % KU
+            s = j % STAGES
+            mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1, pred=j >= STAGES)
+            bar = ready.index(s)
+            mbarrier.expect(bar, STAGE_BYTES)
+            for bx in gl.static_range(BOXES):
+                tma.async_copy_global_to_shared(p_desc, [rt * 16, (c * BOXES + bx) * 128], bar,
+                                                w_ring.index(s * BOXES + bx))
+            tma.async_copy_global_to_shared(s_desc, [c * UNIT_BLOCKS, rt * 16], bar, s_ring.index(s))
+
+    @gluon.jit
+    def _epilogue(red, done, free, y_ptr, scratch_ptr, flags_ptr, N, c, G, TOT, u0, u1, KU,
+                  PDL: gl.constexpr):
+        """The epilogue warp: each row tile's 8 warp sums, added, to y or to the hand-over."""
+        EL: gl.constexpr = gl.BlockedLayout([8, 1], [1, 32], [1, 1], [0, 1])
+        rows = gl.arange(0, 16, layout=gl.SliceLayout(0, EL))
+        if PDL:
+            _pdl_wait(rows)
+        rt0 = u0 // KU
+        for p in range((u1 - 1) // KU - rt0 + 1):
+            rt = rt0 + p
+            buf = p % 2
+            mbarrier.wait(done.index(buf), (p // 2) & 1)
+            part = gl.sum(red.index(buf).load(EL), axis=0)
+            mbarrier.arrive(free.index(buf))
+            tile_end = (rt + 1) * KU
+            if rt * KU < u0:  # begun by the program before: hand the sums over
+                gl.store(scratch_ptr + c * 16 + rows, part)
+                gl.atomic_add(flags_ptr + c + rows * 0, rows * 0 + 1, sem="release", scope="gpu")
+            else:
+                total = part
+                c2 = c + 1
+                # the programs whose share starts inside this tile, in order
+                while (c2 < G) & (c2 * TOT // G < tile_end):
+                    n = gl.atomic_add(flags_ptr + c2 + rows * 0, rows * 0, sem="acquire", scope="gpu")
+                    while gl.min(n, 0) < 16:
+                        n = gl.atomic_add(flags_ptr + c2 + rows * 0, rows * 0, sem="acquire", scope="gpu")
+                    total += gl.load(scratch_ptr + c2 * 16 + rows)
+                    gl.atomic_xchg(flags_ptr + c2 + rows * 0, rows * 0, sem="relaxed", scope="gpu")
+                    c2 += 1
+                gl.store(y_ptr + rt * 16 + rows, total.to(y_ptr.dtype.element_ty))
+
+    @gluon.jit
+    def decode_sm90_kernel(p_desc, s_desc, x_ptr, code_ptr, code8_ptr, absmax2_ptr, offset_ptr, y_ptr,
+                           scratch_ptr, flags_ptr, N, K, KU, TOT,
+                           DQ_BLOCK: gl.constexpr, STAGES: gl.constexpr, UNIT_BLOCKS: gl.constexpr,
+                           KUP: gl.constexpr, UMAX: gl.constexpr, PDL: gl.constexpr,
+                           num_warps: gl.constexpr):
+        c = gl.program_id(0)
+        G = gl.num_programs(0)
+        u0 = c * TOT // G
+        u1 = (c + 1) * TOT // G
+        BOXES: gl.constexpr = UNIT_BLOCKS // 4
+        w_ring = gl.allocate_shared_memory(gl.uint8, [STAGES * BOXES, 16, 128], p_desc.layout)
+        s_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, UNIT_BLOCKS, 16], s_desc.layout)
+        a2s = gl.allocate_shared_memory(gl.float32, [UMAX * (UNIT_BLOCKS // 8), 8], PLAIN1)
+        xs = gl.allocate_shared_memory(gl.int64, [KUP * (UNIT_BLOCKS // 8) * 4, 8, 4], PLAIN2)
+        red = gl.allocate_shared_memory(gl.float32, [2, 8, 16], PLAIN2)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        done = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(done.index(i), count=1)
+            mbarrier.init(free.index(i), count=1)
+        gl.warp_specialize([
+            (_consumers, (w_ring, s_ring, a2s, xs, red, ready, empty, done, free, x_ptr, code_ptr, code8_ptr,
+                          absmax2_ptr, offset_ptr, N, K, u0, u1, KU, PDL, DQ_BLOCK, STAGES, UNIT_BLOCKS)),
+            (_loader, (p_desc, s_desc, w_ring, s_ring, ready, empty, u0, u1, KU, STAGES, UNIT_BLOCKS)),
+            (_epilogue, (red, done, free, y_ptr, scratch_ptr, flags_ptr, N, c, G, TOT, u0, u1, KU, PDL)),
+        ], [1, 1], [40, 64])
+
+
+def decode_ok(x: torch.Tensor, w) -> bool:
+    """Whether decode_sm90 can take this call (the module docstring's restrictions)."""
+    return (HAVE_GLUON and x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0)
+            and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1
+            and x.data_ptr() % 8 == 0
+            and w.quant_type == "nf4" and w.double_quant and w.block_size == 64
+            and w.in_features % 64 == 0 and w.packed.shape[1] * 2 == w.in_features
+            and w.out_features % ROWS == 0 and getattr(w, "dq_block_size", 256) % 16 == 0
+            and w.packed.is_cuda and w.packed.data_ptr() % 16 == 0 and w.scales.data_ptr() % 16 == 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _handover(device: torch.device):
+    """The hand-over buffers of a device: float32 sums (16 per program) and flags (zero between
+    calls)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return (torch.zeros(sms * 16, dtype=torch.float32, device=device),
+            torch.zeros(sms, dtype=torch.int32, device=device))
+
+
+def decode_sm90(x: torch.Tensor, w, stages: int = STAGES, unit_blocks: int = UNIT_BLOCKS,
+                programs: int = None) -> torch.Tensor:
+    """y = x @ W.T for one row of bf16 x (1, in_features) and an NF4 weight (decode_ok).
+    programs: at most this many (default: one per SM)."""
+    _fmt, tensors, _kp, _qb, dq_block = weight_args(w)
+    check_activation(x, w.in_features, w.packed.device, "x")
+    if not decode_ok(x, w):
+        raise ValueError("decode_sm90 needs an sm_90 GPU, one contiguous bf16 row of x and an NF4 "
+                         "weight with double quantization, blocks of 64, no padding and "
+                         "out_features a multiple of 16 (decode_ok)")
+    return launch(x, tensors, w.out_features, w.in_features, dq_block, stages, unit_blocks, programs)
+
+
+def launch(x, tensors, n: int, k: int, dq_block: int, stages: int = STAGES,
+           unit_blocks: int = UNIT_BLOCKS, programs: int = None) -> torch.Tensor:
+    """The launch, for arguments already checked (weight_args' tensors, decode_ok): skinny_matmul's
+    tuner calls it with copies of the weight's tensors."""
+    if unit_blocks % 8 or stages * unit_blocks * ROWS * 32 <= 48 * 1024:
+        # (the ring in dynamic shared memory must pass 48 KB: only then does Triton let the
+        # kernel use more, which the 32 KB static table needs on top of it)
+        raise ValueError("decode_sm90 needs unit_blocks a multiple of 8 and a ring of more than "
+                         "48 KB (stages * unit_blocks * 512 bytes)")
+    packed, scales, _zeros, absmax2, code, code8, offset = tensors
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    swz = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    p_desc = TensorDescriptor(packed, [n, k // 2], [k // 2, 1], [ROWS, BOX], swz)
+    plain = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
+    s_desc = TensorDescriptor(scales, [k // 64, n], [n, 1], [unit_blocks, ROWS], plain)
+    ku = triton.cdiv(k // 64, unit_blocks)   # units per row tile (the last may run past K)
+    tot = n // ROWS * ku
+    scratch, flags = _handover(x.device)
+    g = min(programs or flags.numel(), flags.numel(), tot)
+    pdl = pdl_ok(x.device)
+    decode_sm90_kernel[(g,)](
+        p_desc, s_desc, x, code, code8, absmax2, offset, y, scratch, flags, n, k, ku, tot,
+        DQ_BLOCK=dq_block, STAGES=stages, UNIT_BLOCKS=unit_blocks,
+        KUP=triton.next_power_of_2(ku), UMAX=triton.next_power_of_2(triton.cdiv(tot, g)),
+        PDL=int(pdl), num_warps=WARPS,
+        **({"launch_pdl": True} if pdl else {}))
+    return y
