@@ -48,7 +48,8 @@ For NF4 with bf16 x the candidates also include LOOKUP=3 (the byte-permute decod
 W = bf16(bf16(code) * bf16(absmax))) with SWAP=1 (acc = W_tile @ x.T, the decoded W as the
 register operand of the tensor cores), and, for NF4 with block 64, skinny_mma.py (mma.sync on
 decoded bytes, 1 <= M <= 16, launched from here: same split-K and reduction): the tuner times
-them all in a graph.
+them all in a graph. At M = 1 on Hopper (NF4 with double quantization) kernels/decode_sm90.py
+is one more candidate: one persistent program per SM, no reduction kernel (DECODE_SM90).
 
 Config choice: a small list of candidates (CANDIDATES_M1, CANDIDATES_M16) timed once per
 (shape, format, dtype, device) in a CUDA graph (so that the ~20 us of Python launch overhead does
