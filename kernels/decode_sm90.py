@@ -160,15 +160,16 @@ if HAVE_GLUON:
         pair = gl.load(code_ptr.to(gl.pointer_type(gl.int32)) + 28 + tid)
         _st_shared(c8 + 4 * tid, gl.load(code8_ptr.to(gl.pointer_type(gl.int32)) + tid))
         # absmax2 of each block of this program's units (rows 16 rt .. 16 rt + 15 of block b
-        # share one, DQ_BLOCK % 16 == 0): row HALF j + h of a2s, element w (zero past K)
-        HALF: gl.constexpr = UNIT_BLOCKS // 8   # blocks per warp per unit
+        # share one, DQ_BLOCK % 16 == 0): row BPW j + h of a2s, element w (zero past K)
+        BPW: gl.constexpr = UNIT_BLOCKS // 8   # blocks per warp and unit
         AL: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [8, 1], [1, 0])
         jh = gl.arange(0, a2s.shape[0], layout=gl.SliceLayout(1, AL))[:, None]
         aw = gl.arange(0, 8, layout=gl.SliceLayout(0, AL))[None, :]
-        su = u0 + jh // HALF
-        blk = (HALF * (su % KU) + jh % HALF) * 8 + aw
+        su = u0 + jh // BPW
+        blk = (BPW * (su % KU) + jh % BPW) * 8 + aw
         aok = (su < u1) & (blk < K // 64)
-        a2s._reinterpret(gl.float32, a2s.shape, PLAIN2).store(gl.load(absmax2_ptr + (blk * N + (su // KU) * 16) // DQ_BLOCK, mask=aok, other=0.0))
+        a2 = gl.load(absmax2_ptr + (blk * N + (su // KU) * 16) // DQ_BLOCK, mask=aok, other=0.0)
+        a2s._reinterpret(gl.float32, a2s.shape, PLAIN2).store(a2)
         for l in gl.static_range(32):
             _st_shared(lut + 4 * (32 * tid + l), pair)
         if PDL:
@@ -196,13 +197,14 @@ if HAVE_GLUON:
             c = u % KU
             s = j % STAGES
             mbarrier.wait(ready.index(s), (j // STAGES) & 1)
-            for h in gl.static_range(HALF):
-                # block 8 (HALF c + h) + w of the row: boxes 2 h, 2 h + 1 of the stage
-                wv = w_ring.index(s * 2 * HALF + 2 * h)._reinterpret(gl.int64, [8, 8, 4, 2], W_VIEW).load(W_REGS)
+            for h in gl.static_range(BPW):
+                # block 8 (BPW c + h) + w of the row: boxes 2 h, 2 h + 1 of the stage
+                wv = w_ring.index(s * 2 * BPW + 2 * h)._reinterpret(gl.int64, [8, 8, 4, 2], W_VIEW)
+                wv = wv.load(W_REGS)
                 wa, wb = gl.split(wv)
                 wa = gl.convert_layout(wa, THREAD, assert_trivial=True)
                 wb = gl.convert_layout(wb, THREAD, assert_trivial=True)
-                cb = HALF * c + h
+                cb = BPW * c + h
                 x0 = _spread(xs.index(4 * cb).load(gl.SliceLayout(1, THREAD)), 1)
                 x1 = _spread(xs.index(4 * cb + 1).load(gl.SliceLayout(1, THREAD)), 1)
                 x2 = _spread(xs.index(4 * cb + 2).load(gl.SliceLayout(1, THREAD)), 1)
@@ -211,7 +213,7 @@ if HAVE_GLUON:
                 qs = s_ring.index(s).slice(8 * h, 8, dim=0)
                 qa = _spread(qs.slice(0, 8, dim=1).load(gl.SliceLayout(2, THREAD)), 2).to(gl.int32)
                 qb = _spread(qs.slice(8, 8, dim=1).load(gl.SliceLayout(2, THREAD)), 2).to(gl.int32)
-                a2 = a2s.index(HALF * j + h).load(gl.SliceLayout(1, gl.SliceLayout(2, THREAD)))
+                a2 = a2s.index(BPW * j + h).load(gl.SliceLayout(1, gl.SliceLayout(2, THREAD)))
                 a2 = gl.expand_dims(gl.expand_dims(a2, 1), 2) + gl.zeros([8, 8, 4], gl.float32, THREAD)
                 ok = 8 * cb + w3 < K // 64
                 sa = gl.where(ok, _ld_shared_f32(c8 + 4 * qa) * a2 + offset, 0.0)
@@ -224,7 +226,8 @@ if HAVE_GLUON:
                 acc_b += sb * d2
             mbarrier.arrive(empty.index(s))
             if (c == KU - 1) | (j == u1 - u0 - 1):
-                # the row tile's sums (this program's part) to the epilogue warp
+                # the row tile's sums (this program's part) to the epilogue warp; the 4 lanes t of
+                # a row hold the same sums (every column of B is x): max picks one
                 buf = piece % 2
                 mbarrier.wait(free.index(buf), ((piece // 2) & 1) ^ 1, pred=piece >= 2)
                 red.index(buf).slice(0, 8, dim=1).store(gl.max(acc_a, axis=2))
