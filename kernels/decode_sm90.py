@@ -168,8 +168,8 @@ if HAVE_GLUON:
         su = u0 + jh // BPW
         blk = (BPW * (su % KU) + jh % BPW) * 8 + aw
         aok = (su < u1) & (blk < K // 64)
-        a2 = gl.load(absmax2_ptr + (blk * N + (su // KU) * 16) // DQ_BLOCK, mask=aok, other=0.0)
-        a2s._reinterpret(gl.float32, a2s.shape, PLAIN2).store(a2)
+        g2 = gl.load(absmax2_ptr + (blk * N + (su // KU) * 16) // DQ_BLOCK, mask=aok, other=0.0)
+        a2s._reinterpret(gl.float32, a2s.shape, PLAIN2).store(g2)
         for l in gl.static_range(32):
             _st_shared(lut + 4 * (32 * tid + l), pair)
         if PDL:
