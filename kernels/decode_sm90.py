@@ -47,8 +47,8 @@ registers): no deadlock. The flags are zero between calls (each call resets what
 one scratch pair per device serves every call on one stream (the stream orders the calls; two
 streams must not run it at once).
 
-Measured (BENCHMARKS.md, twelfth session): 3-5% faster than the tuned skinny_mma on the H100 at
-11008x4096 and 4096x11008 from HBM; TMA alone streams the bytes in 9.5 us, the consumers are
+Measured (BENCHMARKS.md, twelfth session): 3-9% faster than the tuned skinny_mma on the H100 at
+the three LLaMA shapes from HBM; TMA alone streams the bytes in 9.5 us, the consumers are
 the limit (8 warps in lockstep per unit: decode, mma, one arrive).
 
 Restrictions (decode_ok): an sm_90 GPU with Gluon; bf16 x of one row, contiguous, 8-byte aligned;
@@ -157,6 +157,7 @@ if HAVE_GLUON:
         # (thread e loads it once and stores its 32 copies); code8 beside it (C8_DECLARE)
         lut = gl.inline_asm_elementwise(LUT_DECLARE, "=r,r", [tid], dtype=gl.int32, is_pure=True, pack=1)
         c8 = gl.inline_asm_elementwise(C8_DECLARE, "=r,r", [tid], dtype=gl.int32, is_pure=True, pack=1)
+        # (code_with_tables: 16 code values, 12 byte-permute words, then the 256 pairs)
         pair = gl.load(code_ptr.to(gl.pointer_type(gl.int32)) + 28 + tid)
         _st_shared(c8 + 4 * tid, gl.load(code8_ptr.to(gl.pointer_type(gl.int32)) + tid))
         # absmax2 of each block of this program's units (rows 16 rt .. 16 rt + 15 of block b
@@ -257,7 +258,7 @@ if HAVE_GLUON:
             tma.async_copy_global_to_shared(s_desc, [c * UNIT_BLOCKS, rt * 16], bar, s_ring.index(s))
 
     @gluon.jit
-    def _epilogue(red, done, free, y_ptr, scratch_ptr, flags_ptr, N, c, G, TOT, u0, u1, KU,
+    def _epilogue(red, done, free, y_ptr, scratch_ptr, flags_ptr, c, G, TOT, u0, u1, KU,
                   PDL: gl.constexpr):
         """The epilogue warp: each row tile's 8 warp sums, added, to y or to the hand-over."""
         EL: gl.constexpr = gl.BlockedLayout([8, 1], [1, 32], [1, 1], [0, 1])
@@ -318,7 +319,7 @@ if HAVE_GLUON:
             (_consumers, (w_ring, s_ring, a2s, xs, red, ready, empty, done, free, x_ptr, code_ptr, code8_ptr,
                           absmax2_ptr, offset_ptr, N, K, u0, u1, KU, PDL, DQ_BLOCK, STAGES, UNIT_BLOCKS)),
             (_loader, (p_desc, s_desc, w_ring, s_ring, ready, empty, u0, u1, KU, STAGES, UNIT_BLOCKS)),
-            (_epilogue, (red, done, free, y_ptr, scratch_ptr, flags_ptr, N, c, G, TOT, u0, u1, KU, PDL)),
+            (_epilogue, (red, done, free, y_ptr, scratch_ptr, flags_ptr, c, G, TOT, u0, u1, KU, PDL)),
         ], [1, 1], [40, 64])
 
 
