@@ -18,15 +18,20 @@ with absmax = code8[q8] * absmax2 + offset (double quantization).
 
 Work: a unit is 16 rows x UNIT_BLOCKS NF4 blocks (UNIT_BLOCKS * 32 bytes per row); units are
 numbered row tile by row tile (row tile rt: rows 16 rt .. 16 rt + 15, its KU units along K, the
-last one may run past K: TMA reads zeros there and those blocks get absmax 0), and program c of G
-takes units [c TOT / G, (c + 1) TOT / G). Per stage the loader brings one unit: UNIT_BLOCKS / 4
-TMA boxes of W (16 rows x 128 bytes each, 128-byte swizzle) and one box of the absmax codes.
+last one may run past K: TMA reads zeros there, those blocks get absmax 0 and the consumers skip
+its 8-block groups that lie wholly past K), and program c of G takes a contiguous share of
+TOT // G units, one more for the first TOT % G programs (the hardware starts programs in order,
+so the first ones start earliest: BENCHMARKS.md, thirteenth session). Per stage the loader brings
+one unit: UNIT_BLOCKS / 4 TMA boxes of W (16 rows x 128 bytes each, 128-byte swizzle) and one box
+of the absmax codes.
 
 The 8 consumer warps each take UNIT_BLOCKS / 8 blocks of a unit, one mma block at a time as
 skinny_mma does (its mma_asm: the shared-memory decoding table, 4 mma.sync m16n8k16): thread
 (warp w, lane 4 g + t) reads 8 bytes of rows g and g + 8 (bytes 8t .. 8t + 7 of the block's 32)
 and x[64 b + 16 t .. + 16], and gets the block sums of rows g and g + 8 (every column of the
-mma's B is x, so every lane holds its rows' sums). All consumer tensors are (8, 8, 4) =
+mma's B is x, so every lane holds its rows' sums). Lane t scales block h = t of the unit (one
+code and absmax per row and unit, not per block) and adds only that block's sums: the 4 lanes of
+a row are added at the row tile's end. All consumer tensors are (8, 8, 4) =
 (warp, g, t), one element per thread (THREAD): which thread holds what is the mma's fragment
 layout, written as linear layouts, and the W bytes are read through a view of the ring stage
 (W_VIEW) that undoes TMA's swizzle. Before the loop each program puts into shared memory the
@@ -47,9 +52,11 @@ registers): no deadlock. The flags are zero between calls (each call resets what
 one scratch pair per device serves every call on one stream (the stream orders the calls; two
 streams must not run it at once).
 
-Measured (BENCHMARKS.md, twelfth session): 3-9% faster than the tuned skinny_mma on the H100 at
-the three LLaMA shapes from HBM; TMA alone streams the bytes in 9.5 us, the consumers are
-the limit (8 warps in lockstep per unit: decode, mma, one arrive).
+Measured (BENCHMARKS.md, twelfth and thirteenth sessions): 3-9% faster than the tuned skinny_mma
+on the H100 at the three LLaMA shapes from HBM, then 0-3% more (7-8% with W in L2) from the
+per-lane scales, the skipped groups past K and the longer shares first. TMA alone streams the
+bytes in 9.5 us; a timeline of back-to-back calls shows what is left: programs start over about
+4 us as the previous call's programs end, and their first loads wait behind the HBM stream.
 
 Restrictions (decode_ok): an sm_90 GPU with Gluon; bf16 x of one row, contiguous, 8-byte aligned;
 NF4 with double quantization, blocks of 64, K a multiple of 64 (no padding); N a multiple of 16;
@@ -76,7 +83,7 @@ except ImportError:  # pragma: no cover
 from ._launch import check_activation, pdl_ok, weight_args
 from . import skinny_mma
 
-UNIT_BLOCKS = 32      # NF4 blocks per row in a unit (8 warps x 4 blocks): 1 KB per row
+UNIT_BLOCKS = 32      # NF4 blocks per row in a unit (8 warps x 4 blocks, 4 lanes t): 1 KB per row
 STAGES = 4            # ring depth: 4 x 16 KB of W in flight per SM (deeper was slower)
 ROWS = 16             # rows per unit (the mma's M)
 BOX = 128             # bytes per row of a TMA box (the 128-byte swizzle's span)
@@ -103,6 +110,7 @@ if HAVE_GLUON:
     PLAIN1 = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [0]))
     PLAIN2 = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     PLAIN3 = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    PLAIN4 = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     MMA_ASM = gl.constexpr(skinny_mma.mma_asm(1, True))
     MMA_CONSTRAINTS = gl.constexpr(",".join(["=f"] * 4 + ["l"] * 6 + ["r"] * 9))
     LUT_DECLARE = gl.constexpr(skinny_mma.LUT_DECLARE.value)
@@ -139,10 +147,33 @@ if HAVE_GLUON:
                                          is_pure=False, pack=1)
 
     @gluon.jit
+    def _share_start(c, TOT, G):
+        """Program c's first unit: TOT // G units each, one more for the first TOT % G programs
+        (they start first: the hardware launches programs in order)."""
+        return c * (TOT // G) + gl.minimum(c, TOT % G)
+
+    @gluon.jit
     def _spread(v, dim: gl.constexpr):
         """A THREAD tensor without dimension dim (g: x, the same for every row; t: the scale
         codes, the same for every lane of a row) -> the (8, 8, 4) THREAD tensor."""
         return gl.expand_dims(v, dim) + gl.zeros([8, 8, 4], v.dtype, THREAD)
+
+    @gluon.jit
+    def _block_sums(w_ring, xs, s, cb, h: gl.constexpr, tw, BPW: gl.constexpr):
+        """Block 8 cb + w of the row (boxes 2 h, 2 h + 1 of stage s): the block sums of rows g
+        (d0) and g + 8 (d2) by skinny_mma's decode and 4 mma.sync."""
+        wv = w_ring.index(s * 2 * BPW + 2 * h)._reinterpret(gl.int64, [8, 8, 4, 2], W_VIEW)
+        wa, wb = gl.split(wv.load(W_REGS))
+        wa = gl.convert_layout(wa, THREAD, assert_trivial=True)
+        wb = gl.convert_layout(wb, THREAD, assert_trivial=True)
+        x0 = _spread(xs.index(4 * cb).load(gl.SliceLayout(1, THREAD)), 1)
+        x1 = _spread(xs.index(4 * cb + 1).load(gl.SliceLayout(1, THREAD)), 1)
+        x2 = _spread(xs.index(4 * cb + 2).load(gl.SliceLayout(1, THREAD)), 1)
+        x3 = _spread(xs.index(4 * cb + 3).load(gl.SliceLayout(1, THREAD)), 1)
+        d0, d1, d2, d3 = gl.inline_asm_elementwise(
+            MMA_ASM, MMA_CONSTRAINTS, [wa, wb, x0, x1, x2, x3, tw, tw, tw, tw, tw, tw, tw, tw, tw],
+            dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True, pack=1)
+        return d0, d2
 
     @gluon.jit
     def _consumers(w_ring, s_ring, a2s, xs, red, ready, empty, done, free, x_ptr, code_ptr, code8_ptr,
@@ -189,8 +220,8 @@ if HAVE_GLUON:
 
         tw = (g3 * 4 + t3) * 4  # this lane's column of the table
         offset = gl.load(offset_ptr)
-        acc_a = gl.zeros([8, 8, 4], gl.float32, THREAD)
-        acc_b = gl.zeros([8, 8, 4], gl.float32, THREAD)
+        acc_a = gl.zeros([8, 8, 4], gl.float32, THREAD)   # row g: lane t adds the blocks h = t
+        acc_b = gl.zeros([8, 8, 4], gl.float32, THREAD)   # row g + 8
         piece = 0
         for j in range(u1 - u0):
             u = u0 + j
@@ -198,41 +229,37 @@ if HAVE_GLUON:
             c = u % KU
             s = j % STAGES
             mbarrier.wait(ready.index(s), (j // STAGES) & 1)
-            for h in gl.static_range(BPW):
-                # block 8 (BPW c + h) + w of the row: boxes 2 h, 2 h + 1 of the stage
-                wv = w_ring.index(s * 2 * BPW + 2 * h)._reinterpret(gl.int64, [8, 8, 4, 2], W_VIEW)
-                wv = wv.load(W_REGS)
-                wa, wb = gl.split(wv)
-                wa = gl.convert_layout(wa, THREAD, assert_trivial=True)
-                wb = gl.convert_layout(wb, THREAD, assert_trivial=True)
-                cb = BPW * c + h
-                x0 = _spread(xs.index(4 * cb).load(gl.SliceLayout(1, THREAD)), 1)
-                x1 = _spread(xs.index(4 * cb + 1).load(gl.SliceLayout(1, THREAD)), 1)
-                x2 = _spread(xs.index(4 * cb + 2).load(gl.SliceLayout(1, THREAD)), 1)
-                x3 = _spread(xs.index(4 * cb + 3).load(gl.SliceLayout(1, THREAD)), 1)
-                # absmax = code8[q] * absmax2 + offset, zero past K (TMA filled those codes with 0)
-                qs = s_ring.index(s).slice(8 * h, 8, dim=0)
-                qa = _spread(qs.slice(0, 8, dim=1).load(gl.SliceLayout(2, THREAD)), 2).to(gl.int32)
-                qb = _spread(qs.slice(8, 8, dim=1).load(gl.SliceLayout(2, THREAD)), 2).to(gl.int32)
-                a2 = a2s.index(BPW * j + h).load(gl.SliceLayout(1, gl.SliceLayout(2, THREAD)))
-                a2 = gl.expand_dims(gl.expand_dims(a2, 1), 2) + gl.zeros([8, 8, 4], gl.float32, THREAD)
-                ok = 8 * cb + w3 < K // 64
-                sa = gl.where(ok, _ld_shared_f32(c8 + 4 * qa) * a2 + offset, 0.0)
-                sb = gl.where(ok, _ld_shared_f32(c8 + 4 * qb) * a2 + offset, 0.0)
-                # the block sums of rows g (d0) and g + 8 (d2): skinny_mma's decode and 4 mma.sync
-                d0, d1, d2, d3 = gl.inline_asm_elementwise(
-                    MMA_ASM, MMA_CONSTRAINTS, [wa, wb, x0, x1, x2, x3, tw, tw, tw, tw, tw, tw, tw, tw, tw],
-                    dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True, pack=1)
-                acc_a += sa * d0
-                acc_b += sb * d2
+            # absmax = code8[q] * absmax2 + offset of block h = t (lane t), rows g and g + 8;
+            # zero past K (TMA filled those codes with 0)
+            q = s_ring.index(s)._reinterpret(gl.uint8, [BPW, 8, 2, 8], PLAIN4)   # (h, w, r, g)
+            q = q.permute([1, 3, 0, 2])
+            qa, qb = gl.split(q.load(W_REGS))
+            qa = gl.convert_layout(qa, THREAD, assert_trivial=True).to(gl.int32)
+            qb = gl.convert_layout(qb, THREAD, assert_trivial=True).to(gl.int32)
+            a2 = a2s._reinterpret(gl.float32, [a2s.shape[0] // BPW, BPW, 8], PLAIN2).index(j)
+            a2 = _spread(a2.permute([1, 0]).load(gl.SliceLayout(1, THREAD)), 1)
+            ok = 8 * (BPW * c + t3) + w3 < K // 64
+            sa = gl.where(ok, _ld_shared_f32(c8 + 4 * qa) * a2 + offset, 0.0)
+            sb = gl.where(ok, _ld_shared_f32(c8 + 4 * qb) * a2 + offset, 0.0)
+            if UNIT_BLOCKS * (c + 1) <= K // 64:  # the whole unit lies before K
+                for h in gl.static_range(BPW):
+                    d0, d2 = _block_sums(w_ring, xs, s, BPW * c + h, h, tw, BPW)
+                    acc_a += gl.where(t3 == h, sa, 0.0) * d0
+                    acc_b += gl.where(t3 == h, sb, 0.0) * d2
+            else:  # a row's last unit, in part past K: its blocks past K are skipped
+                for h in gl.static_range(BPW):
+                    if 8 * (BPW * c + h) < K // 64:
+                        d0, d2 = _block_sums(w_ring, xs, s, BPW * c + h, h, tw, BPW)
+                        acc_a += gl.where(t3 == h, sa, 0.0) * d0
+                        acc_b += gl.where(t3 == h, sb, 0.0) * d2
             mbarrier.arrive(empty.index(s))
             if (c == KU - 1) | (j == u1 - u0 - 1):
-                # the row tile's sums (this program's part) to the epilogue warp; the 4 lanes t of
-                # a row hold the same sums (every column of B is x): max picks one
+                # the row tile's sums (this program's part) to the epilogue warp: the 4 lanes t
+                # of a row hold its blocks h = t
                 buf = piece % 2
                 mbarrier.wait(free.index(buf), ((piece // 2) & 1) ^ 1, pred=piece >= 2)
-                red.index(buf).slice(0, 8, dim=1).store(gl.max(acc_a, axis=2))
-                red.index(buf).slice(8, 8, dim=1).store(gl.max(acc_b, axis=2))
+                red.index(buf).slice(0, 8, dim=1).store(gl.sum(acc_a, axis=2))
+                red.index(buf).slice(8, 8, dim=1).store(gl.sum(acc_b, axis=2))
                 mbarrier.arrive(done.index(buf))
                 acc_a = gl.zeros([8, 8, 4], gl.float32, THREAD)
                 acc_b = gl.zeros([8, 8, 4], gl.float32, THREAD)
@@ -280,7 +307,7 @@ if HAVE_GLUON:
                 total = part
                 c2 = c + 1
                 # the programs whose share starts inside this tile, in order
-                while (c2 < G) & (c2 * TOT // G < tile_end):
+                while (c2 < G) & (_share_start(c2, TOT, G) < tile_end):
                     n = gl.atomic_add(flags_ptr + c2 + rows * 0, rows * 0, sem="acquire", scope="gpu")
                     while gl.min(n, 0) < 16:
                         n = gl.atomic_add(flags_ptr + c2 + rows * 0, rows * 0, sem="acquire", scope="gpu")
@@ -297,8 +324,8 @@ if HAVE_GLUON:
                            num_warps: gl.constexpr):
         c = gl.program_id(0)
         G = gl.num_programs(0)
-        u0 = c * TOT // G
-        u1 = (c + 1) * TOT // G
+        u0 = _share_start(c, TOT, G)
+        u1 = _share_start(c + 1, TOT, G)
         BOXES: gl.constexpr = UNIT_BLOCKS // 4
         w_ring = gl.allocate_shared_memory(gl.uint8, [STAGES * BOXES, 16, 128], p_desc.layout)
         s_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, UNIT_BLOCKS, 16], s_desc.layout)
@@ -360,11 +387,12 @@ def launch(x, tensors, n: int, k: int, dq_block: int, stages: int = STAGES,
            unit_blocks: int = UNIT_BLOCKS, programs: int = None) -> torch.Tensor:
     """The launch, for arguments already checked (weight_args' tensors, decode_ok): skinny_matmul's
     tuner calls it with copies of the weight's tensors."""
-    if unit_blocks % 8 or stages * unit_blocks * ROWS * 32 <= 48 * 1024:
+    if unit_blocks != 32 or stages * unit_blocks * ROWS * 32 <= 48 * 1024:
         # (the ring in dynamic shared memory must pass 48 KB: only then does Triton let the
         # kernel use more, which the 32 KB static table needs on top of it)
-        raise ValueError("decode_sm90 needs unit_blocks a multiple of 8 and a ring of more than "
-                         "48 KB (stages * unit_blocks * 512 bytes)")
+        # (unit_blocks: 4 blocks per warp, one per lane t for the scales)
+        raise ValueError("decode_sm90 needs unit_blocks = 32 and a ring of more than 48 KB "
+                         "(stages * unit_blocks * 512 bytes)")
     packed, scales, _zeros, absmax2, code, code8, offset = tensors
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     swz = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
