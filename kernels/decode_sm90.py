@@ -224,9 +224,7 @@ if HAVE_GLUON:
         acc_b = gl.zeros([8, 8, 4], gl.float32, THREAD)   # row g + 8
         piece = 0
         for j in range(u1 - u0):
-            u = u0 + j
-            rt = u // KU
-            c = u % KU
+            c = (u0 + j) % KU
             s = j % STAGES
             mbarrier.wait(ready.index(s), (j // STAGES) & 1)
             # absmax = code8[q] * absmax2 + offset of block h = t (lane t), rows g and g + 8;
@@ -370,8 +368,7 @@ def _handover(device: torch.device):
             torch.zeros(sms, dtype=torch.int32, device=device))
 
 
-def decode_sm90(x: torch.Tensor, w, stages: int = STAGES, unit_blocks: int = UNIT_BLOCKS,
-                programs: int = None) -> torch.Tensor:
+def decode_sm90(x: torch.Tensor, w, stages: int = STAGES, programs: int = None) -> torch.Tensor:
     """y = x @ W.T for one row of bf16 x (1, in_features) and an NF4 weight (decode_ok).
     programs: at most this many (default: one per SM)."""
     _fmt, tensors, _kp, _qb, dq_block = weight_args(w)
@@ -380,33 +377,31 @@ def decode_sm90(x: torch.Tensor, w, stages: int = STAGES, unit_blocks: int = UNI
         raise ValueError("decode_sm90 needs an sm_90 GPU, one contiguous bf16 row of x and an NF4 "
                          "weight with double quantization, blocks of 64, no padding and "
                          "out_features a multiple of 16 (decode_ok)")
-    return launch(x, tensors, w.out_features, w.in_features, dq_block, stages, unit_blocks, programs)
+    return launch(x, tensors, w.out_features, w.in_features, dq_block, stages, programs)
 
 
 def launch(x, tensors, n: int, k: int, dq_block: int, stages: int = STAGES,
-           unit_blocks: int = UNIT_BLOCKS, programs: int = None) -> torch.Tensor:
+           programs: int = None) -> torch.Tensor:
     """The launch, for arguments already checked (weight_args' tensors, decode_ok): skinny_matmul's
     tuner calls it with copies of the weight's tensors."""
-    if unit_blocks != 32 or stages * unit_blocks * ROWS * 32 <= 48 * 1024:
+    if stages * UNIT_BLOCKS * ROWS * 32 <= 48 * 1024:
         # (the ring in dynamic shared memory must pass 48 KB: only then does Triton let the
         # kernel use more, which the 32 KB static table needs on top of it)
-        # (unit_blocks: 4 blocks per warp, one per lane t for the scales)
-        raise ValueError("decode_sm90 needs unit_blocks = 32 and a ring of more than 48 KB "
-                         "(stages * unit_blocks * 512 bytes)")
+        raise ValueError("decode_sm90 needs a ring of more than 48 KB (stages * 16 KB)")
     packed, scales, _zeros, absmax2, code, code8, offset = tensors
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     swz = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
     p_desc = TensorDescriptor(packed, [n, k // 2], [k // 2, 1], [ROWS, BOX], swz)
     plain = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
-    s_desc = TensorDescriptor(scales, [k // 64, n], [n, 1], [unit_blocks, ROWS], plain)
-    ku = triton.cdiv(k // 64, unit_blocks)   # units per row tile (the last may run past K)
+    s_desc = TensorDescriptor(scales, [k // 64, n], [n, 1], [UNIT_BLOCKS, ROWS], plain)
+    ku = triton.cdiv(k // 64, UNIT_BLOCKS)   # units per row tile (the last may run past K)
     tot = n // ROWS * ku
     scratch, flags = _handover(x.device)
     g = min(programs or flags.numel(), flags.numel(), tot)
     pdl = pdl_ok(x.device)
     decode_sm90_kernel[(g,)](
         p_desc, s_desc, x, code, code8, absmax2, offset, y, scratch, flags, n, k, ku, tot,
-        DQ_BLOCK=dq_block, STAGES=stages, UNIT_BLOCKS=unit_blocks,
+        DQ_BLOCK=dq_block, STAGES=stages, UNIT_BLOCKS=UNIT_BLOCKS,
         KUP=triton.next_power_of_2(ku), UMAX=triton.next_power_of_2(triton.cdiv(tot, g)),
         PDL=int(pdl), num_warps=WARPS,
         **({"launch_pdl": True} if pdl else {}))
