@@ -8,6 +8,11 @@ few cp.async copies in flight each, then adds the partial sums in a second kerne
   - streams W and its 8-bit absmax codes through a ring in shared memory (STAGES stages of one
     unit) filled by TMA from a loader warp that starts at once: W is never written by a kernel,
     so only x, y and the hand-over wait for the kernel before (programmatic dependent launch);
+  - overlaps consecutive calls: two programs fit on an SM (MAXNREG registers per thread at
+    launch, 3 stages; K up to about 12288), and a program's loader lets the next kernel start
+    (griddepcontrol.launch_dependents) when it has LAUNCH_AHEAD units left to bring, so the next
+    call's programs take the SMs' second slots, fill their tables and bring their first units
+    while this call ends, and start their loop as soon as it has ended;
   - needs no second kernel: a row tile split between programs is finished by the first of them
     with the others' partial sums (below).
 
@@ -47,16 +52,18 @@ consumers arrive on done[buf]; the epilogue warp adds the 8 warps' sums in a fix
   - if the tile goes on in the next programs (its last tile): waits for their flags (acquire),
     adds their sums in program order (deterministic), writes y and resets the flags.
 A program only waits for programs after it, which publish before they wait for anything, and
-there are at most as many programs as SMs, one resident per SM (its shared memory and
-registers): no deadlock. The flags are zero between calls (each call resets what it set), so
+all of a call's programs are resident together (at most as many as SMs, each SM has room for
+two, and the kernel before frees its slots without waiting on this one; the kernel after starts
+only once every program of this one has let it): no deadlock. The flags are zero between calls (each call resets what it set), so
 one scratch pair per device serves every call on one stream (the stream orders the calls; two
 streams must not run it at once).
 
-Measured (BENCHMARKS.md, twelfth and thirteenth sessions): 3-9% faster than the tuned skinny_mma
+Measured (BENCHMARKS.md, twelfth to fourteenth sessions): 3-9% faster than the tuned skinny_mma
 on the H100 at the three LLaMA shapes from HBM, then 0-3% more (7-8% with W in L2) from the
-per-lane scales, the skipped groups past K and the longer shares first. TMA alone streams the
-bytes in 9.5 us; a timeline of back-to-back calls shows what is left: programs start over about
-4 us as the previous call's programs end, and their first loads wait behind the HBM stream.
+per-lane scales, the skipped groups past K and the longer shares first, then 1.5-17% more from
+the overlap of consecutive calls (a timeline had shown programs starting over about 4 us as the
+previous call's programs ended, their first loads behind the HBM stream). TMA alone streams the
+bytes in 9.5 us.
 
 Restrictions (decode_ok): an sm_90 GPU with Gluon; bf16 x of one row, contiguous, 8-byte aligned;
 NF4 with double quantization, blocks of 64, K a multiple of 64 (no padding); N a multiple of 16;
@@ -84,7 +91,9 @@ from ._launch import check_activation, pdl_ok, weight_args
 from . import skinny_mma
 
 UNIT_BLOCKS = 32      # NF4 blocks per row in a unit (8 warps x 4 blocks, 4 lanes t): 1 KB per row
-STAGES = 4            # ring depth: 4 x 16 KB of W in flight per SM (deeper was slower)
+STAGES = 3            # ring depth: 3 x 16 KB of W in flight per program (two programs fit an SM)
+MAXNREG = 80          # registers per thread at launch (12 warps): two programs fit an SM
+LAUNCH_AHEAD = 4      # units a program has left to bring when it lets the next kernel start
 ROWS = 16             # rows per unit (the mma's M)
 BOX = 128             # bytes per row of a TMA box (the 128-byte swizzle's span)
 WARPS = 8
@@ -111,11 +120,13 @@ if HAVE_GLUON:
     PLAIN2 = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     PLAIN3 = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
     PLAIN4 = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
+    AHEAD = gl.constexpr(LAUNCH_AHEAD)
     MMA_ASM = gl.constexpr(skinny_mma.mma_asm(1, True))
     MMA_CONSTRAINTS = gl.constexpr(",".join(["=f"] * 4 + ["l"] * 6 + ["r"] * 9))
     LUT_DECLARE = gl.constexpr(skinny_mma.LUT_DECLARE.value)
     C8_DECLARE = gl.constexpr(".shared .align 16 .b32 dec_code8[256];\nmov.u32 $0, dec_code8;")
-    GDC = gl.constexpr("griddepcontrol.wait;\ngriddepcontrol.launch_dependents;\nmov.u32 $0, 0;")
+    GDC_WAIT = gl.constexpr("griddepcontrol.wait;\nmov.u32 $0, 0;")
+    GDC_LAUNCH = gl.constexpr("griddepcontrol.wait;\ngriddepcontrol.launch_dependents;\nmov.u32 $0, 0;")
 
     @gluon.jit
     def _thread_index(dim: gl.constexpr):
@@ -133,8 +144,14 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _pdl_wait(tid):
-        """Wait for the kernel before this one (its writes visible), then let the next start."""
-        gl.inline_asm_elementwise(GDC, "=r,r", [tid], dtype=gl.int32, is_pure=False, pack=1)
+        """Wait for the kernel before this one: it has ended and its writes are visible."""
+        gl.inline_asm_elementwise(GDC_WAIT, "=r,r", [tid], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _pdl_launch(tid):
+        """The same wait, then let the next kernel start: its programs take the SMs' second
+        slots and bring their first units while this kernel ends."""
+        gl.inline_asm_elementwise(GDC_LAUNCH, "=r,r", [tid], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _st_shared(addr, value):
@@ -177,7 +194,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumers(w_ring, s_ring, a2s, xs, red, ready, empty, done, free, x_ptr, code_ptr, code8_ptr,
-                   absmax2_ptr, offset_ptr, N, K, u0, u1, KU, PDL: gl.constexpr,
+                   absmax2_ptr, offset_ptr, N, K, u0, u1, KU, PDL: gl.constexpr, KUC: gl.constexpr,
                    DQ_BLOCK: gl.constexpr, STAGES: gl.constexpr, UNIT_BLOCKS: gl.constexpr):
         """The 8 consumer warps: block sums on the tensor cores, scaled and added per row."""
         w3 = _thread_index(0)
@@ -209,13 +226,16 @@ if HAVE_GLUON:
         # x into shared memory, zero past K: row 4 c + i of xs holds, for (w, t), the 8-byte word
         # x[64 (8 c + w) + 16 t + 4 i .. + 4] (c: a chunk of 8 blocks)
         XL: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 8, 4], [8, 1, 1], [2, 1, 0])
-        ci = gl.arange(0, xs.shape[0], layout=gl.SliceLayout(1, gl.SliceLayout(2, XL)))
+        xr = gl.arange(0, 4 * BPW, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL)))
         xw = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))
         xt = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL)))
-        word = (16 * (8 * (ci // 4)[:, None, None] + xw[None, :, None]) + 4 * xt[None, None, :]
-                + (ci % 4)[:, None, None])
         x64 = x_ptr.to(gl.pointer_type(gl.int64))
-        xs._reinterpret(gl.int64, xs.shape, PLAIN3).store(gl.load(x64 + word, mask=word < K // 4, other=0))
+        xs_units = xs._reinterpret(gl.int64, [KUC, 4 * BPW, 8, 4], PLAIN3)
+        for cu in gl.static_range(KUC):  # 4 BPW rows of xs per unit
+            ci = 4 * BPW * cu + xr
+            word = (16 * (8 * (ci // 4)[:, None, None] + xw[None, :, None]) + 4 * xt[None, None, :]
+                    + (ci % 4)[:, None, None])
+            xs_units.index(cu).store(gl.load(x64 + word, mask=word < K // 4, other=0))
         gl.thread_barrier()
 
         tw = (g3 * 4 + t3) * 4  # this lane's column of the table
@@ -264,9 +284,12 @@ if HAVE_GLUON:
                 piece += 1
 
     @gluon.jit
-    def _loader(p_desc, s_desc, w_ring, s_ring, ready, empty, u0, u1, KU,
+    def _loader(p_desc, s_desc, w_ring, s_ring, ready, empty, u0, u1, KU, PDL: gl.constexpr,
                 STAGES: gl.constexpr, UNIT_BLOCKS: gl.constexpr):
-        """The loader warp: unit u0 + j into stage j % STAGES once the consumers freed it."""
+        """The loader warp: unit u0 + j into stage j % STAGES once the consumers freed it. With
+        LAUNCH_AHEAD units left to bring (not before its first STAGES), it lets the next kernel
+        start (once the one before has ended)."""
+        launch_at = gl.minimum(gl.maximum(u1 - u0 - AHEAD, STAGES - 1), u1 - u0 - 1)
         BOXES: gl.constexpr = UNIT_BLOCKS // 4
         STAGE_BYTES: gl.constexpr = BOXES * p_desc.block_type.nbytes + s_desc.block_type.nbytes
         for j in range(u1 - u0):
@@ -281,6 +304,9 @@ if HAVE_GLUON:
                 tma.async_copy_global_to_shared(p_desc, [rt * 16, (c * BOXES + bx) * 128], bar,
                                                 w_ring.index(s * BOXES + bx))
             tma.async_copy_global_to_shared(s_desc, [c * UNIT_BLOCKS, rt * 16], bar, s_ring.index(s))
+            if PDL:
+                if j == launch_at:
+                    _pdl_launch(u + gl.zeros([32], gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
 
     @gluon.jit
     def _epilogue(red, done, free, y_ptr, scratch_ptr, flags_ptr, c, G, TOT, u0, u1, KU,
@@ -318,7 +344,7 @@ if HAVE_GLUON:
     def decode_sm90_kernel(p_desc, s_desc, x_ptr, code_ptr, code8_ptr, absmax2_ptr, offset_ptr, y_ptr,
                            scratch_ptr, flags_ptr, N, K, KU, TOT,
                            DQ_BLOCK: gl.constexpr, STAGES: gl.constexpr, UNIT_BLOCKS: gl.constexpr,
-                           KUP: gl.constexpr, UMAX: gl.constexpr, PDL: gl.constexpr,
+                           KUC: gl.constexpr, UMAX: gl.constexpr, PDL: gl.constexpr,
                            num_warps: gl.constexpr):
         c = gl.program_id(0)
         G = gl.num_programs(0)
@@ -328,7 +354,7 @@ if HAVE_GLUON:
         w_ring = gl.allocate_shared_memory(gl.uint8, [STAGES * BOXES, 16, 128], p_desc.layout)
         s_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, UNIT_BLOCKS, 16], s_desc.layout)
         a2s = gl.allocate_shared_memory(gl.float32, [UMAX * (UNIT_BLOCKS // 8), 8], PLAIN1)
-        xs = gl.allocate_shared_memory(gl.int64, [KUP * (UNIT_BLOCKS // 8) * 4, 8, 4], PLAIN2)
+        xs = gl.allocate_shared_memory(gl.int64, [KUC * (UNIT_BLOCKS // 8) * 4, 8, 4], PLAIN2)
         red = gl.allocate_shared_memory(gl.float32, [2, 8, 16], PLAIN2)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -342,8 +368,9 @@ if HAVE_GLUON:
             mbarrier.init(free.index(i), count=1)
         gl.warp_specialize([
             (_consumers, (w_ring, s_ring, a2s, xs, red, ready, empty, done, free, x_ptr, code_ptr, code8_ptr,
-                          absmax2_ptr, offset_ptr, N, K, u0, u1, KU, PDL, DQ_BLOCK, STAGES, UNIT_BLOCKS)),
-            (_loader, (p_desc, s_desc, w_ring, s_ring, ready, empty, u0, u1, KU, STAGES, UNIT_BLOCKS)),
+                          absmax2_ptr, offset_ptr, N, K, u0, u1, KU, PDL, KUC, DQ_BLOCK, STAGES, UNIT_BLOCKS)),
+            (_loader, (p_desc, s_desc, w_ring, s_ring, ready, empty, u0, u1, KU, PDL, STAGES,
+                       UNIT_BLOCKS)),
             (_epilogue, (red, done, free, y_ptr, scratch_ptr, flags_ptr, c, G, TOT, u0, u1, KU, PDL)),
         ], [1, 1], [40, 64])
 
@@ -384,10 +411,10 @@ def launch(x, tensors, n: int, k: int, dq_block: int, stages: int = STAGES,
            programs: int = None) -> torch.Tensor:
     """The launch, for arguments already checked (weight_args' tensors, decode_ok): skinny_matmul's
     tuner calls it with copies of the weight's tensors."""
-    if stages * UNIT_BLOCKS * ROWS * 32 <= 48 * 1024:
+    if stages * UNIT_BLOCKS * ROWS * 33 <= 48 * 1024:
         # (the ring in dynamic shared memory must pass 48 KB: only then does Triton let the
         # kernel use more, which the 32 KB static table needs on top of it)
-        raise ValueError("decode_sm90 needs a ring of more than 48 KB (stages * 16 KB)")
+        raise ValueError("decode_sm90 needs a ring of more than 48 KB (stages >= 3: 16.5 KB each)")
     packed, scales, _zeros, absmax2, code, code8, offset = tensors
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     swz = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
@@ -402,7 +429,7 @@ def launch(x, tensors, n: int, k: int, dq_block: int, stages: int = STAGES,
     decode_sm90_kernel[(g,)](
         p_desc, s_desc, x, code, code8, absmax2, offset, y, scratch, flags, n, k, ku, tot,
         DQ_BLOCK=dq_block, STAGES=stages, UNIT_BLOCKS=UNIT_BLOCKS,
-        KUP=triton.next_power_of_2(ku), UMAX=triton.next_power_of_2(triton.cdiv(tot, g)),
-        PDL=int(pdl), num_warps=WARPS,
+        KUC=ku, UMAX=triton.next_power_of_2(triton.cdiv(tot, g)),
+        PDL=int(pdl), num_warps=WARPS, maxnreg=MAXNREG,
         **({"launch_pdl": True} if pdl else {}))
     return y
