@@ -54,9 +54,9 @@ consumers arrive on done[buf]; the epilogue warp adds the 8 warps' sums in a fix
 A program only waits for programs after it, which publish before they wait for anything, and
 all of a call's programs are resident together (at most as many as SMs, each SM has room for
 two, and the kernel before frees its slots without waiting on this one; the kernel after starts
-only once every program of this one has let it): no deadlock. The flags are zero between calls (each call resets what it set), so
-one scratch pair per device serves every call on one stream (the stream orders the calls; two
-streams must not run it at once).
+only once every program of this one has let it): no deadlock. The flags are zero between calls
+(each call resets what it set), so one scratch pair per device serves every call on one stream
+(the stream orders the calls; two streams must not run it at once).
 
 Measured (BENCHMARKS.md, twelfth to fourteenth sessions): 3-9% faster than the tuned skinny_mma
 on the H100 at the three LLaMA shapes from HBM, then 0-3% more (7-8% with W in L2) from the
@@ -305,7 +305,7 @@ if HAVE_GLUON:
                                                 w_ring.index(s * BOXES + bx))
             tma.async_copy_global_to_shared(s_desc, [c * UNIT_BLOCKS, rt * 16], bar, s_ring.index(s))
             if PDL:
-                if j == launch_at:
+                if j == launch_at:  # (a tensor of the warp's 32 lanes, for the inline PTX)
                     _pdl_launch(u + gl.zeros([32], gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
 
     @gluon.jit
@@ -354,6 +354,7 @@ if HAVE_GLUON:
         w_ring = gl.allocate_shared_memory(gl.uint8, [STAGES * BOXES, 16, 128], p_desc.layout)
         s_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, UNIT_BLOCKS, 16], s_desc.layout)
         a2s = gl.allocate_shared_memory(gl.float32, [UMAX * (UNIT_BLOCKS // 8), 8], PLAIN1)
+        # x, KUC = KU units of it (a constexpr: it sizes the buffer; 4 BPW rows per unit)
         xs = gl.allocate_shared_memory(gl.int64, [KUC * (UNIT_BLOCKS // 8) * 4, 8, 4], PLAIN2)
         red = gl.allocate_shared_memory(gl.float32, [2, 8, 16], PLAIN2)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
