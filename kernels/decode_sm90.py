@@ -50,7 +50,9 @@ consumers arrive on done[buf]; the epilogue warp adds the 8 warps' sums in a fix
   - if the tile began in the program before (this program's first tile, begun mid-tile):
     publishes the float32 sums to scratch[c] and counts 16 releases on flags[c];
   - if the tile goes on in the next programs (its last tile): waits for their flags (acquire),
-    adds their sums in program order (deterministic), writes y and resets the flags.
+    adds their sums in program order (deterministic), writes y and resets the flags. The next
+    program's sums are waited for before this program's own are done: it published them when it
+    began, and the flag's round trips to L2 then overlap this program's last units.
 A program only waits for programs after it, which publish before they wait for anything, and
 all of a call's programs are resident together (at most as many as SMs, each SM has room for
 two, and the kernel before frees its slots without waiting on this one; the kernel after starts
@@ -62,8 +64,9 @@ Measured (BENCHMARKS.md, twelfth to fourteenth sessions): 3-9% faster than the t
 on the H100 at the three LLaMA shapes from HBM, then 0-3% more (7-8% with W in L2) from the
 per-lane scales, the skipped groups past K and the longer shares first, then 1.5-17% more from
 the overlap of consecutive calls (a timeline had shown programs starting over about 4 us as the
-previous call's programs ended, their first loads behind the HBM stream). TMA alone streams the
-bytes in 9.5 us.
+previous call's programs ended, their first loads behind the HBM stream), then 7-11% more from a
+table fill without bank conflicts (the next call's fill had slowed this call's loop by 10%) and
+the hand-over's wait moved ahead. TMA alone streams the bytes in 9.5 us.
 
 Restrictions (decode_ok): an sm_90 GPU with Gluon; bf16 x of one row, contiguous, 8-byte aligned;
 NF4 with double quantization, blocks of 64, K a multiple of 64 (no padding); N a multiple of 16;
@@ -219,8 +222,11 @@ if HAVE_GLUON:
         aok = (su < u1) & (blk < K // 64)
         g2 = gl.load(absmax2_ptr + (blk * N + (su // KU) * 16) // DQ_BLOCK, mask=aok, other=0.0)
         a2s._reinterpret(gl.float32, a2s.shape, PLAIN2).store(g2)
+        # thread e stores the 32 copies of its entry starting at copy (its lane): word 32 e + l is
+        # in bank l, so the 32 lanes of a store hit 32 banks (copy l by every lane at once was a
+        # 32-way conflict, 8192 wavefronts that slowed the call before on the same SM: BENCHMARKS.md)
         for l in gl.static_range(32):
-            _st_shared(lut + 4 * (32 * tid + l), pair)
+            _st_shared(lut + 4 * (32 * tid + (tid + l) % 32), pair)
         if PDL:
             _pdl_wait(tid)
         # x into shared memory, zero past K: row 4 c + i of xs holds, for (w, t), the 8-byte word
@@ -309,6 +315,17 @@ if HAVE_GLUON:
                     _pdl_launch(u + gl.zeros([32], gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
 
     @gluon.jit
+    def _take_sums(scratch_ptr, flags_ptr, c2, rows):
+        """Program c2's 16 published sums: wait until its 16 releases are counted (acquire),
+        read them and reset its flag (the flags are zero between calls)."""
+        n = gl.atomic_add(flags_ptr + c2 + rows * 0, rows * 0, sem="acquire", scope="gpu")
+        while gl.min(n, 0) < 16:
+            n = gl.atomic_add(flags_ptr + c2 + rows * 0, rows * 0, sem="acquire", scope="gpu")
+        sums = gl.load(scratch_ptr + c2 * 16 + rows)
+        gl.atomic_xchg(flags_ptr + c2 + rows * 0, rows * 0, sem="relaxed", scope="gpu")
+        return sums
+
+    @gluon.jit
     def _epilogue(red, done, free, y_ptr, scratch_ptr, flags_ptr, c, G, TOT, u0, u1, KU,
                   PDL: gl.constexpr):
         """The epilogue warp: each row tile's 8 warp sums, added, to y or to the hand-over."""
@@ -320,23 +337,29 @@ if HAVE_GLUON:
         for p in range((u1 - 1) // KU - rt0 + 1):
             rt = rt0 + p
             buf = p % 2
+            tile_end = (rt + 1) * KU
+            # a tile that goes on in the next program (this program's last): take that program's
+            # sums first, before this program's own are done. It published them when it began, so
+            # the flag's round trips overlap this program's last units instead of following them.
+            c2 = c + 1
+            ahead = gl.zeros([16], gl.float32, gl.SliceLayout(0, EL))
+            if (rt * KU >= u0) & (c2 < G):
+                if _share_start(c2, TOT, G) < tile_end:
+                    ahead = _take_sums(scratch_ptr, flags_ptr, c2, rows)
+                    c2 += 1
             mbarrier.wait(done.index(buf), (p // 2) & 1)
             part = gl.sum(red.index(buf).load(EL), axis=0)
             mbarrier.arrive(free.index(buf))
-            tile_end = (rt + 1) * KU
             if rt * KU < u0:  # begun by the program before: hand the sums over
                 gl.store(scratch_ptr + c * 16 + rows, part)
                 gl.atomic_add(flags_ptr + c + rows * 0, rows * 0 + 1, sem="release", scope="gpu")
             else:
                 total = part
-                c2 = c + 1
-                # the programs whose share starts inside this tile, in order
+                if c2 > c + 1:
+                    total += ahead
+                # the other programs whose share starts inside this tile, in order
                 while (c2 < G) & (_share_start(c2, TOT, G) < tile_end):
-                    n = gl.atomic_add(flags_ptr + c2 + rows * 0, rows * 0, sem="acquire", scope="gpu")
-                    while gl.min(n, 0) < 16:
-                        n = gl.atomic_add(flags_ptr + c2 + rows * 0, rows * 0, sem="acquire", scope="gpu")
-                    total += gl.load(scratch_ptr + c2 * 16 + rows)
-                    gl.atomic_xchg(flags_ptr + c2 + rows * 0, rows * 0, sem="relaxed", scope="gpu")
+                    total += _take_sums(scratch_ptr, flags_ptr, c2, rows)
                     c2 += 1
                 gl.store(y_ptr + rt * 16 + rows, total.to(y_ptr.dtype.element_ty))
 
