@@ -60,11 +60,11 @@ only once every program of this one has let it): no deadlock. The flags are zero
 (each call resets what it set), so one scratch pair per device serves every call on one stream
 (the stream orders the calls; two streams must not run it at once).
 
-Measured (BENCHMARKS.md, twelfth to fourteenth sessions): 3-9% faster than the tuned skinny_mma
+Measured (BENCHMARKS.md, twelfth to fifteenth sessions): 3-9% faster than the tuned skinny_mma
 on the H100 at the three LLaMA shapes from HBM, then 0-3% more (7-8% with W in L2) from the
 per-lane scales, the skipped groups past K and the longer shares first, then 1.5-17% more from
 the overlap of consecutive calls (a timeline had shown programs starting over about 4 us as the
-previous call's programs ended, their first loads behind the HBM stream), then 7-11% more from a
+previous call's programs ended, their first loads behind the HBM stream), then 4-16% more from a
 table fill without bank conflicts (the next call's fill had slowed this call's loop by 10%) and
 the hand-over's wait moved ahead. TMA alone streams the bytes in 9.5 us.
 
