@@ -210,6 +210,7 @@ if HAVE_GLUON:
         c8 = gl.inline_asm_elementwise(C8_DECLARE, "=r,r", [tid], dtype=gl.int32, is_pure=True, pack=1)
         # (code_with_tables: 16 code values, 12 byte-permute words, then the 256 pairs)
         pair = gl.load(code_ptr.to(gl.pointer_type(gl.int32)) + 28 + tid)
+        offset = gl.load(offset_ptr)   # (a weight constant: read here, not on the loop's first unit)
         _st_shared(c8 + 4 * tid, gl.load(code8_ptr.to(gl.pointer_type(gl.int32)) + tid))
         # absmax2 of each block of this program's units (rows 16 rt .. 16 rt + 15 of block b
         # share one, DQ_BLOCK % 16 == 0): row BPW j + h of a2s, element w (zero past K)
@@ -245,7 +246,6 @@ if HAVE_GLUON:
         gl.thread_barrier()
 
         tw = (g3 * 4 + t3) * 4  # this lane's column of the table
-        offset = gl.load(offset_ptr)
         acc_a = gl.zeros([8, 8, 4], gl.float32, THREAD)   # row g: lane t adds the blocks h = t
         acc_b = gl.zeros([8, 8, 4], gl.float32, THREAD)   # row g + 8
         piece = 0
