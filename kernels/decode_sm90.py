@@ -66,7 +66,8 @@ per-lane scales, the skipped groups past K and the longer shares first, then 1.5
 the overlap of consecutive calls (a timeline had shown programs starting over about 4 us as the
 previous call's programs ended, their first loads behind the HBM stream), then 4-16% more from a
 table fill without bank conflicts (the next call's fill had slowed this call's loop by 10%) and
-the hand-over's wait moved ahead. TMA alone streams the bytes in 9.5 us.
+the hand-over's wait moved ahead, then 0-5% from the absmax offset read before the PDL wait.
+TMA alone streams the bytes in 9.5 us.
 
 Restrictions (decode_ok): an sm_90 GPU with Gluon; bf16 x of one row, contiguous, 8-byte aligned;
 NF4 with double quantization, blocks of 64, K a multiple of 64 (no padding); N a multiple of 16;
