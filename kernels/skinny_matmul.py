@@ -278,10 +278,11 @@ MMA_CANDIDATES_M16 = [_mma_cand(2, 8, 0), _mma_cand(4, 4, 0), _mma_cand(8, 2, 0,
                       _mma_cand(8, 4, 0, stages=3, xs=1), _mma_cand(8, 2, 0, stages=2, xs=1),
                       _mma_cand(4, 6, 0, stages=4), _mma_cand(8, 3, 0, stages=3, xs=1, fit=1),
                       _mma_cand(8, 1, 0, stages=3, xs=1, fit=1)]
+# kernels/decode_sm90.py (M = 1, Hopper, NF4 with double quantization): a candidate where
+# decode_sm90.decode_ok
+DECODE_SM90_CANDIDATE = {"DECODE_SM90": 1}
 # Small enough for the interpreter; SPLIT_K = 2 so that the tests exercise the reduction.
 # (LOOKUP 2, the tl.gather table, is for tl.dot; the M = 1 kernel takes it as 0.)
-# kernels/decode_sm90.py (M = 1, Hopper, NF4 with double quantization), where decode_ok
-DECODE_SM90_CANDIDATE = {"DECODE_SM90": 1}
 INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "LOOKUP": 2, "SPLIT_K": 2}
 MAX_M = 16
 REDUCE_BLOCK = 1024
