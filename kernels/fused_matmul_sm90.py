@@ -10,14 +10,16 @@ W[n, k] = bf16(bf16(code[q]) * bf16(absmax)), products accumulated in float32 by
 cores, y rounded to bf16. Computed transposed, y.T tile = W tile @ x tile.T, so that the weight
 rows are the instruction's M (64 per warp group) and the tokens its N (up to 256).
 
-Per program: BLOCK_N = 128 weight rows x BLOCK_M = 256 tokens; 8 decoding warps = 2 warp
-groups, group g owns weight rows 64 g .. 64 g + 63 of the tile, and one loader warp (Gluon's
+A persistent grid: one program per SM, each taking the tiles t = pid, pid + G, ... (G programs)
+of BLOCK_N = 128 weight rows x BLOCK_M = 256 tokens, in turn. Per program: 8 decoding warps = 2
+warp groups, group g owns weight rows 64 g .. 64 g + 63 of the tile, and one loader warp (Gluon's
 warp_specialize runs each on its own function; 12 warps launch, warp groups being whole). The
 K loop steps by BLOCK_K = 64 = one NF4 block (one scale per row per step). A ring of STAGES (4)
 stages in shared memory holds, per step, the (256, 64) bf16 x tile, the (128, 32) packed W
 bytes and the 128 scales, brought by three TMA copies counted on the stage's mbarrier ready[s].
 The loader warp issues them: for step j it waits on empty[j % STAGES] until the decoding warps
-have freed that stage. Decoding warps, step i:
+have freed that stage; its ring runs on across tiles, so the next tile's first steps arrive
+while the decoding warps store the last tile's y. Decoding warps, step i:
   1. wait for stage i % STAGES; each thread reads 16 packed bytes of one row and its row's scale
      code, loads code8[code] from global memory (the 1 KB table stays in L1) and multiplies
      by absmax2 (loaded a step ahead) + offset.
@@ -51,14 +53,19 @@ loader warp (eleventh session): issued by the decoding warps, the expect and the
 (one thread's operations) each got a CTA barrier from the compiler's shared-memory analysis,
 4 barriers per step; now the decoding warps pass 2 per step and the loader's are its own (5-7%
 faster); code8 from L1, not gl.gather, whose shared-memory scratch cost 2 more (2-3%); the
-decoding table 3-5.5% over the byte permutes.
+decoding table 3-5.5% over the byte permutes. Why persistent (sixteenth session): a timeline
+of the one-tile-per-program kernel (globaltimer stamps) showed its K loop within 3% of cuBLAS's
+time per step, and per tile of 54 us about 3 us filling and checking the table and 2 us of
+epilogue outside it: filling the table once per program, with the next tile's loads during the
+epilogue, gave 1-4%.
 
 Hazards, and what orders them:
   - W buffer i % 2 is rewritten at step i + 2, after each warp group's wait at step i + 2
     (only step i + 1's wgmma may still run); a warp group only ever writes the 64 rows its own
     wgmma reads (warps 4 g .. 4 g + 3 hold rows 64 g .. 64 g + 63 in the decoding layout too).
-  - the ring stage of step i is refilled after the arrive on empty[i % STAGES] at step i + 2,
-    which follows the barrier of step i + 2, which every decoding warp reaches after its wait
+  - (steps counted over the program's tiles) the ring stage of step i is refilled after the
+    arrive on empty[i % STAGES] at step i + 2 (a tile's last two steps: after its final wgmma
+    wait and a barrier), which follows the barrier of step i + 2, which every decoding warp reaches after its wait
     (step i's wgmma done) and after reading its W bytes; the loader waits for that arrive.
   - the decoding table is filled before the decoding warps' first barrier and only read after;
     it is an argument of their function, so the compiler keeps its memory while they run
@@ -113,11 +120,11 @@ if HAVE_GLUON:
             [gl.load(tab + i), gl.load(tab + 9)], dtype=gl.int32, is_pure=True, pack=1)
 
     @gluon.jit
-    def _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, j,
-                    off_m, off_n, N, STEP_BYTES: gl.constexpr, STAGES: gl.constexpr):
-        """Start the TMA copies of step j (x tile, packed W tile, its scales) into stage j % STAGES."""
+    def _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, sj, j,
+                    off_m, off_n, N, STEP_BYTES: gl.constexpr):
+        """Start the TMA copies of K step j of a tile (x tile, packed W tile, its scales) into
+        stage sj."""
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-        sj = j % STAGES
         bar = ready.index(sj)
         mbarrier.expect(bar, STEP_BYTES)
         tma.async_copy_global_to_shared(x_desc, [off_m, j * BLOCK_K], bar, x_ring.index(sj))
@@ -158,12 +165,27 @@ if HAVE_GLUON:
         return found
 
     @gluon.jit
+    def _tile_offsets(t, num_pid_m, num_pid_n, GROUP_M: gl.constexpr, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr):
+        """Tile t's first token and weight row. Grouped order (as fused_matmul): GROUP_M token
+        tiles share W tiles in L2; GROUP_M = 2 measured 0-5% faster than 8 in three runs
+        (BENCHMARKS.md, eleventh session): the (256, K) x tiles, 8x the bytes of a packed W
+        tile, are then shared by more of the tiles running at once."""
+        group_id = t // (GROUP_M * num_pid_n)
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (t % (GROUP_M * num_pid_n)) % group_size_m
+        pid_n = (t % (GROUP_M * num_pid_n)) // group_size_m
+        return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+    @gluon.jit
     def _decode_and_mma(x_ring, p_ring, s_ring, w_bufs, table, ready, empty, absmax2_ptr, code_ptr,
-                        code8_ptr, offset_ptr, cands_ptr, n_cands, off_n, N, KP, DQ_BLOCK: gl.constexpr,
-                        BLOCK_M: gl.constexpr, STAGES: gl.constexpr, INFLIGHT: gl.constexpr,
-                        num_warps: gl.constexpr):
-        """The 8 decoding warps (steps 1-5 of the module docstring): acc (BLOCK_N, BLOCK_M) =
-        W tile @ x tile.T over the whole K loop. First the decoding table: filled, then found."""
+                        code8_ptr, offset_ptr, cands_ptr, n_cands, y_desc, M, N, KP,
+                        DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                        INFLIGHT: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+        """The 8 decoding warps (steps 1-5 of the module docstring), for each of this program's
+        tiles: acc (BLOCK_N, BLOCK_M) = W tile @ x tile.T over the whole K loop, then y's tile.
+        First the decoding table, once per program: filled, then found."""
         fill: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
         e = gl.arange(0, 256, layout=gl.SliceLayout(1, fill))
         lane = gl.arange(0, 32, layout=gl.SliceLayout(0, fill))
@@ -173,22 +195,67 @@ if HAVE_GLUON:
         table_off = _find_table(words, e[:, None] * 128 + lane[None, :] * 4, cands_ptr, n_cands)
         gl.store(cands_ptr + n_cands, table_off)  # what was found, for the tests (every program alike)
         if table_off >= 0:
-            acc = _k_loop(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                          offset_ptr, table_off, off_n, N, KP, DQ_BLOCK, BLOCK_M, STAGES, INFLIGHT,
-                          num_warps, True)
+            _tiles(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
+                   offset_ptr, table_off, y_desc, M, N, KP, DQ_BLOCK, BLOCK_M, STAGES,
+                   INFLIGHT, GROUP_M, num_warps, True)
         else:
+            _tiles(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
+                   offset_ptr, table_off, y_desc, M, N, KP, DQ_BLOCK, BLOCK_M, STAGES,
+                   INFLIGHT, GROUP_M, num_warps, False)
+
+    @gluon.jit
+    def _tiles(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
+               offset_ptr, table_off, y_desc, M, N, KP, DQ_BLOCK: gl.constexpr,
+               BLOCK_M: gl.constexpr, STAGES: gl.constexpr, INFLIGHT: gl.constexpr,
+               GROUP_M: gl.constexpr, num_warps: gl.constexpr, TABLE: gl.constexpr):
+        """This program's tiles t = pid, pid + G, ... (G programs): the K loop, then the store
+        of y's tile, which the loader warp overlaps with the next tile's first loads."""
+        BLOCK_N: gl.constexpr = w_bufs.shape[1]
+        BLOCK_K: gl.constexpr = w_bufs.shape[2]
+        num_k = KP // BLOCK_K
+        num_pid_m = gl.cdiv(M, BLOCK_M)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        step = 0  # steps done by this program, over all its tiles: the ring's position
+        for t in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
+            off_m, off_n = _tile_offsets(t, num_pid_m, num_pid_n, GROUP_M, BLOCK_M, BLOCK_N)
             acc = _k_loop(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                          offset_ptr, table_off, off_n, N, KP, DQ_BLOCK, BLOCK_M, STAGES, INFLIGHT,
-                          num_warps, False)
-        return (acc, )
+                          offset_ptr, table_off, off_n, N, KP, step, DQ_BLOCK, BLOCK_M, STAGES, INFLIGHT,
+                          num_warps, TABLE)
+            step += num_k
+            _store_tile(acc, w_bufs, y_desc, off_m, off_n)
+
+    @gluon.jit
+    def _store_tile(acc, w_bufs, y_desc, off_m, off_n):
+        """y[off_m + m, off_n + n] = acc[n, m] (bf16) by TMA, through the W buffers (free once the
+        tile's wgmmas are done): 128 tokens at a time, as two (128, 64) boxes, one per buffer.
+        The split, permutes and reshapes only rename registers; the stores to shared memory
+        transpose."""
+        BLOCK_N: gl.constexpr = acc.shape[0]
+        HALF: gl.constexpr = acc.shape[1] // 2
+        BOX_N: gl.constexpr = BLOCK_N // 2
+        ybuf = w_bufs._reinterpret(gl.bfloat16, [2, HALF, BOX_N], gl.NVMMASharedLayout(
+            swizzle_byte_width=128, element_bitwidth=16, rank=3))
+        halves = gl.split(acc.to(gl.bfloat16).reshape([BLOCK_N, 2, HALF]).permute(0, 2, 1))
+        for h in gl.static_range(2):
+            part = halves[h].permute(1, 0)  # (128 tokens, 128 rows of W)
+            # columns 64 c .. 64 c + 63 (warp group c's rows of W) into W buffer c
+            ybuf.store(part.reshape([HALF, 2, BOX_N]).permute(1, 0, 2))
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(y_desc, [off_m + h * HALF, off_n], w_bufs.index(0))
+            tma.async_copy_shared_to_global(y_desc, [off_m + h * HALF, off_n + BOX_N], w_bufs.index(1))
+            tma.store_wait(0)  # the copies have read the buffers: they may be written again
+            gl.thread_barrier()
 
     @gluon.jit
     def _k_loop(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                offset_ptr, table_off, off_n, N, KP, DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr,
-                STAGES: gl.constexpr, INFLIGHT: gl.constexpr, num_warps: gl.constexpr,
-                TABLE: gl.constexpr):
-        """The K loop of the decoding warps; TABLE: decode through the shared-memory table at
-        table_off, else with byte permutes."""
+                offset_ptr, table_off, off_n, N, KP, step0, DQ_BLOCK: gl.constexpr,
+                BLOCK_M: gl.constexpr, STAGES: gl.constexpr, INFLIGHT: gl.constexpr,
+                num_warps: gl.constexpr, TABLE: gl.constexpr):
+        """The K loop of one tile (the program's steps step0 .. step0 + num_k - 1 in the ring);
+        TABLE: decode through the shared-memory table at table_off, else with byte permutes.
+        Every ring stage it reads is handed back to the loader warp: at step i the stage of
+        step i - INFLIGHT, at the end those of its last INFLIGHT steps."""
         BLOCK_N: gl.constexpr = w_bufs.shape[1]
         BLOCK_K: gl.constexpr = w_bufs.shape[2]
         # decoding layout: a thread holds 16 consecutive packed bytes (32 weights) of one row;
@@ -228,8 +295,8 @@ if HAVE_GLUON:
 
         acc = warpgroup_mma_init(gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_layout))
         for i in range(num_k):
-            stage = i % STAGES
-            mbarrier.wait(ready.index(stage), (i // STAGES) & 1)
+            stage = (step0 + i) % STAGES
+            mbarrier.wait(ready.index(stage), ((step0 + i) // STAGES) & 1)
             p = p_ring.index(stage).load(dec)
             sc = s_ring.index(stage).load(gl.SliceLayout(1, dec))
             scale = gl.load(code8_ptr + sc.to(gl.int32)) * absmax2 + offset
@@ -259,31 +326,44 @@ if HAVE_GLUON:
             gl.thread_barrier()
             # the stage of step i - INFLIGHT is free (every warp waited for that step's wgmma and
             # read its W bytes before the barrier): one arrive tells the loader warp
-            mbarrier.arrive(empty.index((i + STAGES - INFLIGHT) % STAGES), pred=i >= INFLIGHT)
+            mbarrier.arrive(empty.index((step0 + i + STAGES - INFLIGHT) % STAGES), pred=i >= INFLIGHT)
             acc = warpgroup_mma(w_buf, x_ring.index(stage).permute((1, 0)), acc, is_async=True)
             # (after the fence, which would wait for it)
             absmax2 = gl.load(absmax2_ptr + (((i + 1) % num_k) * N + rows) // DQ_BLOCK)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        gl.thread_barrier()  # both warp groups' last wgmmas are done: their stages may go
+        for j in gl.static_range(INFLIGHT):
+            mbarrier.arrive(empty.index((step0 + num_k + STAGES - INFLIGHT + j) % STAGES),
+                            pred=num_k + j >= INFLIGHT)
         return acc
 
     @gluon.jit
-    def _loader(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, empty, off_m, off_n, N, KP,
-                STEP_BYTES: gl.constexpr, STAGES: gl.constexpr):
-        """The loader warp: fills stage j % STAGES with step j once the decoding warps have
-        freed it (the (j // STAGES)-th completion of empty[s], phases counted from 0), up to
-        STAGES steps ahead of them."""
+    def _loader(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, empty, M, N, KP,
+                STEP_BYTES: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+        """The loader warp: for each of the program's tiles in turn, fills stage j % STAGES with
+        the program's step j once the decoding warps have freed it (the (j // STAGES)-th
+        completion of empty[s], phases counted from 0), up to STAGES steps ahead of them, across
+        tiles: the next tile's first steps arrive while the decoding warps store y."""
+        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = p_desc.block_type.shape[0]
         num_k = KP // BLOCK_K
-        for j in range(num_k):
-            s = j % STAGES
-            mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1, pred=j >= STAGES)
-            _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, j,
-                        off_m, off_n, N, STEP_BYTES, STAGES)
+        num_pid_m = gl.cdiv(M, BLOCK_M)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        j = 0
+        for t in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
+            off_m, off_n = _tile_offsets(t, num_pid_m, num_pid_n, GROUP_M, BLOCK_M, BLOCK_N)
+            for kk in range(num_k):
+                s = j % STAGES
+                mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1, pred=j >= STAGES)
+                _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, s, kk,
+                            off_m, off_n, N, STEP_BYTES)
+                j += 1
 
     @gluon.jit(do_not_specialize=["n_cands"])
     def fused_matmul_sm90_kernel(
-        x_desc, p_desc, s_desc, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, y_ptr, cands_ptr,
-        M, N, KP, stride_ym, n_cands,
+        x_desc, p_desc, s_desc, y_desc, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, cands_ptr,
+        M, N, KP, n_cands,
         DQ_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, INFLIGHT: gl.constexpr, GROUP_M: gl.constexpr,
         LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
@@ -291,21 +371,6 @@ if HAVE_GLUON:
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         BYTES: gl.constexpr = BLOCK_K // 2
-
-        # grouped program order (as fused_matmul): GROUP_M token tiles share W tiles in L2;
-        # GROUP_M = 2 measured 0-5% faster than 8 in three runs (BENCHMARKS.md, eleventh
-        # session): the (256, K) x tiles, 8x the bytes of a packed W tile, are then shared by
-        # more of the programs running at once
-        pid = gl.program_id(0)
-        num_pid_m = gl.cdiv(M, BLOCK_M)
-        num_pid_n = gl.cdiv(N, BLOCK_N)
-        group_id = pid // (GROUP_M * num_pid_n)
-        first_pid_m = group_id * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + (pid % (GROUP_M * num_pid_n)) % group_size_m
-        pid_n = (pid % (GROUP_M * num_pid_n)) // group_size_m
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
 
         w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.bfloat16)
 
@@ -328,24 +393,16 @@ if HAVE_GLUON:
                                     + s_desc.block_type.nbytes)
 
         # the decoding warps (num_warps of them) and one loader warp, each running its function
-        acc, = gl.warp_specialize([
+        gl.warp_specialize([
             (_decode_and_mma, (x_ring, p_ring, s_ring, w_bufs, table, ready, empty, absmax2_ptr, code_ptr,
-                               code8_ptr, offset_ptr, cands_ptr, n_cands, off_n, N, KP, DQ_BLOCK, BLOCK_M,
-                               STAGES, INFLIGHT, num_warps)),
-            (_loader, (x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, empty, off_m, off_n, N, KP,
-                       STEP_BYTES, STAGES)),
+                               code8_ptr, offset_ptr, cands_ptr, n_cands, y_desc, M, N, KP,
+                               DQ_BLOCK, BLOCK_M, STAGES, INFLIGHT, GROUP_M, num_warps)),
+            (_loader, (x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, empty, M, N, KP,
+                       STEP_BYTES, STAGES, GROUP_M)),
         ], [1], [LOADER_REGS])
         for j0 in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(j0))
             mbarrier.invalidate(empty.index(j0))
-
-        # y[m, n] = acc[n, m]: transpose, then rows of 128 contiguous bf16 per store
-        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
-        out = gl.convert_layout(gl.permute(acc.to(gl.bfloat16), (1, 0)), out_layout)
-        ym = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
-        yn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
-        gl.store(y_ptr + ym[:, None] * stride_ym + yn[None, :], out,
-                 mask=(ym < M)[:, None] & (yn < N)[None, :])
 
 
 def sm90_ok(x: torch.Tensor, w) -> bool:
@@ -409,13 +466,16 @@ def launch_into(y, x, tensors, kp, dq_block, stages: int = STAGES, inflight: int
     p_desc = TensorDescriptor(packed, [n, kp // 2], [kp // 2, 1], [BLOCK_N, BLOCK_K // 2], plain(8, 2))
     flat = scales.view(-1)  # the 8-bit absmax codes
     s_desc = TensorDescriptor(flat, [flat.numel()], [1], [BLOCK_N], plain(8, 1))
-    grid = (triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N),)
+    tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N)
+    y_desc = TensorDescriptor(y, [m, n], [y.stride(0), 1], [BLOCK_M // 2, BLOCK_N // 2],
+                              gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.bfloat16))
+    grid = (min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count),)
     key = (x.device, stages, inflight, dq_block)
     cands = _TABLE_CANDIDATES.get(key)
     kernel = fused_matmul_sm90_kernel[grid](
-        x_desc, p_desc, s_desc, absmax2, code, code8, offset, y,
+        x_desc, p_desc, s_desc, y_desc, absmax2, code, code8, offset,
         cands if cands is not None else torch.full((1,), -1, dtype=torch.int32, device=x.device),
-        m, n, kp, y.stride(0), 0 if cands is None else cands.numel() - 1,
+        m, n, kp, 0 if cands is None else cands.numel() - 1,
         DQ_BLOCK=dq_block, BLOCK_N=BLOCK_N, STAGES=stages, INFLIGHT=inflight, GROUP_M=GROUP_M,
         LOADER_REGS=LOADER_REGS, num_warps=WARPS)
     if cands is None:  # the first call: the next ones look for the table where it may be
