@@ -179,9 +179,36 @@ if HAVE_GLUON:
         return pid_m * BLOCK_M, pid_n * BLOCK_N
 
     @gluon.jit
+    def _work_item(u, num_pid_m, num_pid_n, num_k, SPLIT):
+        """Work item u of the kernel: a tile and a range of its K steps. With T tiles and G
+        programs, program p takes items p, p + G, ...: the first F = T - R (R = T % G) are
+        whole tiles; when SPLIT > 1 (the launcher's choice, R * SPLIT <= G), the last R tiles,
+        which would leave most programs idle in the last wave, come as SPLIT items each, part
+        s covering steps [s num_k / SPLIT, (s + 1) num_k / SPLIT). Returns (tile, first step,
+        steps, v): v = u - F for a part of a split tile (part v // R of tile F + v % R), else -1."""
+        tiles = num_pid_m * num_pid_n
+        full = tiles - tiles % gl.num_programs(0) if SPLIT > 1 else tiles
+        t = u
+        k0 = 0
+        nk = num_k
+        v = -1
+        if u >= full:
+            v = u - full
+            r = tiles - full
+            t = full + v % r
+            k0 = (v // r) * num_k // SPLIT
+            nk = (v // r + 1) * num_k // SPLIT - k0
+        return t, k0, nk, v
+
+    @gluon.jit
+    def _num_items(num_pid_m, num_pid_n, SPLIT):
+        tiles = num_pid_m * num_pid_n
+        return tiles + (tiles % gl.num_programs(0)) * (SPLIT - 1)
+
+    @gluon.jit
     def _decode_and_mma(x_ring, p_ring, s_ring, w_bufs, table, ready, empty, absmax2_ptr, code_ptr,
-                        code8_ptr, offset_ptr, cands_ptr, n_cands, y_desc, M, N, KP,
-                        DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                        code8_ptr, offset_ptr, cands_ptr, n_cands, y_desc, ws_ptr, flags_ptr, SPLIT, M, N,
+                        KP, DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                         INFLIGHT: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
         """The 8 decoding warps (steps 1-5 of the module docstring), for each of this program's
         tiles: acc (BLOCK_N, BLOCK_M) = W tile @ x tile.T over the whole K loop, then y's tile.
@@ -196,16 +223,16 @@ if HAVE_GLUON:
         gl.store(cands_ptr + n_cands, table_off)  # what was found, for the tests (every program alike)
         if table_off >= 0:
             _tiles(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                   offset_ptr, table_off, y_desc, M, N, KP, DQ_BLOCK, BLOCK_M, STAGES,
+                   offset_ptr, table_off, y_desc, ws_ptr, flags_ptr, SPLIT, M, N, KP, DQ_BLOCK, BLOCK_M, STAGES,
                    INFLIGHT, GROUP_M, num_warps, True)
         else:
             _tiles(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                   offset_ptr, table_off, y_desc, M, N, KP, DQ_BLOCK, BLOCK_M, STAGES,
+                   offset_ptr, table_off, y_desc, ws_ptr, flags_ptr, SPLIT, M, N, KP, DQ_BLOCK, BLOCK_M, STAGES,
                    INFLIGHT, GROUP_M, num_warps, False)
 
     @gluon.jit
     def _tiles(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-               offset_ptr, table_off, y_desc, M, N, KP, DQ_BLOCK: gl.constexpr,
+               offset_ptr, table_off, y_desc, ws_ptr, flags_ptr, SPLIT, M, N, KP, DQ_BLOCK: gl.constexpr,
                BLOCK_M: gl.constexpr, STAGES: gl.constexpr, INFLIGHT: gl.constexpr,
                GROUP_M: gl.constexpr, num_warps: gl.constexpr, TABLE: gl.constexpr):
         """This program's tiles t = pid, pid + G, ... (G programs): the K loop, then the store
@@ -215,14 +242,46 @@ if HAVE_GLUON:
         num_k = KP // BLOCK_K
         num_pid_m = gl.cdiv(M, BLOCK_M)
         num_pid_n = gl.cdiv(N, BLOCK_N)
-        step = 0  # steps done by this program, over all its tiles: the ring's position
-        for t in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
+        step = 0  # steps done by this program, over all its work items: the ring's position
+        for u in range(gl.program_id(0), _num_items(num_pid_m, num_pid_n, SPLIT), gl.num_programs(0)):
+            t, k0, nk, v = _work_item(u, num_pid_m, num_pid_n, num_k, SPLIT)
             off_m, off_n = _tile_offsets(t, num_pid_m, num_pid_n, GROUP_M, BLOCK_M, BLOCK_N)
             acc = _k_loop(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                          offset_ptr, table_off, off_n, N, KP, step, DQ_BLOCK, BLOCK_M, STAGES, INFLIGHT,
-                          num_warps, TABLE)
-            step += num_k
-            _store_tile(acc, w_bufs, y_desc, off_m, off_n)
+                          offset_ptr, table_off, off_n, N, k0, nk, step, DQ_BLOCK, BLOCK_M, STAGES,
+                          INFLIGHT, num_warps, TABLE)
+            step += nk
+            if v >= 0:  # a part of a split tile: parts 1.. hand their sums to part 0, which adds them
+                r = num_pid_m * num_pid_n % gl.num_programs(0)
+                acc = _split_sums(acc, ws_ptr, flags_ptr, v, r, SPLIT)
+                if v < r:
+                    _store_tile(acc, w_bufs, y_desc, off_m, off_n)
+            else:
+                _store_tile(acc, w_bufs, y_desc, off_m, off_n)
+
+    @gluon.jit
+    def _split_sums(acc, ws_ptr, flags_ptr, v, r, SPLIT):
+        """Part v // r of split tile v % r: a part s >= 1 writes its float32 sums to the
+        workspace (slot v - r) and raises its flag; part 0 waits for each other part's flag in
+        turn, adds its sums (in the order of the parts: the same result every call), and lowers
+        the flag for the next call. Parts run at the same time on different SMs (one program
+        per SM, and part 0 waits for nobody that waits), so the wait is for the slower part."""
+        BLOCK_N: gl.constexpr = acc.shape[0]
+        BLOCK_M: gl.constexpr = acc.shape[1]
+        rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc.type.layout))
+        cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc.type.layout))
+        offs = rows[:, None] * BLOCK_M + cols[None, :]
+        if v >= r:
+            gl.store(ws_ptr + (v - r).to(gl.int64) * (BLOCK_N * BLOCK_M) + offs, acc)
+            gl.thread_barrier()  # every thread's sums are written before the flag is raised
+            gl.atomic_xchg(flags_ptr + (v - r), 1, sem="release", scope="gpu")
+        else:
+            for s in range(1, SPLIT):
+                slot = (s - 1) * r + v
+                while gl.atomic_add(flags_ptr + slot, 0, sem="acquire", scope="gpu") == 0:
+                    pass
+                acc = acc + gl.load(ws_ptr + slot.to(gl.int64) * (BLOCK_N * BLOCK_M) + offs)
+                gl.atomic_xchg(flags_ptr + slot, 0, sem="relaxed", scope="gpu")
+        return acc
 
     @gluon.jit
     def _store_tile(acc, w_bufs, y_desc, off_m, off_n):
@@ -249,10 +308,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _k_loop(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                offset_ptr, table_off, off_n, N, KP, step0, DQ_BLOCK: gl.constexpr,
+                offset_ptr, table_off, off_n, N, k0, num_k, step0, DQ_BLOCK: gl.constexpr,
                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr, INFLIGHT: gl.constexpr,
                 num_warps: gl.constexpr, TABLE: gl.constexpr):
-        """The K loop of one tile (the program's steps step0 .. step0 + num_k - 1 in the ring);
+        """The K loop of one work item: K steps k0 .. k0 + num_k - 1 of a tile, the program's steps
+        step0 .. step0 + num_k - 1 in the ring;
         TABLE: decode through the shared-memory table at table_off, else with byte permutes.
         Every ring stage it reads is handed back to the loader warp: at step i the stage of
         step i - INFLIGHT, at the end those of its last INFLIGHT steps."""
@@ -263,10 +323,10 @@ if HAVE_GLUON:
         dec: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [num_warps, 1], [1, 0])
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
-        # KP >= 64 always (a weight has at least one block); telling the compiler removes the
-        # zero-trip path of the loop, whose zeroing of acc made ptxas serialize every wgmma
-        gl.assume(KP >= BLOCK_K)
-        num_k = KP // BLOCK_K
+        # num_k >= 1 always (a weight has at least one block, a split tile at least one step a
+        # part); telling the compiler removes the zero-trip path of the loop, whose zeroing of
+        # acc made ptxas serialize every wgmma
+        gl.assume(num_k >= 1)
 
         rows = (off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dec))) % N
         if TABLE:  # each lane's address of its own copy of the table
@@ -291,7 +351,7 @@ if HAVE_GLUON:
         # before and after it (2-3% slower, BENCHMARKS.md, eleventh session); the absmax2 of each
         # row's group loaded a step ahead
         offset = gl.load(offset_ptr)
-        absmax2 = gl.load(absmax2_ptr + rows // DQ_BLOCK)
+        absmax2 = gl.load(absmax2_ptr + (k0 * N + rows) // DQ_BLOCK)
 
         acc = warpgroup_mma_init(gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_layout))
         for i in range(num_k):
@@ -329,7 +389,7 @@ if HAVE_GLUON:
             mbarrier.arrive(empty.index((step0 + i + STAGES - INFLIGHT) % STAGES), pred=i >= INFLIGHT)
             acc = warpgroup_mma(w_buf, x_ring.index(stage).permute((1, 0)), acc, is_async=True)
             # (after the fence, which would wait for it)
-            absmax2 = gl.load(absmax2_ptr + (((i + 1) % num_k) * N + rows) // DQ_BLOCK)
+            absmax2 = gl.load(absmax2_ptr + ((k0 + (i + 1) % num_k) * N + rows) // DQ_BLOCK)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         gl.thread_barrier()  # both warp groups' last wgmmas are done: their stages may go
         for j in gl.static_range(INFLIGHT):
@@ -338,9 +398,9 @@ if HAVE_GLUON:
         return acc
 
     @gluon.jit
-    def _loader(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, empty, M, N, KP,
+    def _loader(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, empty, M, N, KP, SPLIT,
                 STEP_BYTES: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
-        """The loader warp: for each of the program's tiles in turn, fills stage j % STAGES with
+        """The loader warp: for each of the program's work items in turn, fills stage j % STAGES with
         the program's step j once the decoding warps have freed it (the (j // STAGES)-th
         completion of empty[s], phases counted from 0), up to STAGES steps ahead of them, across
         tiles: the next tile's first steps arrive while the decoding warps store y."""
@@ -351,19 +411,20 @@ if HAVE_GLUON:
         num_pid_m = gl.cdiv(M, BLOCK_M)
         num_pid_n = gl.cdiv(N, BLOCK_N)
         j = 0
-        for t in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
+        for u in range(gl.program_id(0), _num_items(num_pid_m, num_pid_n, SPLIT), gl.num_programs(0)):
+            t, k0, nk, v = _work_item(u, num_pid_m, num_pid_n, num_k, SPLIT)
             off_m, off_n = _tile_offsets(t, num_pid_m, num_pid_n, GROUP_M, BLOCK_M, BLOCK_N)
-            for kk in range(num_k):
+            for kk in range(k0, k0 + nk):
                 s = j % STAGES
                 mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1, pred=j >= STAGES)
                 _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, s, kk,
                             off_m, off_n, N, STEP_BYTES)
                 j += 1
 
-    @gluon.jit(do_not_specialize=["n_cands"])
+    @gluon.jit(do_not_specialize=["n_cands", "SPLIT"])
     def fused_matmul_sm90_kernel(
         x_desc, p_desc, s_desc, y_desc, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, cands_ptr,
-        M, N, KP, n_cands,
+        ws_ptr, flags_ptr, M, N, KP, n_cands, SPLIT,
         DQ_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, INFLIGHT: gl.constexpr, GROUP_M: gl.constexpr,
         LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
@@ -395,9 +456,10 @@ if HAVE_GLUON:
         # the decoding warps (num_warps of them) and one loader warp, each running its function
         gl.warp_specialize([
             (_decode_and_mma, (x_ring, p_ring, s_ring, w_bufs, table, ready, empty, absmax2_ptr, code_ptr,
-                               code8_ptr, offset_ptr, cands_ptr, n_cands, y_desc, M, N, KP,
+                               code8_ptr, offset_ptr, cands_ptr, n_cands, y_desc, ws_ptr, flags_ptr, SPLIT,
+                               M, N, KP,
                                DQ_BLOCK, BLOCK_M, STAGES, INFLIGHT, GROUP_M, num_warps)),
-            (_loader, (x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, empty, M, N, KP,
+            (_loader, (x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, empty, M, N, KP, SPLIT,
                        STEP_BYTES, STAGES, GROUP_M)),
         ], [1], [LOADER_REGS])
         for j0 in gl.static_range(STAGES):
@@ -435,6 +497,25 @@ def fused_matmul_sm90(x: torch.Tensor, w, stages: int = STAGES, inflight: int = 
 
 
 _TABLE_CANDIDATES = {}  # (device, stages, inflight, dq_block) -> int32 offsets (_table_candidates)
+_SPLIT_FLAGS = {}  # device -> int32 zeros, a flag per program (_split_last_wave)
+MAX_SPLIT = 4  # parts of a split tile at most: part 0 reads the others' sums one after another
+
+
+def _split_last_wave(tiles: int, programs: int, num_k: int, device):
+    """(SPLIT, workspace, flags) for the kernel's work items (_work_item). T tiles on G programs
+    leave R = T % G tiles for the last wave; when R <= G / 2, most programs would wait idle for
+    it (11008x4096 at M = 4096: 1376 tiles, 10 waves of 132 and 56 tiles), so each of those
+    tiles is split along K into SPLIT = G // R parts (at most MAX_SPLIT and num_k), summed
+    through a float32 workspace. The flags stay zero between calls (part 0 lowers them)."""
+    r = tiles % programs
+    split = min(programs // r, MAX_SPLIT, num_k) if 0 < r <= programs // 2 else 1
+    flags = _SPLIT_FLAGS.get(device)
+    if flags is None:  # (split - 1) r < G slots are used, G <= the number of SMs
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        flags = _SPLIT_FLAGS[device] = torch.zeros(sms, dtype=torch.int32, device=device)
+    ws = torch.empty(((split - 1) * r if split > 1 else 1) * BLOCK_N * BLOCK_M, dtype=torch.float32,
+                     device=device)
+    return split, ws, flags
 
 
 def table_offset(device, stages: int = STAGES, inflight: int = INFLIGHT, dq_block: int = 256):
@@ -467,15 +548,17 @@ def launch_into(y, x, tensors, kp, dq_block, stages: int = STAGES, inflight: int
     flat = scales.view(-1)  # the 8-bit absmax codes
     s_desc = TensorDescriptor(flat, [flat.numel()], [1], [BLOCK_N], plain(8, 1))
     tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N)
+    programs = min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count)
+    split, ws, flags = _split_last_wave(tiles, programs, kp // BLOCK_K, x.device)
     y_desc = TensorDescriptor(y, [m, n], [y.stride(0), 1], [BLOCK_M // 2, BLOCK_N // 2],
                               gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.bfloat16))
-    grid = (min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count),)
+    grid = (programs,)
     key = (x.device, stages, inflight, dq_block)
     cands = _TABLE_CANDIDATES.get(key)
     kernel = fused_matmul_sm90_kernel[grid](
         x_desc, p_desc, s_desc, y_desc, absmax2, code, code8, offset,
-        cands if cands is not None else torch.full((1,), -1, dtype=torch.int32, device=x.device),
-        m, n, kp, 0 if cands is None else cands.numel() - 1,
+        cands if cands is not None else torch.full((1,), -1, dtype=torch.int32, device=x.device), ws, flags,
+        m, n, kp, 0 if cands is None else cands.numel() - 1, split,
         DQ_BLOCK=dq_block, BLOCK_N=BLOCK_N, STAGES=stages, INFLIGHT=inflight, GROUP_M=GROUP_M,
         LOADER_REGS=LOADER_REGS, num_warps=WARPS)
     if cands is None:  # the first call: the next ones look for the table where it may be

@@ -669,12 +669,15 @@ SM90 = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
 @pytest.mark.cuda
 @pytest.mark.skipif(not SM90, reason="the Gluon kernel kernels/fused_matmul_sm90.py needs an sm_90 GPU")
 @pytest.mark.parametrize("fmt", ["nf4dq"])
-@pytest.mark.parametrize("n,k", [(256, 320), (4096, 4096), (11008, 4096), (4096, 11008), (128, 296)],
-                         ids=["256x320", "4096x4096", "11008x4096", "4096x11008", "128x296pad"])
+@pytest.mark.parametrize("n,k", [(256, 320), (4096, 4096), (11008, 4096), (4096, 11008), (128, 296), (17024, 128)],
+                         ids=["256x320", "4096x4096", "11008x4096", "4096x11008", "128x296pad", "17024x128"])
 def test_gpu_fused_sm90(fmt, n, k):
     """The Hopper kernel against x @ prmt_weight(qw).T (its weights are LOOKUP 3's) with M not a
     multiple of its 256 tokens, few K steps and K padded to 320, and fused_matmul's dispatch to
-    it for M > 128; where sm90_ok refuses (x strided along K, N not a multiple of 128, NF4
+    it for M > 128 (a second call: the same bits). The last wave's tiles split along K
+    (_split_last_wave) on an H100's 132 SMs: 11008x4096 at M = 333 (172 tiles: 40 in 3 parts)
+    and 4096 (1376: 56 in 2), 17024x128 at M = 129 and 333 (133 tiles: 1 in 2 parts of one
+    step each). Where sm90_ok refuses (x strided along K, N not a multiple of 128, NF4
     without double quantization), fused_matmul runs the Triton kernel."""
     sm90 = importlib.import_module("kernels.fused_matmul_sm90")
     dtype = torch.bfloat16
