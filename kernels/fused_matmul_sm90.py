@@ -207,7 +207,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _decode_and_mma(x_ring, p_ring, s_ring, w_bufs, table, ready, empty, absmax2_ptr, code_ptr,
-                        code8_ptr, offset_ptr, cands_ptr, n_cands, y_desc, ws_ptr, flags_ptr, SPLIT, M, N,
+                        code8_ptr, offset_ptr, cands_ptr, n_cands, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N,
                         KP, DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                         INFLIGHT: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
         """The 8 decoding warps (steps 1-5 of the module docstring), for each of this program's
@@ -223,16 +223,16 @@ if HAVE_GLUON:
         gl.store(cands_ptr + n_cands, table_off)  # what was found, for the tests (every program alike)
         if table_off >= 0:
             _tiles(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                   offset_ptr, table_off, y_desc, ws_ptr, flags_ptr, SPLIT, M, N, KP, DQ_BLOCK, BLOCK_M, STAGES,
+                   offset_ptr, table_off, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP, DQ_BLOCK, BLOCK_M, STAGES,
                    INFLIGHT, GROUP_M, num_warps, True)
         else:
             _tiles(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                   offset_ptr, table_off, y_desc, ws_ptr, flags_ptr, SPLIT, M, N, KP, DQ_BLOCK, BLOCK_M, STAGES,
+                   offset_ptr, table_off, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP, DQ_BLOCK, BLOCK_M, STAGES,
                    INFLIGHT, GROUP_M, num_warps, False)
 
     @gluon.jit
     def _tiles(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-               offset_ptr, table_off, y_desc, ws_ptr, flags_ptr, SPLIT, M, N, KP, DQ_BLOCK: gl.constexpr,
+               offset_ptr, table_off, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP, DQ_BLOCK: gl.constexpr,
                BLOCK_M: gl.constexpr, STAGES: gl.constexpr, INFLIGHT: gl.constexpr,
                GROUP_M: gl.constexpr, num_warps: gl.constexpr, TABLE: gl.constexpr):
         """This program's tiles t = pid, pid + G, ... (G programs): the K loop, then the store
@@ -254,9 +254,9 @@ if HAVE_GLUON:
                 r = num_pid_m * num_pid_n % gl.num_programs(0)
                 acc = _split_sums(acc, ws_ptr, flags_ptr, v, r, SPLIT)
                 if v < r:
-                    _store_tile(acc, w_bufs, y_desc, off_m, off_n)
+                    _store_tile(acc, w_bufs, y_ptr, stride_ym, M, off_m, off_n)
             else:
-                _store_tile(acc, w_bufs, y_desc, off_m, off_n)
+                _store_tile(acc, w_bufs, y_ptr, stride_ym, M, off_m, off_n)
 
     @gluon.jit
     def _split_sums(acc, ws_ptr, flags_ptr, v, r, SPLIT):
@@ -284,27 +284,33 @@ if HAVE_GLUON:
         return acc
 
     @gluon.jit
-    def _store_tile(acc, w_bufs, y_desc, off_m, off_n):
-        """y[off_m + m, off_n + n] = acc[n, m] (bf16) by TMA, through the W buffers (free once the
-        tile's wgmmas are done): 128 tokens at a time, as two (128, 64) boxes, one per buffer.
-        The split, permutes and reshapes only rename registers; the stores to shared memory
-        transpose."""
+    def _store_tile(acc, w_bufs, y_ptr, stride_ym, M, off_m, off_n):
+        """y[off_m + m, off_n + n] = acc[n, m] (bf16), through the W buffers (free once the
+        tile's wgmmas are done): 128 tokens at a time, transposed on the way into shared memory
+        (stmatrix), then read back as 16 contiguous bytes of a row of y per thread and stored
+        (no wait: the stores leave the registers, not shared memory). The split, permutes and
+        reshapes only rename registers."""
         BLOCK_N: gl.constexpr = acc.shape[0]
         HALF: gl.constexpr = acc.shape[1] // 2
         BOX_N: gl.constexpr = BLOCK_N // 2
+        num_warps: gl.constexpr = gl.num_warps()
         ybuf = w_bufs._reinterpret(gl.bfloat16, [2, HALF, BOX_N], gl.NVMMASharedLayout(
             swizzle_byte_width=128, element_bitwidth=16, rank=3))
+        rd: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 4, 8], [2, num_warps // 2, 1], [2, 1, 0])
+        c = gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, rd)))
+        mm = gl.arange(0, HALF, layout=gl.SliceLayout(0, gl.SliceLayout(2, rd)))
+        nn = gl.arange(0, BOX_N, layout=gl.SliceLayout(0, gl.SliceLayout(1, rd)))
+        col = off_n + c[:, None, None] * BOX_N + nn[None, None, :]
         halves = gl.split(acc.to(gl.bfloat16).reshape([BLOCK_N, 2, HALF]).permute(0, 2, 1))
         for h in gl.static_range(2):
             part = halves[h].permute(1, 0)  # (128 tokens, 128 rows of W)
             # columns 64 c .. 64 c + 63 (warp group c's rows of W) into W buffer c
             ybuf.store(part.reshape([HALF, 2, BOX_N]).permute(1, 0, 2))
-            fence_async_shared()
             gl.thread_barrier()
-            tma.async_copy_shared_to_global(y_desc, [off_m + h * HALF, off_n], w_bufs.index(0))
-            tma.async_copy_shared_to_global(y_desc, [off_m + h * HALF, off_n + BOX_N], w_bufs.index(1))
-            tma.store_wait(0)  # the copies have read the buffers: they may be written again
-            gl.thread_barrier()
+            vals = ybuf.load(rd)
+            gl.thread_barrier()  # read by every warp: the buffers may be written again
+            row = off_m + h * HALF + mm[None, :, None]
+            gl.store(y_ptr + row.to(gl.int64) * stride_ym + col, vals, mask=row < M)
 
     @gluon.jit
     def _k_loop(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
@@ -423,7 +429,7 @@ if HAVE_GLUON:
 
     @gluon.jit(do_not_specialize=["n_cands", "SPLIT"])
     def fused_matmul_sm90_kernel(
-        x_desc, p_desc, s_desc, y_desc, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, cands_ptr,
+        x_desc, p_desc, s_desc, y_ptr, stride_ym, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, cands_ptr,
         ws_ptr, flags_ptr, M, N, KP, n_cands, SPLIT,
         DQ_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, INFLIGHT: gl.constexpr, GROUP_M: gl.constexpr,
@@ -456,7 +462,7 @@ if HAVE_GLUON:
         # the decoding warps (num_warps of them) and one loader warp, each running its function
         gl.warp_specialize([
             (_decode_and_mma, (x_ring, p_ring, s_ring, w_bufs, table, ready, empty, absmax2_ptr, code_ptr,
-                               code8_ptr, offset_ptr, cands_ptr, n_cands, y_desc, ws_ptr, flags_ptr, SPLIT,
+                               code8_ptr, offset_ptr, cands_ptr, n_cands, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT,
                                M, N, KP,
                                DQ_BLOCK, BLOCK_M, STAGES, INFLIGHT, GROUP_M, num_warps)),
             (_loader, (x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, empty, M, N, KP, SPLIT,
@@ -550,13 +556,11 @@ def launch_into(y, x, tensors, kp, dq_block, stages: int = STAGES, inflight: int
     tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N)
     programs = min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count)
     split, ws, flags = _split_last_wave(tiles, programs, kp // BLOCK_K, x.device)
-    y_desc = TensorDescriptor(y, [m, n], [y.stride(0), 1], [BLOCK_M // 2, BLOCK_N // 2],
-                              gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.bfloat16))
     grid = (programs,)
     key = (x.device, stages, inflight, dq_block)
     cands = _TABLE_CANDIDATES.get(key)
     kernel = fused_matmul_sm90_kernel[grid](
-        x_desc, p_desc, s_desc, y_desc, absmax2, code, code8, offset,
+        x_desc, p_desc, s_desc, y, y.stride(0), absmax2, code, code8, offset,
         cands if cands is not None else torch.full((1,), -1, dtype=torch.int32, device=x.device), ws, flags,
         m, n, kp, 0 if cands is None else cands.numel() - 1, split,
         DQ_BLOCK=dq_block, BLOCK_N=BLOCK_N, STAGES=stages, INFLIGHT=inflight, GROUP_M=GROUP_M,
