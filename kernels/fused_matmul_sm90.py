@@ -38,6 +38,13 @@ while the decoding warps store the last tile's y. Decoding warps, step i:
      barrier of the 8 warps; one arrive on empty[(i - 2) % STAGES]: the loader may refill it.
   5. wgmma (asynchronous): acc (128, 256) += W_buf @ x_stage.T, both operands from shared
      memory; it runs while the warps do steps 1-4 of step i + 1.
+After the last step, y's tile: rounded to bf16, transposed into the (then free) W buffers by
+stmatrix, read back as 16 contiguous bytes of a row of y per thread and stored, 128 tokens at a
+time. And the last wave: T tiles on G programs leave T % G for it; when that is G / 2 or fewer
+(11008x4096 at M = 4096: 1376 tiles, 10 waves of 132, then 56), those tiles are split along K
+into up to 4 parts run by different programs, whose float32 sums meet in a workspace (parts
+1.. write theirs and raise a flag, part 0 waits for each flag, adds in order and stores y:
+deterministic), so that most SMs do not idle through a whole last tile.
 Why not plain Triton: there tl.dot(W, x.T) takes the decoded W as the register operand of
 wgmma, so the compiler converts it from the decoding layout (16 contiguous bytes per thread) to
 the operand's (pairs of columns 8 apart) through shared memory with a CTA-wide barrier around
@@ -53,20 +60,28 @@ loader warp (eleventh session): issued by the decoding warps, the expect and the
 (one thread's operations) each got a CTA barrier from the compiler's shared-memory analysis,
 4 barriers per step; now the decoding warps pass 2 per step and the loader's are its own (5-7%
 faster); code8 from L1, not gl.gather, whose shared-memory scratch cost 2 more (2-3%); the
-decoding table 3-5.5% over the byte permutes. Why persistent (sixteenth session): a timeline
-of the one-tile-per-program kernel (globaltimer stamps) showed its K loop within 3% of cuBLAS's
-time per step, and per tile of 54 us about 3 us filling and checking the table and 2 us of
-epilogue outside it: filling the table once per program, with the next tile's loads during the
-epilogue, gave 1-4%.
+decoding table 3-5.5% over the byte permutes. Why persistent, split and stored so (sixteenth
+session): a timeline of the one-tile-per-program kernel (globaltimer stamps) showed its K loop
+within 3-7% of cuBLAS's time per step, but per tile of 54 us about 3 us filling and checking the
+table and 2 us storing y outside it, and at 11008x4096 the 56 programs with an eleventh tile
+ending 55 us after the others. Filling the table once per program, with the next tile's loads
+during the epilogue: 1-4%; the split last wave: 3% at 11008x4096; stores from registers instead
+of TMA stores (whose wait took 0.77 us per 128 tokens): 1-2%.
 
 Hazards, and what orders them:
   - W buffer i % 2 is rewritten at step i + 2, after each warp group's wait at step i + 2
     (only step i + 1's wgmma may still run); a warp group only ever writes the 64 rows its own
     wgmma reads (warps 4 g .. 4 g + 3 hold rows 64 g .. 64 g + 63 in the decoding layout too).
-  - (steps counted over the program's tiles) the ring stage of step i is refilled after the
-    arrive on empty[i % STAGES] at step i + 2 (a tile's last two steps: after its final wgmma
-    wait and a barrier), which follows the barrier of step i + 2, which every decoding warp reaches after its wait
-    (step i's wgmma done) and after reading its W bytes; the loader waits for that arrive.
+  - (steps counted over the program's work items) the ring stage of step i is refilled after
+    the arrive on empty[i % STAGES] at step i + 2 (an item's last two steps: after its final
+    wgmma wait and a barrier), which follows the barrier of step i + 2, which every decoding
+    warp reaches after its wait (step i's wgmma done) and after reading its W bytes; the loader
+    waits for that arrive.
+  - y's tile goes through the W buffers after the item's final wgmma wait and barrier, and a
+    barrier after reading it back comes before the next item's first W store.
+  - a split tile's part 0 spins on flags that parts 1.. raise after writing their sums (a
+    barrier, then a release); they wait for nothing, so the spin ends as soon as they have run,
+    on other SMs (G is at most the number of SMs, one program each).
   - the decoding table is filled before the decoding warps' first barrier and only read after;
     it is an argument of their function, so the compiler keeps its memory while they run
     (it does not see the reads, which are by address).
@@ -78,7 +93,8 @@ Restrictions (sm90_ok): NF4 with double quantization and blocks of 64, out_featu
 of 128, bf16 x that TMA can read; fused_matmul runs the Triton kernel otherwise.
 
 Layout read: x (M, K) bf16 row-major with 16-byte aligned rows (TMA); packed uint8 (N, KP/2);
-scales (KP/64, N) uint8 codes with absmax2 / code8 / offset (double quantization); y (M, N) bf16. K < KP (padded weights): TMA reads x's columns beyond K as zeros.
+scales (KP/64, N) uint8 codes with absmax2 / code8 / offset (double quantization); y (M, N)
+bf16 with unit stride along N. K < KP (padded weights): TMA reads x's columns beyond K as zeros.
 """
 
 import re
@@ -207,12 +223,13 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _decode_and_mma(x_ring, p_ring, s_ring, w_bufs, table, ready, empty, absmax2_ptr, code_ptr,
-                        code8_ptr, offset_ptr, cands_ptr, n_cands, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N,
-                        KP, DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                        INFLIGHT: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+                        code8_ptr, offset_ptr, cands_ptr, n_cands, y_ptr, stride_ym, ws_ptr, flags_ptr,
+                        SPLIT, M, N, KP, DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr,
+                        STAGES: gl.constexpr, INFLIGHT: gl.constexpr, GROUP_M: gl.constexpr,
+                        num_warps: gl.constexpr):
         """The 8 decoding warps (steps 1-5 of the module docstring), for each of this program's
-        tiles: acc (BLOCK_N, BLOCK_M) = W tile @ x tile.T over the whole K loop, then y's tile.
-        First the decoding table, once per program: filled, then found."""
+        work items: acc (BLOCK_N, BLOCK_M) = W tile @ x tile.T over the item's K steps, then y's
+        tile. First the decoding table, once per program: filled, then found."""
         fill: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
         e = gl.arange(0, 256, layout=gl.SliceLayout(1, fill))
         lane = gl.arange(0, 32, layout=gl.SliceLayout(0, fill))
@@ -223,20 +240,21 @@ if HAVE_GLUON:
         gl.store(cands_ptr + n_cands, table_off)  # what was found, for the tests (every program alike)
         if table_off >= 0:
             _tiles(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                   offset_ptr, table_off, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP, DQ_BLOCK, BLOCK_M, STAGES,
-                   INFLIGHT, GROUP_M, num_warps, True)
+                   offset_ptr, table_off, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP, DQ_BLOCK,
+                   BLOCK_M, STAGES, INFLIGHT, GROUP_M, num_warps, True)
         else:
             _tiles(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                   offset_ptr, table_off, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP, DQ_BLOCK, BLOCK_M, STAGES,
-                   INFLIGHT, GROUP_M, num_warps, False)
+                   offset_ptr, table_off, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP, DQ_BLOCK,
+                   BLOCK_M, STAGES, INFLIGHT, GROUP_M, num_warps, False)
 
     @gluon.jit
     def _tiles(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-               offset_ptr, table_off, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP, DQ_BLOCK: gl.constexpr,
-               BLOCK_M: gl.constexpr, STAGES: gl.constexpr, INFLIGHT: gl.constexpr,
+               offset_ptr, table_off, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP,
+               DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, INFLIGHT: gl.constexpr,
                GROUP_M: gl.constexpr, num_warps: gl.constexpr, TABLE: gl.constexpr):
-        """This program's tiles t = pid, pid + G, ... (G programs): the K loop, then the store
-        of y's tile, which the loader warp overlaps with the next tile's first loads."""
+        """This program's work items u = pid, pid + G, ... (G programs, _work_item): the K loop,
+        then y's tile (for a split tile: from its part 0, with the other parts' sums), which the
+        loader warp overlaps with the next item's first loads."""
         BLOCK_N: gl.constexpr = w_bufs.shape[1]
         BLOCK_K: gl.constexpr = w_bufs.shape[2]
         num_k = KP // BLOCK_K
@@ -250,7 +268,7 @@ if HAVE_GLUON:
                           offset_ptr, table_off, off_n, N, k0, nk, step, DQ_BLOCK, BLOCK_M, STAGES,
                           INFLIGHT, num_warps, TABLE)
             step += nk
-            if v >= 0:  # a part of a split tile: parts 1.. hand their sums to part 0, which adds them
+            if v >= 0:  # a part of a split tile: parts 1.. hand their sums to part 0
                 r = num_pid_m * num_pid_n % gl.num_programs(0)
                 acc = _split_sums(acc, ws_ptr, flags_ptr, v, r, SPLIT)
                 if v < r:
@@ -462,9 +480,8 @@ if HAVE_GLUON:
         # the decoding warps (num_warps of them) and one loader warp, each running its function
         gl.warp_specialize([
             (_decode_and_mma, (x_ring, p_ring, s_ring, w_bufs, table, ready, empty, absmax2_ptr, code_ptr,
-                               code8_ptr, offset_ptr, cands_ptr, n_cands, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT,
-                               M, N, KP,
-                               DQ_BLOCK, BLOCK_M, STAGES, INFLIGHT, GROUP_M, num_warps)),
+                               code8_ptr, offset_ptr, cands_ptr, n_cands, y_ptr, stride_ym, ws_ptr, flags_ptr,
+                               SPLIT, M, N, KP, DQ_BLOCK, BLOCK_M, STAGES, INFLIGHT, GROUP_M, num_warps)),
             (_loader, (x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, empty, M, N, KP, SPLIT,
                        STEP_BYTES, STAGES, GROUP_M)),
         ], [1], [LOADER_REGS])
