@@ -43,8 +43,8 @@ stmatrix, read back as 16 contiguous bytes of a row of y per thread and stored, 
 time. And the last wave: T tiles on G programs leave T % G for it; when that is G / 2 or fewer
 (11008x4096 at M = 4096: 1376 tiles, 10 waves of 132, then 56), those tiles are split along K
 into up to 4 parts run by different programs, whose float32 sums meet in a workspace (parts
-1.. write theirs and raise a flag, part 0 waits for each flag, adds in order and stores y:
-deterministic), so that most SMs do not idle through a whole last tile.
+1.. write theirs and raise a flag, zeroed for each call; part 0 waits for each flag, adds in
+order and stores y: deterministic), so that most SMs do not idle through a whole last tile.
 Why not plain Triton: there tl.dot(W, x.T) takes the decoded W as the register operand of
 wgmma, so the compiler converts it from the decoding layout (16 contiguous bytes per thread) to
 the operand's (pairs of columns 8 apart) through shared memory with a CTA-wide barrier around
@@ -279,9 +279,9 @@ if HAVE_GLUON:
     @gluon.jit
     def _split_sums(acc, ws_ptr, flags_ptr, v, r, SPLIT):
         """Part v // r of split tile v % r: a part s >= 1 writes its float32 sums to the
-        workspace (slot v - r) and raises its flag; part 0 waits for each other part's flag in
-        turn, adds its sums (in the order of the parts: the same result every call), and lowers
-        the flag for the next call. Parts run at the same time on different SMs (one program
+        workspace (slot v - r) and raises its flag (zeroed by the launcher); part 0 waits for
+        each other part's flag in turn and adds its sums (in the order of the parts: the same
+        result every call). Parts run at the same time on different SMs (one program
         per SM, and part 0 waits for nobody that waits), so the wait is for the slower part."""
         BLOCK_N: gl.constexpr = acc.shape[0]
         BLOCK_M: gl.constexpr = acc.shape[1]
@@ -298,7 +298,6 @@ if HAVE_GLUON:
                 while gl.atomic_add(flags_ptr + slot, 0, sem="acquire", scope="gpu") == 0:
                     pass
                 acc = acc + gl.load(ws_ptr + slot.to(gl.int64) * (BLOCK_N * BLOCK_M) + offs)
-                gl.atomic_xchg(flags_ptr + slot, 0, sem="relaxed", scope="gpu")
         return acc
 
     @gluon.jit
@@ -520,7 +519,6 @@ def fused_matmul_sm90(x: torch.Tensor, w, stages: int = STAGES, inflight: int = 
 
 
 _TABLE_CANDIDATES = {}  # (device, stages, inflight, dq_block) -> int32 offsets (_table_candidates)
-_SPLIT_FLAGS = {}  # device -> int32 zeros, a flag per program (_split_last_wave)
 MAX_SPLIT = 4  # parts of a split tile at most: part 0 reads the others' sums one after another
 
 
@@ -529,15 +527,13 @@ def _split_last_wave(tiles: int, programs: int, num_k: int, device):
     leave R = T % G tiles for the last wave; when R <= G / 2, most programs would wait idle for
     it (11008x4096 at M = 4096: 1376 tiles, 10 waves of 132 and 56 tiles), so each of those
     tiles is split along K into SPLIT = G // R parts (at most MAX_SPLIT and num_k), summed
-    through a float32 workspace. The flags stay zero between calls (part 0 lowers them)."""
+    through a float32 workspace. The flags are zeroed for each call (a memset launch, about 2 us):
+    shared between calls, two calls on different streams could see each other's."""
     r = tiles % programs
     split = min(programs // r, MAX_SPLIT, num_k) if 0 < r <= programs // 2 else 1
-    flags = _SPLIT_FLAGS.get(device)
-    if flags is None:  # (split - 1) r < G slots are used, G <= the number of SMs
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        flags = _SPLIT_FLAGS[device] = torch.zeros(sms, dtype=torch.int32, device=device)
-    ws = torch.empty(((split - 1) * r if split > 1 else 1) * BLOCK_N * BLOCK_M, dtype=torch.float32,
-                     device=device)
+    slots = (split - 1) * r if split > 1 else 1
+    ws = torch.empty(slots * BLOCK_N * BLOCK_M, dtype=torch.float32, device=device)
+    flags = torch.zeros(slots, dtype=torch.int32, device=device) if split > 1 else ws.view(torch.int32)[:1]
     return split, ws, flags
 
 
