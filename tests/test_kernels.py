@@ -676,8 +676,8 @@ def test_gpu_fused_sm90(fmt, n, k):
     multiple of its 256 tokens, few K steps and K padded to 320, and fused_matmul's dispatch to
     it for M > 128 (a second call: the same bits). The last wave's tiles split along K
     (_split_last_wave) on an H100's 132 SMs: 11008x4096 at M = 333 (172 tiles: 40 in 3 parts)
-    and 4096 (1376: 56 in 2), 17024x128 at M = 129 and 333 (133 tiles: 1 in 2 parts of one
-    step each). Where sm90_ok refuses (x strided along K, N not a multiple of 128, NF4
+    and 4096 (1376: 56 in 2), 17024x128 at M = 1 and 129 (133 tiles: 1 in 2 parts of one
+    step each), 333 and 4096 (266 and 2128 tiles: 2 and 16 in 2). Where sm90_ok refuses (x strided along K, N not a multiple of 128, NF4
     without double quantization), fused_matmul runs the Triton kernel."""
     sm90 = importlib.import_module("kernels.fused_matmul_sm90")
     dtype = torch.bfloat16
