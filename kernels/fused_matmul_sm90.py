@@ -334,9 +334,9 @@ if HAVE_GLUON:
                 offset_ptr, table_off, off_n, N, k0, num_k, step0, DQ_BLOCK: gl.constexpr,
                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr, INFLIGHT: gl.constexpr,
                 num_warps: gl.constexpr, TABLE: gl.constexpr):
-        """The K loop of one work item: K steps k0 .. k0 + num_k - 1 of a tile, the program's steps
-        step0 .. step0 + num_k - 1 in the ring;
-        TABLE: decode through the shared-memory table at table_off, else with byte permutes.
+        """The K loop of one work item: K steps k0 .. k0 + num_k - 1 of a tile, the program's
+        steps step0 .. step0 + num_k - 1 in the ring; TABLE: decode through the shared-memory
+        table at table_off, else with byte permutes.
         Every ring stage it reads is handed back to the loader warp: at step i the stage of
         step i - INFLIGHT, at the end those of its last INFLIGHT steps."""
         BLOCK_N: gl.constexpr = w_bufs.shape[1]
@@ -531,10 +531,12 @@ def _split_last_wave(tiles: int, programs: int, num_k: int, device):
     shared between calls, two calls on different streams could see each other's."""
     r = tiles % programs
     split = min(programs // r, MAX_SPLIT, num_k) if 0 < r <= programs // 2 else 1
-    slots = (split - 1) * r if split > 1 else 1
+    if split == 1:  # not read by the kernel
+        ws = torch.empty(1, dtype=torch.float32, device=device)
+        return split, ws, ws.view(torch.int32)
+    slots = (split - 1) * r
     ws = torch.empty(slots * BLOCK_N * BLOCK_M, dtype=torch.float32, device=device)
-    flags = torch.zeros(slots, dtype=torch.int32, device=device) if split > 1 else ws.view(torch.int32)[:1]
-    return split, ws, flags
+    return split, ws, torch.zeros(slots, dtype=torch.int32, device=device)
 
 
 def table_offset(device, stages: int = STAGES, inflight: int = INFLIGHT, dq_block: int = 256):
