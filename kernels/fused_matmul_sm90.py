@@ -20,74 +20,74 @@ bytes and the 128 scales, brought by three TMA copies counted on the stage's mba
 The loader warp issues them: for step j it waits on empty[j % STAGES] until the decoding warps
 have freed that stage; its ring runs on across tiles, so the next tile's first steps arrive
 while the decoding warps store the last tile's y. Decoding warps, step i:
-  1. wait for stage i % STAGES; each thread reads 16 packed bytes of one row and its row's scale
-     code, loads code8[code] from global memory (the 1 KB table stays in L1) and multiplies
-     by absmax2 (loaded a step ahead) + offset.
-  2. decode the 32 weights, unscaled, through a table in shared memory: byte -> the bf16 pair
-     of its two weights, 256 words, one copy per lane (32 KB: lane l reads bank l, no
+  1. wait for stage i % STAGES; each thread reads the 32 packed bytes of each of its two rows
+     (16 w + g and 16 w + g + 8 for lane 4 g + c of warp w; the 4 lanes of a quad read the
+     same bytes) and its rows' scale codes, loads code8[code] from global memory (the 1 KB
+     table stays in L1) and multiplies by absmax2 (loaded a step ahead) + offset.
+  2. decode, unscaled, the 8 bytes of each row that wgmma's register operand wants in this
+     lane (bytes c, c + 4, c + 8, ..., c + 28: the 2 weights of a byte are 2 adjacent columns,
+     one 32-bit register of the operand) through a table in shared memory: byte -> the bf16
+     pair of its two weights, 256 words, one copy per lane (32 KB: lane l reads bank l, no
      conflicts), 3 instructions per byte (prmt, mad, ld.shared); then scale them
      (mul.rn.bf16x2) last, so the scale's lookups have the whole decode to arrive. Gluon has no
      gather from shared memory, so the lookup is inline PTX at the table's address, which Gluon
      cannot name either: the launcher passes candidate offsets from the compiled kernel's LLVM
      IR, and each program, having filled the table, keeps the first at which every thread reads
      back what it stored (_find_table). If none passes (another Triton, or the first call), the
-     byte-permute decoder of _tile.py runs (LOOKUP = 3, about 6 instructions per byte, the same
-     numbers bit for bit): a wrong guess costs speed, never a wrong result.
-  3. wait until at most INFLIGHT - 1 (1) wgmmas are running: step i - 2's is done.
-  4. store the weights into W buffer i % 2, in the 128-byte-swizzled layout wgmma reads; fence;
-     barrier of the 8 warps; one arrive on empty[(i - 2) % STAGES]: the loader may refill it.
-  5. wgmma (asynchronous): acc (128, 256) += W_buf @ x_stage.T, both operands from shared
-     memory; it runs while the warps do steps 1-4 of step i + 1.
-After the last step, y's tile: rounded to bf16, transposed into the (then free) W buffers by
-stmatrix, read back as 16 contiguous bytes of a row of y per thread and stored, 128 tokens at a
-time. And the last wave: T tiles on G programs leave T % G for it; when that is G / 2 or fewer
+     table's word is computed from the code in global memory (the same numbers bit for bit):
+     a wrong guess costs speed, never a wrong result.
+  3. wgmma (asynchronous): acc (128, 256) += W @ x_stage.T, W from the registers just decoded,
+     x from shared memory; it runs while the warps do steps 1-2 of step i + 1.
+  4. wait until step i - 1's wgmma is done (at most one running); barrier of the 8 warps; one
+     arrive on empty[(i - 1) % STAGES]: the loader may refill that stage.
+After the last step, y's tile: rounded to bf16, transposed into y_bufs by stmatrix, read back
+as 16 contiguous bytes of a row of y per thread and stored, 128 tokens at a time. And the last
+wave: T tiles on G programs leave T % G for it; when that is G / 2 or fewer
 (11008x4096 at M = 4096: 1376 tiles, 10 waves of 132, then 56), those tiles are split along K
 into up to 4 parts run by different programs, whose float32 sums meet in a workspace (parts
 1.. write theirs and raise a flag, zeroed for each call; part 0 waits for each flag, adds in
 order and stores y: deterministic), so that most SMs do not idle through a whole last tile.
-Why not plain Triton: there tl.dot(W, x.T) takes the decoded W as the register operand of
-wgmma, so the compiler converts it from the decoding layout (16 contiguous bytes per thread) to
-the operand's (pairs of columns 8 apart) through shared memory with a CTA-wide barrier around
-each conversion, and it waits for each wgmma before the next (1.4-1.6x cuBLAS, BENCHMARKS.md).
-Here the decoded tile goes to shared memory once, in the layout wgmma reads directly.
+Why the weights go to wgmma in registers (seventeenth session): with both operands in shared
+memory, a step moved about 152 KB through it by our count (TMA writes 36, wgmma reads 80: each warp group
+reads the whole x tile, the decoding wrote 16 and read 20), cuBLAS's 128 KB at this tile; shared
+memory's 128 bytes per clock were the limit (1.08-1.16x cuBLAS). From registers: 120 KB, and no
+W stores, fence or their barriers: 0.99-1.07x cuBLAS. The operand's layout is what the decoding
+makes directly (step 2), so the conversion costs nothing; in plain Triton (kernels/fused_matmul.py)
+tl.dot converts from the decoding layout through shared memory with a CTA-wide barrier around
+each conversion, and waits for each wgmma before the next (1.4-1.6x cuBLAS, BENCHMARKS.md).
 Lessons that cost time (BENCHMARKS.md, ninth session): ptxas serializes every wgmma (its note
-C7515) if anything writes the accumulator registers while one is in flight, here the zeroing on
-the loop's zero-trip path (gl.assume removes it); and global loads cannot be prefetched into
-registers across a step: fence.proxy.async becomes MEMBAR.ALL.CTA and the mbarrier arrive is a
-release, both wait for every load in flight. Hence TMA for the tiles (only the 128 rows'
-code8 and absmax2 values are plain loads, used within the step or issued after the fence). Why a
-loader warp (eleventh session): issued by the decoding warps, the expect and the three copies
-(one thread's operations) each got a CTA barrier from the compiler's shared-memory analysis,
-4 barriers per step; now the decoding warps pass 2 per step and the loader's are its own (5-7%
-faster); code8 from L1, not gl.gather, whose shared-memory scratch cost 2 more (2-3%); the
-decoding table 3-5.5% over the byte permutes. Why persistent, split and stored so (sixteenth
-session): a timeline of the one-tile-per-program kernel (globaltimer stamps) showed its K loop
-within 3-7% of cuBLAS's time per step, but per tile of 54 us about 3 us filling and checking the
-table and 2 us storing y outside it, and at 11008x4096 the 56 programs with an eleventh tile
-ending 55 us after the others. Filling the table once per program, with the next tile's loads
-during the epilogue: 1-4%; the split last wave: 3% at 11008x4096; stores from registers instead
-of TMA stores (whose wait took 0.77 us per 128 tokens): 1-2%.
+C7515) if anything writes the accumulator registers while one is in flight; and global loads
+cannot be prefetched into registers across a step: the mbarrier arrive is a release, which
+waits for every load in flight. Hence TMA for the tiles (only the 128 rows' code8 and absmax2
+values are plain loads, used within the step or issued after the arrive). Why a loader warp
+(eleventh session): issued by the decoding warps, the expect and the three copies (one
+thread's operations) each got a CTA barrier from the compiler's shared-memory analysis; code8
+from L1, not gl.gather, whose shared-memory scratch cost 2 more (2-3%); the decoding table
+3-5.5% over byte permutes. Why persistent, split and stored so (sixteenth session): a timeline
+of the one-tile-per-program kernel (globaltimer stamps) showed per tile of 54 us about 3 us
+filling and checking the table and 2 us storing y outside the loop, and at 11008x4096 the 56
+programs with an eleventh tile ending 55 us after the others. Filling the table once per
+program, with the next tile's loads during the epilogue: 1-4%; the split last wave: 3% at
+11008x4096; stores from registers instead of TMA stores (whose wait took 0.77 us per 128
+tokens): 1-2%.
 
 Hazards, and what orders them:
-  - W buffer i % 2 is rewritten at step i + 2, after each warp group's wait at step i + 2
-    (only step i + 1's wgmma may still run); a warp group only ever writes the 64 rows its own
-    wgmma reads (warps 4 g .. 4 g + 3 hold rows 64 g .. 64 g + 63 in the decoding layout too).
+  - wgmma reads its register operand until the wait that retires it: step i decodes into the
+    registers of its copy of the step (the K loop has two), last read by step i - 2's wgmma,
+    which the wait of step i - 1 retired; step i - 1's wgmma reads the other copy's.
   - (steps counted over the program's work items) the ring stage of step i is refilled after
-    the arrive on empty[i % STAGES] at step i + 2 (an item's last two steps: after its final
-    wgmma wait and a barrier), which follows the barrier of step i + 2, which every decoding
-    warp reaches after its wait (step i's wgmma done) and after reading its W bytes; the loader
-    waits for that arrive.
-  - y's tile goes through the W buffers after the item's final wgmma wait and barrier, and a
-    barrier after reading it back comes before the next item's first W store.
+    the arrive on empty[i % STAGES] at step i + 1 (an item's last step: after its final wgmma
+    wait and a barrier), which follows the barrier of step i + 1, which every decoding warp
+    reaches after its wait (step i's wgmma done) and after using its W bytes and scale codes
+    (the decode, before step i's wgmma); the loader waits for that arrive.
+  - y's tile goes through y_bufs after the item's final wgmma wait; a barrier after reading
+    it back comes before the next item's first store to them.
   - a split tile's part 0 spins on flags that parts 1.. raise after writing their sums (a
     barrier, then a release); they wait for nothing, so the spin ends as soon as they have run,
     on other SMs (G is at most the number of SMs, one program each).
   - the decoding table is filled before the decoding warps' first barrier and only read after;
     it is an argument of their function, so the compiler keeps its memory while they run
     (it does not see the reads, which are by address).
-  - fence_async_shared: makes the threads' stores to the W buffer visible to wgmma, which reads
-    shared memory through the asynchronous proxy (and orders the reads of the stage before the
-    TMA that overwrites it).
 
 Restrictions (sm90_ok): NF4 with double quantization and blocks of 64, out_features a multiple
 of 128, bf16 x that TMA can read; fused_matmul runs the Triton kernel otherwise.
@@ -105,35 +105,24 @@ import triton
 try:  # Gluon ships with Triton >= 3.5; without it (or without sm_90) fused_matmul is used
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
-                                                                  warpgroup_mma, warpgroup_mma_init,
-                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover
     HAVE_GLUON = False
 
 from ._launch import check_activation, weight_args
-from ._tile import NF4_PRMT_CODES_ASM, NF4_PRMT_CODES_CONSTRAINTS
 
-BLOCK_N, BLOCK_M, BLOCK_K, STAGES, INFLIGHT, GROUP_M, WARPS = 128, 256, 64, 4, 2, 2, 8
-# Decoding through the shared-memory table: for each of the 4 bytes of $4, its word of the table
-# (byte * 128 + $5: $5 = the table's address plus 4 * lane, each lane reading its own copy).
-TABLE_ASM = "\n".join(["{", ".reg .b32 i<4>;"] + [
-    f"prmt.b32 i{j}, $4, 0, {0x4440 + j}; mad.lo.u32 i{j}, i{j}, 128, ${5 + j}; ld.shared.b32 ${j}, [i{j}];"
-    for j in range(4)] + ["}"])
+BLOCK_N, BLOCK_M, BLOCK_K, STAGES, GROUP_M, WARPS = 128, 256, 64, 4, 2, 8
+# Decoding through the shared-memory table: byte c of word $1 ($2 = 0x4440 + c: prmt's selector
+# for that byte, zeros above) -> its word of the table (byte * 128 + $3: $3 = the table's address
+# plus 4 * lane, each lane reading its own copy)
+TABLE_ASM = "{ .reg .b32 i; prmt.b32 i, $1, 0, $2; mad.lo.u32 i, i, 128, $3; ld.shared.b32 $0, [i]; }"
 TABLE_BYTES = 256 * 32 * 4
 LOADER_REGS = 40  # registers per thread of the loader warp (it holds a few indices)
 
 if HAVE_GLUON:
     TABLE_ASM = gl.constexpr(TABLE_ASM)
-
-    @gluon.jit
-    def _table_word(tab, i):
-        """Word i of the decoder's table in a regular register (see _tile._table_word)."""
-        return gl.inline_asm_elementwise(
-            "{ .reg .b32 l; mov.u32 l, %laneid; and.b32 l, l, $2; xor.b32 $0, $1, l; }", "=r,r,r",
-            [gl.load(tab + i), gl.load(tab + 9)], dtype=gl.int32, is_pure=True, pack=1)
 
     @gluon.jit
     def _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, sj, j,
@@ -222,12 +211,11 @@ if HAVE_GLUON:
         return tiles + (tiles % gl.num_programs(0)) * (SPLIT - 1)
 
     @gluon.jit
-    def _decode_and_mma(x_ring, p_ring, s_ring, w_bufs, table, ready, empty, absmax2_ptr, code_ptr,
+    def _decode_and_mma(x_ring, p_ring, s_ring, y_bufs, table, ready, empty, absmax2_ptr, code_ptr,
                         code8_ptr, offset_ptr, cands_ptr, n_cands, y_ptr, stride_ym, ws_ptr, flags_ptr,
                         SPLIT, M, N, KP, DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr,
-                        STAGES: gl.constexpr, INFLIGHT: gl.constexpr, GROUP_M: gl.constexpr,
-                        num_warps: gl.constexpr):
-        """The 8 decoding warps (steps 1-5 of the module docstring), for each of this program's
+                        STAGES: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+        """The 8 decoding warps (steps 1-4 of the module docstring), for each of this program's
         work items: acc (BLOCK_N, BLOCK_M) = W tile @ x tile.T over the item's K steps, then y's
         tile. First the decoding table, once per program: filled, then found."""
         fill: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
@@ -239,24 +227,24 @@ if HAVE_GLUON:
         table_off = _find_table(words, e[:, None] * 128 + lane[None, :] * 4, cands_ptr, n_cands)
         gl.store(cands_ptr + n_cands, table_off)  # what was found, for the tests (every program alike)
         if table_off >= 0:
-            _tiles(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
+            _tiles(x_ring, p_ring, s_ring, y_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
                    offset_ptr, table_off, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP, DQ_BLOCK,
-                   BLOCK_M, STAGES, INFLIGHT, GROUP_M, num_warps, True)
+                   BLOCK_M, STAGES, GROUP_M, num_warps, True)
         else:
-            _tiles(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
+            _tiles(x_ring, p_ring, s_ring, y_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
                    offset_ptr, table_off, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP, DQ_BLOCK,
-                   BLOCK_M, STAGES, INFLIGHT, GROUP_M, num_warps, False)
+                   BLOCK_M, STAGES, GROUP_M, num_warps, False)
 
     @gluon.jit
-    def _tiles(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
+    def _tiles(x_ring, p_ring, s_ring, y_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
                offset_ptr, table_off, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP,
-               DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, INFLIGHT: gl.constexpr,
+               DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                GROUP_M: gl.constexpr, num_warps: gl.constexpr, TABLE: gl.constexpr):
         """This program's work items u = pid, pid + G, ... (G programs, _work_item): the K loop,
         then y's tile (for a split tile: from its part 0, with the other parts' sums), which the
         loader warp overlaps with the next item's first loads."""
-        BLOCK_N: gl.constexpr = w_bufs.shape[1]
-        BLOCK_K: gl.constexpr = w_bufs.shape[2]
+        BLOCK_N: gl.constexpr = p_ring.shape[1]
+        BLOCK_K: gl.constexpr = 2 * p_ring.shape[2]
         num_k = KP // BLOCK_K
         num_pid_m = gl.cdiv(M, BLOCK_M)
         num_pid_n = gl.cdiv(N, BLOCK_N)
@@ -264,17 +252,17 @@ if HAVE_GLUON:
         for u in range(gl.program_id(0), _num_items(num_pid_m, num_pid_n, SPLIT), gl.num_programs(0)):
             t, k0, nk, v = _work_item(u, num_pid_m, num_pid_n, num_k, SPLIT)
             off_m, off_n = _tile_offsets(t, num_pid_m, num_pid_n, GROUP_M, BLOCK_M, BLOCK_N)
-            acc = _k_loop(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
+            acc = _k_loop(x_ring, p_ring, s_ring, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
                           offset_ptr, table_off, off_n, N, k0, nk, step, DQ_BLOCK, BLOCK_M, STAGES,
-                          INFLIGHT, num_warps, TABLE)
+                          num_warps, TABLE)
             step += nk
             if v >= 0:  # a part of a split tile: parts 1.. hand their sums to part 0
                 r = num_pid_m * num_pid_n % gl.num_programs(0)
                 acc = _split_sums(acc, ws_ptr, flags_ptr, v, r, SPLIT)
                 if v < r:
-                    _store_tile(acc, w_bufs, y_ptr, stride_ym, M, off_m, off_n)
+                    _store_tile(acc, y_bufs, y_ptr, stride_ym, M, off_m, off_n)
             else:
-                _store_tile(acc, w_bufs, y_ptr, stride_ym, M, off_m, off_n)
+                _store_tile(acc, y_bufs, y_ptr, stride_ym, M, off_m, off_n)
 
     @gluon.jit
     def _split_sums(acc, ws_ptr, flags_ptr, v, r, SPLIT):
@@ -301,18 +289,16 @@ if HAVE_GLUON:
         return acc
 
     @gluon.jit
-    def _store_tile(acc, w_bufs, y_ptr, stride_ym, M, off_m, off_n):
-        """y[off_m + m, off_n + n] = acc[n, m] (bf16), through the W buffers (free once the
-        tile's wgmmas are done): 128 tokens at a time, transposed on the way into shared memory
-        (stmatrix), then read back as 16 contiguous bytes of a row of y per thread and stored
-        (no wait: the stores leave the registers, not shared memory). The split, permutes and
-        reshapes only rename registers."""
+    def _store_tile(acc, y_bufs, y_ptr, stride_ym, M, off_m, off_n):
+        """y[off_m + m, off_n + n] = acc[n, m] (bf16), through y_bufs (2, 128 tokens, 64 rows of
+        W): 128 tokens at a time, transposed on the way into shared memory (stmatrix), then read
+        back as 16 contiguous bytes of a row of y per thread and stored (no wait: the stores leave
+        the registers, not shared memory). The split, permutes and reshapes only rename
+        registers."""
         BLOCK_N: gl.constexpr = acc.shape[0]
         HALF: gl.constexpr = acc.shape[1] // 2
         BOX_N: gl.constexpr = BLOCK_N // 2
         num_warps: gl.constexpr = gl.num_warps()
-        ybuf = w_bufs._reinterpret(gl.bfloat16, [2, HALF, BOX_N], gl.NVMMASharedLayout(
-            swizzle_byte_width=128, element_bitwidth=16, rank=3))
         rd: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 4, 8], [2, num_warps // 2, 1], [2, 1, 0])
         c = gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, rd)))
         mm = gl.arange(0, HALF, layout=gl.SliceLayout(0, gl.SliceLayout(2, rd)))
@@ -321,53 +307,95 @@ if HAVE_GLUON:
         halves = gl.split(acc.to(gl.bfloat16).reshape([BLOCK_N, 2, HALF]).permute(0, 2, 1))
         for h in gl.static_range(2):
             part = halves[h].permute(1, 0)  # (128 tokens, 128 rows of W)
-            # columns 64 c .. 64 c + 63 (warp group c's rows of W) into W buffer c
-            ybuf.store(part.reshape([HALF, 2, BOX_N]).permute(1, 0, 2))
+            # columns 64 c .. 64 c + 63 (warp group c's rows of W) into buffer c
+            y_bufs.store(part.reshape([HALF, 2, BOX_N]).permute(1, 0, 2))
             gl.thread_barrier()
-            vals = ybuf.load(rd)
+            vals = y_bufs.load(rd)
             gl.thread_barrier()  # read by every warp: the buffers may be written again
             row = off_m + h * HALF + mm[None, :, None]
             gl.store(y_ptr + row.to(gl.int64) * stride_ym + col, vals, mask=row < M)
 
     @gluon.jit
-    def _k_loop(x_ring, p_ring, s_ring, w_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                offset_ptr, table_off, off_n, N, k0, num_k, step0, DQ_BLOCK: gl.constexpr,
-                BLOCK_M: gl.constexpr, STAGES: gl.constexpr, INFLIGHT: gl.constexpr,
-                num_warps: gl.constexpr, TABLE: gl.constexpr):
+    def _step(x_ring, p_ring, s_ring, ready, empty, absmax2_ptr, code_ptr, code8_ptr, offset, base, sel,
+              rows, absmax2, acc, N, k0, num_k, step0, i, DQ_BLOCK: gl.constexpr, STAGES: gl.constexpr,
+              TABLE: gl.constexpr):
+        """K step i of a work item (the program's step step0 + i): decode the stage's W tile into
+        wgmma's register operand, start acc += W @ x.T, wait for step i - 1's wgmma and hand its
+        stage back to the loader warp. Returns acc and the next step's absmax2."""
+        L3: gl.constexpr = sel.type.layout  # (row, word, c), _k_loop
+        BLOCK_N: gl.constexpr = p_ring.shape[1]
+        WORDS: gl.constexpr = sel.shape[1]
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
+        words_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+        stage = (step0 + i) % STAGES
+        mbarrier.wait(ready.index(stage), ((step0 + i) // STAGES) & 1)
+        # every lane of a quad reads the same 2 rows x 8 words (4 x 16 bytes; broadcast)
+        words = p_ring.index(stage)._reinterpret(gl.int32, [BLOCK_N, WORDS], words_layout).load(
+            gl.SliceLayout(2, L3))
+        sc = s_ring.index(stage).load(rows.type.layout)
+        scale = gl.load(code8_ptr + sc.to(gl.int32)) * absmax2 + offset
+        # decode unscaled, byte c of each word (2 weights: one register of the operand), then
+        # scale (mul.rn.bf16x2, as LOOKUP 3): the scale's lookups have the decode to arrive
+        if TABLE:  # 3 instructions per byte (prmt, mad, ld.shared)
+            codes = gl.inline_asm_elementwise(TABLE_ASM, "=r,r,r,r", [words[:, :, None], sel, base],
+                                              dtype=gl.int32, is_pure=True, pack=1)
+        else:  # the table's word computed from the code (two loads from L1 and the rounding)
+            byte = gl.inline_asm_elementwise("prmt.b32 $0, $1, 0, $2;", "=r,r,r", [words[:, :, None], sel],
+                                             dtype=gl.int32, is_pure=True, pack=1)
+            codes = _pair_word(code_ptr, byte)
+        sb = scale.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        s2 = (sb | (sb << 16))[:, None, None]
+        pair = gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [codes, s2],
+                                         dtype=gl.int32, is_pure=True, pack=1)
+        # pair [n, w, c]: the bf16 of columns 8 w + 2 c (low half) and 8 w + 2 c + 1; in (row,
+        # column) these are wgmma's operand registers already: the conversion renames them
+        w_even = pair.to(gl.int16).to(gl.bfloat16, bitcast=True)
+        w_odd = (pair >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True)
+        a = gl.convert_layout(gl.reshape(gl.join(w_even, w_odd), [BLOCK_N, 8 * WORDS]), a_layout)
+        acc = warpgroup_mma(a, x_ring.index(stage).permute((1, 0)), acc, is_async=True)
+        # step i - 1's wgmma is done (step i's runs while step i + 1 decodes): its registers may
+        # be written and its stage refilled, once every warp is here
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index((step0 + i + STAGES - 1) % STAGES), pred=i >= 1)
+        absmax2 = gl.load(absmax2_ptr + ((k0 + (i + 1) % num_k) * N + rows) // DQ_BLOCK)
+        return acc, absmax2
+
+    @gluon.jit
+    def _k_loop(x_ring, p_ring, s_ring, ready, empty, absmax2_ptr, code_ptr, code8_ptr, offset_ptr,
+                table_off, off_n, N, k0, num_k, step0, DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr,
+                STAGES: gl.constexpr, num_warps: gl.constexpr, TABLE: gl.constexpr):
         """The K loop of one work item: K steps k0 .. k0 + num_k - 1 of a tile, the program's
         steps step0 .. step0 + num_k - 1 in the ring; TABLE: decode through the shared-memory
-        table at table_off, else with byte permutes.
+        table at table_off, else from the code in global memory. Two steps per iteration, each
+        its own code: wgmma reads its register operand while it runs (until the wait that
+        retires it), so consecutive steps must decode into different registers, which two copies
+        of the step get (PTX names registers per value; one loop body would reuse them).
         Every ring stage it reads is handed back to the loader warp: at step i the stage of
-        step i - INFLIGHT, at the end those of its last INFLIGHT steps."""
-        BLOCK_N: gl.constexpr = w_bufs.shape[1]
-        BLOCK_K: gl.constexpr = w_bufs.shape[2]
-        # decoding layout: a thread holds 16 consecutive packed bytes (32 weights) of one row;
-        # warp w holds rows 16 w .. 16 w + 15, so warp group g the rows its wgmma reads
-        dec: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [num_warps, 1], [1, 0])
+        step i - 1, at the end that of its last step."""
+        BLOCK_N: gl.constexpr = p_ring.shape[1]
+        WORDS: gl.constexpr = p_ring.shape[2] // 4
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
-        # num_k >= 1 always (a weight has at least one block, a split tile at least one step a
-        # part); telling the compiler removes the zero-trip path of the loop, whose zeroing of
-        # acc made ptxas serialize every wgmma
+        # wgmma's register operand (m64nNk16, bf16): lane 4 g + c of warp w holds rows 16 w + g
+        # and 16 w + g + 8, columns 16 s + 2 c, + 1 and 16 s + 8 + 2 c, + 1 of each 16-column
+        # slice s: the two weights of bytes 8 s + c and 8 s + 4 + c of those rows, which are byte
+        # c of words 2 s and 2 s + 1. L3 indexes them (row, word, c): each lane holds its rows'
+        # 8 words, and c is its lane % 4 (the 4 lanes of a quad read the same words)
+        L3: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 1, 0], [0, 2, 0], [0, 4, 0], [8, 0, 0]],
+            lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+            warp_bases=[[16, 0, 0], [32, 0, 0], [64, 0, 0]], block_bases=[], shape=[BLOCK_N, WORDS, 4])
+        # num_k >= 1 always (a weight has at least one block, a split tile at least one step a part)
         gl.assume(num_k >= 1)
-
-        rows = (off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, dec))) % N
-        if TABLE:  # each lane's address of its own copy of the table
-            base = gl.inline_asm_elementwise(
-                "{ .reg .b32 l; mov.u32 $0, global_smem; mov.u32 l, %laneid;"
-                " mad.lo.u32 $0, l, 4, $0; add.u32 $0, $0, $1; }",
-                "=r,r", [table_off], dtype=gl.int32, is_pure=True, pack=1)
-        else:  # the byte-permute decoder's 9 words (_tile.py)
-            tab = code_ptr.to(gl.pointer_type(gl.int32)) + 16
-            t0 = _table_word(tab, 0)
-            t1 = _table_word(tab, 1)
-            t2 = _table_word(tab, 2)
-            t3 = _table_word(tab, 3)
-            t4 = _table_word(tab, 4)
-            t5 = _table_word(tab, 5)
-            t6 = _table_word(tab, 6)
-            t7 = _table_word(tab, 7)
-            t8 = _table_word(tab, 8)
+        rows = (off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))) % N
+        c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
+        sel = (0x4440 + c)[None, None, :] + gl.zeros([1, WORDS, 4], gl.int32, L3)
+        # each lane's address of its own copy of the table
+        base = gl.inline_asm_elementwise(
+            "{ .reg .b32 l; mov.u32 $0, global_smem; mov.u32 l, %laneid;"
+            " mad.lo.u32 $0, l, 4, $0; add.u32 $0, $0, $1; }",
+            "=r,r", [table_off], dtype=gl.int32, is_pure=True, pack=1)
         # double quantization, absmax = code8[q] * absmax2[group] + offset: code8[q] read from
         # global memory each step (an L1 hit: 1 KB), not gl.gather from a copy of the table in
         # registers, which the compiler does through shared-memory scratch with a CTA barrier
@@ -376,48 +404,21 @@ if HAVE_GLUON:
         offset = gl.load(offset_ptr)
         absmax2 = gl.load(absmax2_ptr + (k0 * N + rows) // DQ_BLOCK)
 
-        acc = warpgroup_mma_init(gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_layout))
-        for i in range(num_k):
-            stage = (step0 + i) % STAGES
-            mbarrier.wait(ready.index(stage), ((step0 + i) // STAGES) & 1)
-            p = p_ring.index(stage).load(dec)
-            sc = s_ring.index(stage).load(gl.SliceLayout(1, dec))
-            scale = gl.load(code8_ptr + sc.to(gl.int32)) * absmax2 + offset
-            # decode unscaled, then scale (mul.rn.bf16x2, as LOOKUP 3): the scale's table
-            # lookups (code8, absmax2) have the whole decode to arrive
-            if TABLE:  # 3 instructions per byte (2 weights)
-                codes = gl.inline_asm_elementwise(TABLE_ASM, "=r,=r,=r,=r,r,r,r,r,r", [p, base],
-                                                  dtype=gl.int32, is_pure=True, pack=4)
-            else:  # about 6 per byte
-                codes = gl.inline_asm_elementwise(
-                    NF4_PRMT_CODES_ASM, NF4_PRMT_CODES_CONSTRAINTS, [p, t0, t1, t2, t3, t4, t5, t6, t7, t8],
-                    dtype=gl.int32, is_pure=True, pack=4)
-            sb = scale.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-            s2 = (sb | (sb << 16))[:, None]
-            pair = gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [codes, s2],
-                                             dtype=gl.int32, is_pure=True, pack=1)
-            # word j: bf16 of column 2 j in its low half, of column 2 j + 1 in its high half
-            w_even = pair.to(gl.int16).to(gl.bfloat16, bitcast=True)
-            w_odd = (pair >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True)
-            w = gl.reshape(gl.join(w_even, w_odd), [BLOCK_N, BLOCK_K])
-            # at most INFLIGHT - 1 wgmmas left running: step i - INFLIGHT's is done, so its W
-            # buffer (i % INFLIGHT) and ring stage may be overwritten
-            acc = warpgroup_mma_wait(num_outstanding=INFLIGHT - 1, deps=(acc, ))
-            w_buf = w_bufs.index(i % INFLIGHT)
-            w_buf.store(w)
-            fence_async_shared()
-            gl.thread_barrier()
-            # the stage of step i - INFLIGHT is free (every warp waited for that step's wgmma and
-            # read its W bytes before the barrier): one arrive tells the loader warp
-            mbarrier.arrive(empty.index((step0 + i + STAGES - INFLIGHT) % STAGES), pred=i >= INFLIGHT)
-            acc = warpgroup_mma(w_buf, x_ring.index(stage).permute((1, 0)), acc, is_async=True)
-            # (after the fence, which would wait for it)
-            absmax2 = gl.load(absmax2_ptr + ((k0 + (i + 1) % num_k) * N + rows) // DQ_BLOCK)
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_layout)
+        for i in range(0, num_k - 1, 2):
+            acc, absmax2 = _step(x_ring, p_ring, s_ring, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
+                                 offset, base, sel, rows, absmax2, acc, N, k0, num_k, step0, i,
+                                 DQ_BLOCK, STAGES, TABLE)
+            acc, absmax2 = _step(x_ring, p_ring, s_ring, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
+                                 offset, base, sel, rows, absmax2, acc, N, k0, num_k, step0, i + 1,
+                                 DQ_BLOCK, STAGES, TABLE)
+        if num_k % 2 == 1:
+            acc, absmax2 = _step(x_ring, p_ring, s_ring, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
+                                 offset, base, sel, rows, absmax2, acc, N, k0, num_k, step0, num_k - 1,
+                                 DQ_BLOCK, STAGES, TABLE)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        gl.thread_barrier()  # both warp groups' last wgmmas are done: their stages may go
-        for j in gl.static_range(INFLIGHT):
-            mbarrier.arrive(empty.index((step0 + num_k + STAGES - INFLIGHT + j) % STAGES),
-                            pred=num_k + j >= INFLIGHT)
+        gl.thread_barrier()  # both warp groups' last wgmmas are done: the last stage may go
+        mbarrier.arrive(empty.index((step0 + num_k + STAGES - 1) % STAGES))
         return acc
 
     @gluon.jit
@@ -449,21 +450,20 @@ if HAVE_GLUON:
         x_desc, p_desc, s_desc, y_ptr, stride_ym, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, cands_ptr,
         ws_ptr, flags_ptr, M, N, KP, n_cands, SPLIT,
         DQ_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, INFLIGHT: gl.constexpr, GROUP_M: gl.constexpr,
-        LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
+        STAGES: gl.constexpr, GROUP_M: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         BYTES: gl.constexpr = BLOCK_K // 2
-
-        w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.bfloat16)
 
         # the ring: stage s holds one step's x tile, packed W tile and scales (one TMA each,
         # all counted on mbarrier ready[s]); empty[s]: the decoding warps are done with it
         x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
         p_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BYTES], p_desc.layout)
         s_ring = gl.allocate_shared_memory(s_desc.dtype, [STAGES, BLOCK_N], s_desc.layout)
-        w_bufs = gl.allocate_shared_memory(gl.bfloat16, [INFLIGHT, BLOCK_N, BLOCK_K], w_layout)
+        # y's tile on its way out, 128 tokens at a time (_store_tile)
+        y_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_M // 2, BLOCK_N // 2], gl.NVMMASharedLayout(
+            swizzle_byte_width=128, element_bitwidth=16, rank=3))
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         # the decoding table, byte -> the bf16 pair of its two weights, one copy per lane (lane l
@@ -478,9 +478,9 @@ if HAVE_GLUON:
 
         # the decoding warps (num_warps of them) and one loader warp, each running its function
         gl.warp_specialize([
-            (_decode_and_mma, (x_ring, p_ring, s_ring, w_bufs, table, ready, empty, absmax2_ptr, code_ptr,
+            (_decode_and_mma, (x_ring, p_ring, s_ring, y_bufs, table, ready, empty, absmax2_ptr, code_ptr,
                                code8_ptr, offset_ptr, cands_ptr, n_cands, y_ptr, stride_ym, ws_ptr, flags_ptr,
-                               SPLIT, M, N, KP, DQ_BLOCK, BLOCK_M, STAGES, INFLIGHT, GROUP_M, num_warps)),
+                               SPLIT, M, N, KP, DQ_BLOCK, BLOCK_M, STAGES, GROUP_M, num_warps)),
             (_loader, (x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, empty, M, N, KP, SPLIT,
                        STEP_BYTES, STAGES, GROUP_M)),
         ], [1], [LOADER_REGS])
@@ -506,7 +506,7 @@ def sm90_ok(x: torch.Tensor, w) -> bool:
             and w.packed.data_ptr() % 16 == 0 and w.scales.data_ptr() % 16 == 0)
 
 
-def fused_matmul_sm90(x: torch.Tensor, w, stages: int = STAGES, inflight: int = INFLIGHT) -> torch.Tensor:
+def fused_matmul_sm90(x: torch.Tensor, w, stages: int = STAGES) -> torch.Tensor:
     """y = x @ W.T for bf16 x (M, in_features) and an NF4 weight, on an sm_90 GPU (sm90_ok)."""
     _fmt, tensors, kp, _qb, dq_block = weight_args(w)
     check_activation(x, w.in_features, w.packed.device, "x")
@@ -515,10 +515,10 @@ def fused_matmul_sm90(x: torch.Tensor, w, stages: int = STAGES, inflight: int = 
                          "weight with double quantization, block size 64 and out_features a "
                          "multiple of 128 (sm90_ok)")
     y = torch.empty((x.shape[0], w.out_features), dtype=x.dtype, device=x.device)
-    return launch_into(y, x, tensors, kp, dq_block, stages, inflight)
+    return launch_into(y, x, tensors, kp, dq_block, stages)
 
 
-_TABLE_CANDIDATES = {}  # (device, stages, inflight, dq_block) -> int32 offsets (_table_candidates)
+_TABLE_CANDIDATES = {}  # (device, stages, dq_block) -> int32 offsets (_table_candidates)
 MAX_SPLIT = 4  # parts of a split tile at most: part 0 reads the others' sums one after another
 
 
@@ -539,10 +539,10 @@ def _split_last_wave(tiles: int, programs: int, num_k: int, device):
     return split, ws, torch.zeros(slots, dtype=torch.int32, device=device)
 
 
-def table_offset(device, stages: int = STAGES, inflight: int = INFLIGHT, dq_block: int = 256):
+def table_offset(device, stages: int = STAGES, dq_block: int = 256):
     """The decoding table's offset the last launch found (-1: not found, the byte permutes ran;
     None: no launch since the first). For the tests."""
-    cands = _TABLE_CANDIDATES.get((torch.device(device), stages, inflight, dq_block))
+    cands = _TABLE_CANDIDATES.get((torch.device(device), stages, dq_block))
     return None if cands is None else int(cands[-1])
 
 
@@ -557,7 +557,7 @@ def _table_candidates(kernel, device) -> torch.Tensor:
     return torch.tensor(ok + [-1], dtype=torch.int32, device=device)
 
 
-def launch_into(y, x, tensors, kp, dq_block, stages: int = STAGES, inflight: int = INFLIGHT):
+def launch_into(y, x, tensors, kp, dq_block, stages: int = STAGES):
     """The launch itself, into y (M, N), for arguments already checked (weight_args,
     check_activation, sm90_ok): fused_matmul's dispatch, which has done all three, calls it."""
     packed, scales, _zeros, absmax2, code, code8, offset = tensors
@@ -572,13 +572,13 @@ def launch_into(y, x, tensors, kp, dq_block, stages: int = STAGES, inflight: int
     programs = min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count)
     split, ws, flags = _split_last_wave(tiles, programs, kp // BLOCK_K, x.device)
     grid = (programs,)
-    key = (x.device, stages, inflight, dq_block)
+    key = (x.device, stages, dq_block)
     cands = _TABLE_CANDIDATES.get(key)
     kernel = fused_matmul_sm90_kernel[grid](
         x_desc, p_desc, s_desc, y, y.stride(0), absmax2, code, code8, offset,
         cands if cands is not None else torch.full((1,), -1, dtype=torch.int32, device=x.device), ws, flags,
         m, n, kp, 0 if cands is None else cands.numel() - 1, split,
-        DQ_BLOCK=dq_block, BLOCK_N=BLOCK_N, STAGES=stages, INFLIGHT=inflight, GROUP_M=GROUP_M,
+        DQ_BLOCK=dq_block, BLOCK_N=BLOCK_N, STAGES=stages, GROUP_M=GROUP_M,
         LOADER_REGS=LOADER_REGS, num_warps=WARPS)
     if cands is None:  # the first call: the next ones look for the table where it may be
         _TABLE_CANDIDATES[key] = _table_candidates(kernel, x.device)

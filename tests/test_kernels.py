@@ -711,7 +711,7 @@ def test_gpu_fused_sm90_table():
     sm90.fused_matmul_sm90(x, qw)  # the first call: candidates from the compiled kernel
     y = sm90.fused_matmul_sm90(x, qw)
     assert sm90.table_offset(x.device, dq_block=qw.dq_block_size) >= 0
-    key = (x.device, sm90.STAGES, sm90.INFLIGHT, qw.dq_block_size)
+    key = (x.device, sm90.STAGES, qw.dq_block_size)
     saved = sm90._TABLE_CANDIDATES[key]
     try:  # a wrong guess (offset 0 is the x ring): the check must refuse it
         sm90._TABLE_CANDIDATES[key] = torch.tensor([0, -1], dtype=torch.int32, device=x.device)
