@@ -113,7 +113,7 @@ except ImportError:  # pragma: no cover
 
 from ._launch import check_activation, weight_args
 
-BLOCK_N, BLOCK_M, BLOCK_K, STAGES, GROUP_M, WARPS = 128, 256, 64, 4, 2, 8
+BLOCK_N, BLOCK_M, BLOCK_K, STAGES, GROUP_M, WARPS = 128, 256, 64, 4, 1, 8
 # Decoding through the shared-memory table: byte c of word $1 ($2 = 0x4440 + c: prmt's selector
 # for that byte, zeros above) -> its word of the table (byte * 128 + $3: $3 = the table's address
 # plus 4 * lane, each lane reading its own copy)
@@ -173,9 +173,10 @@ if HAVE_GLUON:
     def _tile_offsets(t, num_pid_m, num_pid_n, GROUP_M: gl.constexpr, BLOCK_M: gl.constexpr,
                       BLOCK_N: gl.constexpr):
         """Tile t's first token and weight row. Grouped order (as fused_matmul): GROUP_M token
-        tiles share W tiles in L2; GROUP_M = 2 measured 0-5% faster than 8 in three runs
-        (BENCHMARKS.md, eleventh session): the (256, K) x tiles, 8x the bytes of a packed W
-        tile, are then shared by more of the tiles running at once."""
+        tiles share W tiles in L2. GROUP_M = 1 (one token tile's row of tiles after another: the
+        (256, K) x tile, 8x the bytes of a packed W tile, is read by every program on that row)
+        measured 0.4-2.2% faster than 2 in two runs once the weights went to wgmma in registers
+        (BENCHMARKS.md, seventeenth session); before, 2 had been 0-5% faster than 8."""
         group_id = t // (GROUP_M * num_pid_n)
         first_pid_m = group_id * GROUP_M
         group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
