@@ -48,13 +48,14 @@ into up to 4 parts run by different programs, whose float32 sums meet in a works
 1.. write theirs and raise a flag, zeroed for each call; part 0 waits for each flag, adds in
 order and stores y: deterministic), so that most SMs do not idle through a whole last tile.
 Why the weights go to wgmma in registers (seventeenth session): with both operands in shared
-memory, a step moved about 152 KB through it by our count (TMA writes 36, wgmma reads 80: each warp group
-reads the whole x tile, the decoding wrote 16 and read 20), cuBLAS's 128 KB at this tile; shared
-memory's 128 bytes per clock were the limit (1.08-1.16x cuBLAS). From registers: 120 KB, and no
-W stores, fence or their barriers: 0.99-1.07x cuBLAS. The operand's layout is what the decoding
-makes directly (step 2), so the conversion costs nothing; in plain Triton (kernels/fused_matmul.py)
-tl.dot converts from the decoding layout through shared memory with a CTA-wide barrier around
-each conversion, and waits for each wgmma before the next (1.4-1.6x cuBLAS, BENCHMARKS.md).
+memory, a step moved about 152 KB through it by our count (TMA writes 36 KB, wgmma reads 80: each
+warp group reads the whole x tile; the decoding wrote 16 and read 20), against cuBLAS's 128 KB at
+this tile, and shared memory moves 128 bytes per clock: 1.08-1.16x cuBLAS in one run. From
+registers: about 120 KB, and no W stores, fence or their barriers: 0.99-1.07x in the same run.
+The operand's layout is what the decoding makes directly (step 2), so the conversion costs
+nothing; in plain Triton (kernels/fused_matmul.py) tl.dot converts from the decoding layout
+through shared memory with a CTA-wide barrier around each conversion, and waits for each wgmma
+before the next (1.4-1.6x cuBLAS, BENCHMARKS.md).
 Lessons that cost time (BENCHMARKS.md, ninth session): ptxas serializes every wgmma (its note
 C7515) if anything writes the accumulator registers while one is in flight; and global loads
 cannot be prefetched into registers across a step: the mbarrier arrive is a release, which
@@ -105,7 +106,8 @@ import triton
 try:  # Gluon ships with Triton >= 3.5; without it (or without sm_90) fused_matmul is used
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover
