@@ -34,8 +34,8 @@ while the decoding warps store the last tile's y. Decoding warps, step i:
      cannot name either: the launcher passes candidate offsets from the compiled kernel's LLVM
      IR, and each program, having filled the table, keeps the first at which every thread reads
      back what it stored (_find_table). If none passes (another Triton, or the first call), the
-     table's word is computed from the code in global memory (the same numbers bit for bit):
-     a wrong guess costs speed, never a wrong result.
+     table's words are read from global memory (code_with_tables, the same numbers): a wrong
+     guess costs speed, never a wrong result.
   3. wgmma (asynchronous): acc (128, 256) += W @ x_stage.T, W from the registers just decoded,
      x from shared memory; it runs while the warps do steps 1-2 of step i + 1.
   4. wait until step i - 1's wgmma is done (at most one running); barrier of the 8 warps; one
@@ -141,10 +141,9 @@ if HAVE_GLUON:
     @gluon.jit
     def _pair_word(code_ptr, e):
         """Word e of the decoding table: bf16(code[e & 15]) << 16 | bf16(code[e >> 4]), byte e's
-        two weights, unscaled (column 2 j, the high nibble, in the low half, as _tile's decoder)."""
-        lo = gl.load(code_ptr + (e >> 4)).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-        hi = gl.load(code_ptr + (e & 15)).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32)
-        return (hi << 16) | lo
+        two weights, unscaled (column 2 j, the high nibble, in the low half, as _tile's decoder).
+        code_with_tables (_launch.py) has built the 256 of them: words 28.. of code_ptr."""
+        return gl.load(code_ptr.to(gl.pointer_type(gl.int32)) + 28 + e)
 
     @gluon.jit
     def _and(a, b):
@@ -156,8 +155,8 @@ if HAVE_GLUON:
         the n_cands (<= 31) candidate offsets at which every thread reads back the words it
         stored (words, at byte offsets where within the table). Gluon cannot name a buffer's
         address in inline PTX, so the launcher guesses candidates from the compiled kernel and
-        this checks them: a wrong guess costs speed (the byte-permute decoder runs), never a
-        wrong result."""
+        this checks them: a wrong guess costs speed (the table's words then come from global
+        memory), never a wrong result."""
         bits = words * 0
         for c in range(n_cands):
             got = gl.inline_asm_elementwise(
@@ -342,7 +341,7 @@ if HAVE_GLUON:
         if TABLE:  # 3 instructions per byte (prmt, mad, ld.shared)
             codes = gl.inline_asm_elementwise(TABLE_ASM, "=r,r,r,r", [words[:, :, None], sel, base],
                                               dtype=gl.int32, is_pure=True, pack=1)
-        else:  # the table's word computed from the code (two loads from L1 and the rounding)
+        else:  # the table's word from global memory (an L1 hit)
             byte = gl.inline_asm_elementwise("prmt.b32 $0, $1, 0, $2;", "=r,r,r", [words[:, :, None], sel],
                                              dtype=gl.int32, is_pure=True, pack=1)
             codes = _pair_word(code_ptr, byte)
@@ -543,7 +542,7 @@ def _split_last_wave(tiles: int, programs: int, num_k: int, device):
 
 
 def table_offset(device, stages: int = STAGES, dq_block: int = 256):
-    """The decoding table's offset the last launch found (-1: not found, the byte permutes ran;
+    """The decoding table's offset the last launch found (-1: not found, global memory served;
     None: no launch since the first). For the tests."""
     cands = _TABLE_CANDIDATES.get((torch.device(device), stages, dq_block))
     return None if cands is None else int(cands[-1])

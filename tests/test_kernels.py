@@ -677,8 +677,9 @@ def test_gpu_fused_sm90(fmt, n, k):
     it for M > 128 (a second call: the same bits). The last wave's tiles split along K
     (_split_last_wave) on an H100's 132 SMs: 11008x4096 at M = 333 (172 tiles: 40 in 3 parts)
     and 4096 (1376: 56 in 2), 17024x128 at M = 1 and 129 (133 tiles: 1 in 2 parts of one
-    step each), 333 and 4096 (266 and 2128 tiles: 2 and 16 in 2). Where sm90_ok refuses (x strided along K, N not a multiple of 128, NF4
-    without double quantization), fused_matmul runs the Triton kernel."""
+    step each), 333 and 4096 (266 and 2128 tiles: 2 and 16 in 2). Where sm90_ok refuses (x
+    strided along K, N not a multiple of 128, NF4 without double quantization), fused_matmul
+    runs the Triton kernel."""
     sm90 = importlib.import_module("kernels.fused_matmul_sm90")
     dtype = torch.bfloat16
     qw = make_weight(fmt, n, k, seed=60)
@@ -704,7 +705,7 @@ def test_gpu_fused_sm90(fmt, n, k):
 def test_gpu_fused_sm90_table():
     """The Hopper kernel decodes through a shared-memory table whose address it must find (Gluon
     cannot name it in inline PTX): from the second call on it is found, and its results equal bit
-    for bit those of the byte-permute decoder, which runs wherever it is not found."""
+    for bit those decoded with the table read from global memory, wherever it is not found."""
     sm90 = importlib.import_module("kernels.fused_matmul_sm90")
     qw = make_weight("nf4dq", 4096, 4096, seed=66)
     x = gaussian(333, 4096, seed=67, dtype=torch.bfloat16)
@@ -715,11 +716,11 @@ def test_gpu_fused_sm90_table():
     saved = sm90._TABLE_CANDIDATES[key]
     try:  # a wrong guess (offset 0 is the x ring): the check must refuse it
         sm90._TABLE_CANDIDATES[key] = torch.tensor([0, -1], dtype=torch.int32, device=x.device)
-        y_permute = sm90.fused_matmul_sm90(x, qw)
+        y_global = sm90.fused_matmul_sm90(x, qw)
         assert sm90.table_offset(x.device, dq_block=qw.dq_block_size) == -1
     finally:
         sm90._TABLE_CANDIDATES[key] = saved
-    assert torch.equal(y, y_permute)
+    assert torch.equal(y, y_global)
 
 
 @pytest.mark.cuda
