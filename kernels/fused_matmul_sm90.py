@@ -12,24 +12,27 @@ rows are the instruction's M (64 per warp group) and the tokens its N (up to 256
 
 A persistent grid: one program per SM, each taking the tiles t = pid, pid + G, ... (G programs)
 of BLOCK_N = 128 weight rows x BLOCK_M = 256 tokens, in turn. Per program: 8 decoding warps = 2
-warp groups, group g owns weight rows 64 g .. 64 g + 63 of the tile, and one loader warp (Gluon's
-warp_specialize runs each on its own function; 12 warps launch, warp groups being whole). The
-K loop steps by BLOCK_K = 64 = one NF4 block (one scale per row per step). A ring of STAGES (4)
-stages in shared memory holds, per step, the (256, 64) bf16 x tile, the (128, 32) packed W
-bytes and the 128 scales, brought by three TMA copies counted on the stage's mbarrier ready[s].
-The loader warp issues them: for step j it waits on empty[j % STAGES] until the decoding warps
-have freed that stage; its ring runs on across tiles, so the next tile's first steps arrive
-while the decoding warps store the last tile's y. Decoding warps, step i:
+warp groups, group g owns weight rows 64 g .. 64 g + 63 of the tile, one loader warp and one
+scale warp (Gluon's warp_specialize runs each on its own function; 12 warps launch, warp groups
+being whole). The K loop steps by BLOCK_K = 64 = one NF4 block (one scale per row per step). A
+ring of STAGES (4) stages in shared memory holds, per step, the (256, 64) bf16 x tile and the
+(128, 32) packed W bytes, brought by two TMA copies, and the 128 rows' scales, each as the bf16
+pair (absmax, absmax); the stage's mbarrier ready[s] completes when both copies have landed
+and the scale warp has arrived. The loader and scale warps each fill their part of step j's
+stage once the decoding warps have freed it (empty[j % STAGES]); the ring runs on across tiles,
+so the next tile's first steps arrive while the decoding warps store the last tile's y. The
+scale warp computes absmax = code8[q] * absmax2 + offset (double quantization) from global
+memory: its loads are issued before it waits for the stage, so their latency is off every
+critical path. Decoding warps, step i:
   1. wait for stage i % STAGES; each thread reads the 32 packed bytes of each of its two rows
      (16 w + g and 16 w + g + 8 for lane 4 g + c of warp w; the 4 lanes of a quad read the
-     same bytes) and its rows' scale codes, loads code8[code] from global memory (the 1 KB
-     table stays in L1) and multiplies by absmax2 (loaded a step ahead) + offset.
+     same bytes) and its rows' scale pairs.
   2. decode, unscaled, the 8 bytes of each row that wgmma's register operand wants in this
      lane (bytes c, c + 4, c + 8, ..., c + 28: the 2 weights of a byte are 2 adjacent columns,
      one 32-bit register of the operand) through a table in shared memory: byte -> the bf16
      pair of its two weights, 256 words, one copy per lane (32 KB: lane l reads bank l, no
      conflicts), 3 instructions per byte (prmt, mad, ld.shared); then scale them
-     (mul.rn.bf16x2) last, so the scale's lookups have the whole decode to arrive. Gluon has no
+     (mul.rn.bf16x2). Gluon has no
      gather from shared memory, so the lookup is inline PTX at the table's address, which Gluon
      cannot name either: the launcher passes candidate offsets from the compiled kernel's LLVM
      IR, and each program, having filled the table, keeps the first at which every thread reads
@@ -39,7 +42,7 @@ while the decoding warps store the last tile's y. Decoding warps, step i:
   3. wgmma (asynchronous): acc (128, 256) += W @ x_stage.T, W from the registers just decoded,
      x from shared memory; it runs while the warps do steps 1-2 of step i + 1.
   4. wait until step i - 1's wgmma is done (at most one running); barrier of the 8 warps; one
-     arrive on empty[(i - 1) % STAGES]: the loader may refill that stage.
+     arrive on empty[(i - 1) % STAGES]: the loader and scale warps may refill that stage.
 After the last step, y's tile: rounded to bf16, transposed into y_bufs by stmatrix, read back
 as 16 contiguous bytes of a row of y per thread and stored, 128 tokens at a time. And the last
 wave: T tiles on G programs leave T % G for it; when that is G / 2 or fewer
@@ -56,11 +59,17 @@ The operand's layout is what the decoding makes directly (step 2), so the conver
 nothing; in plain Triton (kernels/fused_matmul.py) tl.dot converts from the decoding layout
 through shared memory with a CTA-wide barrier around each conversion, and waits for each wgmma
 before the next (1.4-1.6x cuBLAS, BENCHMARKS.md).
+Why a scale warp (eighteenth session): a variant without wgmma (the decoding alone) ran its K
+steps in 0.56x the kernel's time, and one with twice the wgmma work in 1.8x: the decoding and
+the tensor cores do not overlap fully (both need the SM's shared-memory and issue bandwidth),
+and each instruction taken out of the decoding warps counts. Moving the scales (two byte loads,
+two code8 loads, the absmax2 loads and their addresses, the multiply-add and conversion per
+row) to their own warp: 3-6% faster (BENCHMARKS.md).
 Lessons that cost time (BENCHMARKS.md, ninth session): ptxas serializes every wgmma (its note
 C7515) if anything writes the accumulator registers while one is in flight; and global loads
 cannot be prefetched into registers across a step: the mbarrier arrive is a release, which
-waits for every load in flight. Hence TMA for the tiles (only the 128 rows' code8 and absmax2
-values are plain loads, used within the step or issued after the arrive). Why a loader warp
+waits for every load in flight. Hence TMA for the tiles, and the scales' plain loads in a warp
+of their own, which has no other loads to hold up. Why a loader warp
 (eleventh session): issued by the decoding warps, the expect and the three copies (one
 thread's operations) each got a CTA barrier from the compiler's shared-memory analysis; code8
 from L1, not gl.gather, whose shared-memory scratch cost 2 more (2-3%); the decoding table
@@ -79,8 +88,10 @@ Hazards, and what orders them:
   - (steps counted over the program's work items) the ring stage of step i is refilled after
     the arrive on empty[i % STAGES] at step i + 1 (an item's last step: after its final wgmma
     wait and a barrier), which follows the barrier of step i + 1, which every decoding warp
-    reaches after its wait (step i's wgmma done) and after using its W bytes and scale codes
-    (the decode, before step i's wgmma); the loader waits for that arrive.
+    reaches after its wait (step i's wgmma done) and after using its W bytes and scale pairs
+    (the decode, before step i's wgmma); the loader and scale warps wait for that arrive. The
+    scale warp's stores to a stage are ordered before its arrive on ready by a barrier of its
+    lanes; the decoding warps read them after their wait on ready.
   - y's tile goes through y_bufs after the item's final wgmma wait; a barrier after reading
     it back comes before the next item's first store to them.
   - a split tile's part 0 spins on flags that parts 1.. raise after writing their sums (a
@@ -94,7 +105,8 @@ Restrictions (sm90_ok): NF4 with double quantization and blocks of 64, out_featu
 of 128, bf16 x that TMA can read; fused_matmul runs the Triton kernel otherwise.
 
 Layout read: x (M, K) bf16 row-major with 16-byte aligned rows (TMA); packed uint8 (N, KP/2);
-scales (KP/64, N) uint8 codes with absmax2 / code8 / offset (double quantization); y (M, N)
+scales (KP/64, N) uint8 codes (read 4 per lane by the scale warp) with absmax2 / code8 / offset
+(double quantization); y (M, N)
 bf16 with unit stride along N. K < KP (padded weights): TMA reads x's columns beyond K as zeros.
 """
 
@@ -121,22 +133,21 @@ BLOCK_N, BLOCK_M, BLOCK_K, STAGES, GROUP_M, WARPS = 128, 256, 64, 4, 1, 8
 # plus 4 * lane, each lane reading its own copy)
 TABLE_ASM = "{ .reg .b32 i; prmt.b32 i, $1, 0, $2; mad.lo.u32 i, i, 128, $3; ld.shared.b32 $0, [i]; }"
 TABLE_BYTES = 256 * 32 * 4
-LOADER_REGS = 40  # registers per thread of the loader warp (it holds a few indices)
+# registers per thread of the loader and scale warps (a few indices each): 24, not 40, leaves the
+# decoding warps 240 instead of 232, which they need to run without spills
+WORKER_REGS = 24
 
 if HAVE_GLUON:
     TABLE_ASM = gl.constexpr(TABLE_ASM)
 
     @gluon.jit
-    def _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, sj, j,
-                    off_m, off_n, N, STEP_BYTES: gl.constexpr):
-        """Start the TMA copies of K step j of a tile (x tile, packed W tile, its scales) into
-        stage sj."""
+    def _issue_step(x_desc, p_desc, x_ring, p_ring, ready, sj, j, off_m, off_n, STEP_BYTES: gl.constexpr):
+        """Start the TMA copies of K step j of a tile (x tile, packed W tile) into stage sj."""
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         bar = ready.index(sj)
         mbarrier.expect(bar, STEP_BYTES)
         tma.async_copy_global_to_shared(x_desc, [off_m, j * BLOCK_K], bar, x_ring.index(sj))
         tma.async_copy_global_to_shared(p_desc, [off_n, j * (BLOCK_K // 2)], bar, p_ring.index(sj))
-        tma.async_copy_global_to_shared(s_desc, [j * N + off_n], bar, s_ring.index(sj))
 
     @gluon.jit
     def _pair_word(code_ptr, e):
@@ -213,10 +224,10 @@ if HAVE_GLUON:
         return tiles + (tiles % gl.num_programs(0)) * (SPLIT - 1)
 
     @gluon.jit
-    def _decode_and_mma(x_ring, p_ring, s_ring, y_bufs, table, ready, empty, absmax2_ptr, code_ptr,
-                        code8_ptr, offset_ptr, cands_ptr, n_cands, y_ptr, stride_ym, ws_ptr, flags_ptr,
-                        SPLIT, M, N, KP, DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr,
-                        STAGES: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+    def _decode_and_mma(x_ring, p_ring, s_ring, y_bufs, table, ready, empty, code_ptr, cands_ptr,
+                        n_cands, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP,
+                        BLOCK_M: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                        num_warps: gl.constexpr):
         """The 8 decoding warps (steps 1-4 of the module docstring), for each of this program's
         work items: acc (BLOCK_N, BLOCK_M) = W tile @ x tile.T over the item's K steps, then y's
         tile. First the decoding table, once per program: filled, then found."""
@@ -229,18 +240,15 @@ if HAVE_GLUON:
         table_off = _find_table(words, e[:, None] * 128 + lane[None, :] * 4, cands_ptr, n_cands)
         gl.store(cands_ptr + n_cands, table_off)  # what was found, for the tests (every program alike)
         if table_off >= 0:
-            _tiles(x_ring, p_ring, s_ring, y_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                   offset_ptr, table_off, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP, DQ_BLOCK,
-                   BLOCK_M, STAGES, GROUP_M, num_warps, True)
+            _tiles(x_ring, p_ring, s_ring, y_bufs, ready, empty, code_ptr, table_off, y_ptr, stride_ym,
+                   ws_ptr, flags_ptr, SPLIT, M, N, KP, BLOCK_M, STAGES, GROUP_M, num_warps, True)
         else:
-            _tiles(x_ring, p_ring, s_ring, y_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                   offset_ptr, table_off, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP, DQ_BLOCK,
-                   BLOCK_M, STAGES, GROUP_M, num_warps, False)
+            _tiles(x_ring, p_ring, s_ring, y_bufs, ready, empty, code_ptr, table_off, y_ptr, stride_ym,
+                   ws_ptr, flags_ptr, SPLIT, M, N, KP, BLOCK_M, STAGES, GROUP_M, num_warps, False)
 
     @gluon.jit
-    def _tiles(x_ring, p_ring, s_ring, y_bufs, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-               offset_ptr, table_off, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP,
-               DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+    def _tiles(x_ring, p_ring, s_ring, y_bufs, ready, empty, code_ptr, table_off, y_ptr, stride_ym,
+               ws_ptr, flags_ptr, SPLIT, M, N, KP, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                GROUP_M: gl.constexpr, num_warps: gl.constexpr, TABLE: gl.constexpr):
         """This program's work items u = pid, pid + G, ... (G programs, _work_item): the K loop,
         then y's tile (for a split tile: from its part 0, with the other parts' sums), which the
@@ -254,9 +262,8 @@ if HAVE_GLUON:
         for u in range(gl.program_id(0), _num_items(num_pid_m, num_pid_n, SPLIT), gl.num_programs(0)):
             t, k0, nk, v = _work_item(u, num_pid_m, num_pid_n, num_k, SPLIT)
             off_m, off_n = _tile_offsets(t, num_pid_m, num_pid_n, GROUP_M, BLOCK_M, BLOCK_N)
-            acc = _k_loop(x_ring, p_ring, s_ring, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                          offset_ptr, table_off, off_n, N, k0, nk, step, DQ_BLOCK, BLOCK_M, STAGES,
-                          num_warps, TABLE)
+            acc = _k_loop(x_ring, p_ring, s_ring, ready, empty, code_ptr, table_off, nk, step, BLOCK_M,
+                          STAGES, num_warps, TABLE)
             step += nk
             if v >= 0:  # a part of a split tile: parts 1.. hand their sums to part 0
                 r = num_pid_m * num_pid_n % gl.num_programs(0)
@@ -318,12 +325,11 @@ if HAVE_GLUON:
             gl.store(y_ptr + row.to(gl.int64) * stride_ym + col, vals, mask=row < M)
 
     @gluon.jit
-    def _step(x_ring, p_ring, s_ring, ready, empty, absmax2_ptr, code_ptr, code8_ptr, offset, base, sel,
-              rows, absmax2, acc, N, k0, num_k, step0, i, DQ_BLOCK: gl.constexpr, STAGES: gl.constexpr,
-              TABLE: gl.constexpr):
+    def _step(x_ring, p_ring, s_ring, ready, empty, code_ptr, base, sel, acc, step0, i,
+              STAGES: gl.constexpr, TABLE: gl.constexpr):
         """K step i of a work item (the program's step step0 + i): decode the stage's W tile into
         wgmma's register operand, start acc += W @ x.T, wait for step i - 1's wgmma and hand its
-        stage back to the loader warp. Returns acc and the next step's absmax2."""
+        stage back to the loader and scale warps."""
         L3: gl.constexpr = sel.type.layout  # (row, word, c), _k_loop
         BLOCK_N: gl.constexpr = p_ring.shape[1]
         WORDS: gl.constexpr = sel.shape[1]
@@ -331,13 +337,13 @@ if HAVE_GLUON:
         words_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
         stage = (step0 + i) % STAGES
         mbarrier.wait(ready.index(stage), ((step0 + i) // STAGES) & 1)
-        # every lane of a quad reads the same 2 rows x 8 words (4 x 16 bytes; broadcast)
+        # every lane of a quad reads the same 2 rows x 8 words (4 x 16 bytes; broadcast), and the
+        # 2 rows' scale pairs (absmax, absmax) as bf16x2, from the scale warp
         words = p_ring.index(stage)._reinterpret(gl.int32, [BLOCK_N, WORDS], words_layout).load(
             gl.SliceLayout(2, L3))
-        sc = s_ring.index(stage).load(rows.type.layout)
-        scale = gl.load(code8_ptr + sc.to(gl.int32)) * absmax2 + offset
+        s2 = s_ring.index(stage).load(gl.SliceLayout(1, gl.SliceLayout(2, L3)))
         # decode unscaled, byte c of each word (2 weights: one register of the operand), then
-        # scale (mul.rn.bf16x2, as LOOKUP 3): the scale's lookups have the decode to arrive
+        # scale (mul.rn.bf16x2, as LOOKUP 3)
         if TABLE:  # 3 instructions per byte (prmt, mad, ld.shared)
             codes = gl.inline_asm_elementwise(TABLE_ASM, "=r,r,r,r", [words[:, :, None], sel, base],
                                               dtype=gl.int32, is_pure=True, pack=1)
@@ -345,9 +351,7 @@ if HAVE_GLUON:
             byte = gl.inline_asm_elementwise("prmt.b32 $0, $1, 0, $2;", "=r,r,r", [words[:, :, None], sel],
                                              dtype=gl.int32, is_pure=True, pack=1)
             codes = _pair_word(code_ptr, byte)
-        sb = scale.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-        s2 = (sb | (sb << 16))[:, None, None]
-        pair = gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [codes, s2],
+        pair = gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [codes, s2[:, None, None]],
                                          dtype=gl.int32, is_pure=True, pack=1)
         # pair [n, w, c]: the bf16 of columns 8 w + 2 c (low half) and 8 w + 2 c + 1; in (row,
         # column) these are wgmma's operand registers already: the conversion renames them
@@ -360,21 +364,18 @@ if HAVE_GLUON:
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
         gl.thread_barrier()
         mbarrier.arrive(empty.index((step0 + i + STAGES - 1) % STAGES), pred=i >= 1)
-        absmax2 = gl.load(absmax2_ptr + ((k0 + (i + 1) % num_k) * N + rows) // DQ_BLOCK)
-        return acc, absmax2
+        return acc
 
     @gluon.jit
-    def _k_loop(x_ring, p_ring, s_ring, ready, empty, absmax2_ptr, code_ptr, code8_ptr, offset_ptr,
-                table_off, off_n, N, k0, num_k, step0, DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr,
-                STAGES: gl.constexpr, num_warps: gl.constexpr, TABLE: gl.constexpr):
-        """The K loop of one work item: K steps k0 .. k0 + num_k - 1 of a tile, the program's
-        steps step0 .. step0 + num_k - 1 in the ring; TABLE: decode through the shared-memory
-        table at table_off, else from the code in global memory. Two steps per iteration, each
-        its own code: wgmma reads its register operand while it runs (until the wait that
-        retires it), so consecutive steps must decode into different registers, which two copies
-        of the step get (PTX names registers per value; one loop body would reuse them).
-        Every ring stage it reads is handed back to the loader warp: at step i the stage of
-        step i - 1, at the end that of its last step."""
+    def _k_loop(x_ring, p_ring, s_ring, ready, empty, code_ptr, table_off, num_k, step0,
+                BLOCK_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr, TABLE: gl.constexpr):
+        """The K loop of one work item: num_k K steps, the program's steps step0 .. step0 + num_k
+        - 1 in the ring; TABLE: decode through the shared-memory table at table_off, else from
+        the code in global memory. Two steps per iteration, each its own code: wgmma reads its
+        register operand while it runs (until the wait that retires it), so consecutive steps
+        must decode into different registers, which two copies of the step get (PTX names
+        registers per value; one loop body would reuse them). Every ring stage it reads is
+        handed back: at step i the stage of step i - 1, at the end that of its last step."""
         BLOCK_N: gl.constexpr = p_ring.shape[1]
         WORDS: gl.constexpr = p_ring.shape[2] // 4
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -390,7 +391,6 @@ if HAVE_GLUON:
             warp_bases=[[16, 0, 0], [32, 0, 0], [64, 0, 0]], block_bases=[], shape=[BLOCK_N, WORDS, 4])
         # num_k >= 1 always (a weight has at least one block, a split tile at least one step a part)
         gl.assume(num_k >= 1)
-        rows = (off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))) % N
         c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
         sel = (0x4440 + c)[None, None, :] + gl.zeros([1, WORDS, 4], gl.int32, L3)
         # each lane's address of its own copy of the table
@@ -398,33 +398,23 @@ if HAVE_GLUON:
             "{ .reg .b32 l; mov.u32 $0, global_smem; mov.u32 l, %laneid;"
             " mad.lo.u32 $0, l, 4, $0; add.u32 $0, $0, $1; }",
             "=r,r", [table_off], dtype=gl.int32, is_pure=True, pack=1)
-        # double quantization, absmax = code8[q] * absmax2[group] + offset: code8[q] read from
-        # global memory each step (an L1 hit: 1 KB), not gl.gather from a copy of the table in
-        # registers, which the compiler does through shared-memory scratch with a CTA barrier
-        # before and after it (2-3% slower, BENCHMARKS.md, eleventh session); the absmax2 of each
-        # row's group loaded a step ahead
-        offset = gl.load(offset_ptr)
-        absmax2 = gl.load(absmax2_ptr + (k0 * N + rows) // DQ_BLOCK)
 
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_layout)
         for i in range(0, num_k - 1, 2):
-            acc, absmax2 = _step(x_ring, p_ring, s_ring, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                                 offset, base, sel, rows, absmax2, acc, N, k0, num_k, step0, i,
-                                 DQ_BLOCK, STAGES, TABLE)
-            acc, absmax2 = _step(x_ring, p_ring, s_ring, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                                 offset, base, sel, rows, absmax2, acc, N, k0, num_k, step0, i + 1,
-                                 DQ_BLOCK, STAGES, TABLE)
+            acc = _step(x_ring, p_ring, s_ring, ready, empty, code_ptr, base, sel, acc, step0, i,
+                        STAGES, TABLE)
+            acc = _step(x_ring, p_ring, s_ring, ready, empty, code_ptr, base, sel, acc, step0, i + 1,
+                        STAGES, TABLE)
         if num_k % 2 == 1:
-            acc, absmax2 = _step(x_ring, p_ring, s_ring, ready, empty, absmax2_ptr, code_ptr, code8_ptr,
-                                 offset, base, sel, rows, absmax2, acc, N, k0, num_k, step0, num_k - 1,
-                                 DQ_BLOCK, STAGES, TABLE)
+            acc = _step(x_ring, p_ring, s_ring, ready, empty, code_ptr, base, sel, acc, step0, num_k - 1,
+                        STAGES, TABLE)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         gl.thread_barrier()  # both warp groups' last wgmmas are done: the last stage may go
         mbarrier.arrive(empty.index((step0 + num_k + STAGES - 1) % STAGES))
         return acc
 
     @gluon.jit
-    def _loader(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, empty, M, N, KP, SPLIT,
+    def _loader(x_desc, p_desc, x_ring, p_ring, ready, empty, M, N, KP, SPLIT,
                 STEP_BYTES: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
         """The loader warp: for each of the program's work items in turn, fills stage j % STAGES with
         the program's step j once the decoding warps have freed it (the (j // STAGES)-th
@@ -443,26 +433,63 @@ if HAVE_GLUON:
             for kk in range(k0, k0 + nk):
                 s = j % STAGES
                 mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1, pred=j >= STAGES)
-                _issue_step(x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, s, kk,
-                            off_m, off_n, N, STEP_BYTES)
+                _issue_step(x_desc, p_desc, x_ring, p_ring, ready, s, kk, off_m, off_n, STEP_BYTES)
+                j += 1
+
+    @gluon.jit
+    def _scales(s_ring, ready, empty, scales_ptr, absmax2_ptr, code8_ptr, offset_ptr, M, N, KP, SPLIT,
+                DQ_BLOCK: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+        """The scale warp: for the program's step j (as the loader's), the scale of each of the
+        tile's rows n, absmax = code8[q] * absmax2[(k N + n) // DQ_BLOCK] + offset for its code q
+        at K block k (double quantization), as the bf16 pair (absmax, absmax) that mul.rn.bf16x2
+        takes, into stage j % STAGES of s_ring once the decoding warps have freed it; then one
+        arrive on ready[s] (the stage's second arrival, the loader's being the first). Its global
+        loads are issued before the wait for the stage, so their latency hides behind it; code8
+        (1 KB) stays in L1."""
+        BLOCK_N: gl.constexpr = s_ring.shape[1]
+        rows: gl.constexpr = gl.BlockedLayout([4], [32], [1], [0])  # 4 consecutive rows per lane
+        r = gl.arange(0, BLOCK_N, layout=rows)
+        offset = gl.load(offset_ptr)
+        num_k = KP // 64
+        num_pid_m = gl.cdiv(M, BLOCK_M)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        j = 0
+        for u in range(gl.program_id(0), _num_items(num_pid_m, num_pid_n, SPLIT), gl.num_programs(0)):
+            t, k0, nk, v = _work_item(u, num_pid_m, num_pid_n, num_k, SPLIT)
+            off_m, off_n = _tile_offsets(t, num_pid_m, num_pid_n, GROUP_M, BLOCK_M, BLOCK_N)
+            for kk in range(k0, k0 + nk):
+                s = j % STAGES
+                idx = kk * N + off_n + r
+                q = gl.load(scales_ptr + idx).to(gl.int32)
+                absmax = gl.load(code8_ptr + q) * gl.load(absmax2_ptr + idx // DQ_BLOCK) + offset
+                # round to bf16 (as LOOKUP 3) and pair: cvt.rn.bf16x2 puts its two operands in the
+                # two halves, one instruction
+                pair = gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, $1;", "=r,f", [absmax],
+                                                 dtype=gl.int32, is_pure=True, pack=1)
+                mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1, pred=j >= STAGES)
+                s_ring.index(s).store(pair)
+                gl.thread_barrier()  # every lane's store before the arrive
+                mbarrier.arrive(ready.index(s))
                 j += 1
 
     @gluon.jit(do_not_specialize=["n_cands", "SPLIT"])
     def fused_matmul_sm90_kernel(
-        x_desc, p_desc, s_desc, y_ptr, stride_ym, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, cands_ptr,
+        x_desc, p_desc, y_ptr, stride_ym, scales_ptr, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, cands_ptr,
         ws_ptr, flags_ptr, M, N, KP, n_cands, SPLIT,
         DQ_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr, GROUP_M: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
+        STAGES: gl.constexpr, GROUP_M: gl.constexpr, WORKER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         BYTES: gl.constexpr = BLOCK_K // 2
 
-        # the ring: stage s holds one step's x tile, packed W tile and scales (one TMA each,
-        # all counted on mbarrier ready[s]); empty[s]: the decoding warps are done with it
+        # the ring: stage s holds one step's x tile and packed W tile (one TMA each) and the
+        # rows' scale pairs (the scale warp's stores), all counted on mbarrier ready[s] (two
+        # arrivals: the loader's, with the copies' bytes, and the scale warp's); empty[s]: the
+        # decoding warps are done with it
         x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
         p_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BYTES], p_desc.layout)
-        s_ring = gl.allocate_shared_memory(s_desc.dtype, [STAGES, BLOCK_N], s_desc.layout)
+        s_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         # y's tile on its way out, 128 tokens at a time (_store_tile)
         y_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_M // 2, BLOCK_N // 2], gl.NVMMASharedLayout(
             swizzle_byte_width=128, element_bitwidth=16, rank=3))
@@ -473,19 +500,21 @@ if HAVE_GLUON:
         # allocated while they run (they read it by address, which the compiler does not see)
         table = gl.allocate_shared_memory(gl.int32, [256, 32], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         for j0 in gl.static_range(STAGES):
-            mbarrier.init(ready.index(j0), count=1)
+            mbarrier.init(ready.index(j0), count=2)
             mbarrier.init(empty.index(j0), count=1)
-        STEP_BYTES: gl.constexpr = (x_desc.block_type.nbytes + p_desc.block_type.nbytes
-                                    + s_desc.block_type.nbytes)
+        STEP_BYTES: gl.constexpr = x_desc.block_type.nbytes + p_desc.block_type.nbytes
 
-        # the decoding warps (num_warps of them) and one loader warp, each running its function
+        # the decoding warps (num_warps of them), the loader warp and the scale warp, each running
+        # its function
         gl.warp_specialize([
-            (_decode_and_mma, (x_ring, p_ring, s_ring, y_bufs, table, ready, empty, absmax2_ptr, code_ptr,
-                               code8_ptr, offset_ptr, cands_ptr, n_cands, y_ptr, stride_ym, ws_ptr, flags_ptr,
-                               SPLIT, M, N, KP, DQ_BLOCK, BLOCK_M, STAGES, GROUP_M, num_warps)),
-            (_loader, (x_desc, p_desc, s_desc, x_ring, p_ring, s_ring, ready, empty, M, N, KP, SPLIT,
-                       STEP_BYTES, STAGES, GROUP_M)),
-        ], [1], [LOADER_REGS])
+            (_decode_and_mma, (x_ring, p_ring, s_ring, y_bufs, table, ready, empty, code_ptr, cands_ptr,
+                               n_cands, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP, BLOCK_M,
+                               STAGES, GROUP_M, num_warps)),
+            (_loader, (x_desc, p_desc, x_ring, p_ring, ready, empty, M, N, KP, SPLIT, STEP_BYTES, STAGES,
+                       GROUP_M)),
+            (_scales, (s_ring, ready, empty, scales_ptr, absmax2_ptr, code8_ptr, offset_ptr, M, N, KP, SPLIT,
+                       DQ_BLOCK, BLOCK_M, STAGES, GROUP_M)),
+        ], [1, 1], [WORKER_REGS, WORKER_REGS])
         for j0 in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(j0))
             mbarrier.invalidate(empty.index(j0))
@@ -494,18 +523,17 @@ if HAVE_GLUON:
 def sm90_ok(x: torch.Tensor, w) -> bool:
     """Whether fused_matmul_sm90 can take this call: Gluon, an sm_90 GPU, bf16 x that TMA can
     read (unit stride along K, 16-byte aligned base and rows), an NF4 weight with blocks of 64
-    and double quantization (quant.py's default) whose packed bytes and scales start 16-byte
-    aligned (TMA reads them too), and out_features a multiple of 128 (every LLaMA / Mistral
-    projection). Not enabled, because they faulted ("illegal instruction") in their first GPU
-    tests and are not debugged yet: out_features not a multiple of 128 (a partial last tile;
-    the 1-D TMA of its scales then starts off 16-byte alignment, a suspect), and NF4 with float32
-    absmax (a variant reading them, since removed). fused_matmul runs the Triton kernel there."""
+    and double quantization (quant.py's default) whose packed bytes start 16-byte aligned (TMA
+    reads them too), and out_features a multiple of 128 (every LLaMA / Mistral projection). Not
+    enabled, because they faulted ("illegal instruction") in their first GPU tests and were not
+    debugged: out_features not a multiple of 128 (a partial last tile; the 1-D TMA of its scales,
+    since replaced by the scale warp's loads, was a suspect), and NF4 with float32 absmax (a
+    variant reading them, since removed). fused_matmul runs the Triton kernel there."""
     return (HAVE_GLUON and x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0)
             and x.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(1) == 1
             and x.data_ptr() % 16 == 0 and (x.stride(0) * 2) % 16 == 0 and x.shape[0] > 0
             and w.quant_type == "nf4" and w.double_quant and w.block_size == BLOCK_K and w.packed.is_cuda
-            and w.out_features % BLOCK_N == 0
-            and w.packed.data_ptr() % 16 == 0 and w.scales.data_ptr() % 16 == 0)
+            and w.out_features % BLOCK_N == 0 and w.packed.data_ptr() % 16 == 0)
 
 
 def fused_matmul_sm90(x: torch.Tensor, w, stages: int = STAGES) -> torch.Tensor:
@@ -568,8 +596,6 @@ def launch_into(y, x, tensors, kp, dq_block, stages: int = STAGES):
     x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [BLOCK_M, BLOCK_K], x_layout)
     plain = lambda bits, rank: gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=rank)  # noqa: E731
     p_desc = TensorDescriptor(packed, [n, kp // 2], [kp // 2, 1], [BLOCK_N, BLOCK_K // 2], plain(8, 2))
-    flat = scales.view(-1)  # the 8-bit absmax codes
-    s_desc = TensorDescriptor(flat, [flat.numel()], [1], [BLOCK_N], plain(8, 1))
     tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N)
     programs = min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count)
     split, ws, flags = _split_last_wave(tiles, programs, kp // BLOCK_K, x.device)
@@ -577,11 +603,11 @@ def launch_into(y, x, tensors, kp, dq_block, stages: int = STAGES):
     key = (x.device, stages, dq_block)
     cands = _TABLE_CANDIDATES.get(key)
     kernel = fused_matmul_sm90_kernel[grid](
-        x_desc, p_desc, s_desc, y, y.stride(0), absmax2, code, code8, offset,
+        x_desc, p_desc, y, y.stride(0), scales, absmax2, code, code8, offset,
         cands if cands is not None else torch.full((1,), -1, dtype=torch.int32, device=x.device), ws, flags,
         m, n, kp, 0 if cands is None else cands.numel() - 1, split,
         DQ_BLOCK=dq_block, BLOCK_N=BLOCK_N, STAGES=stages, GROUP_M=GROUP_M,
-        LOADER_REGS=LOADER_REGS, num_warps=WARPS)
+        WORKER_REGS=WORKER_REGS, num_warps=WARPS)
     if cands is None:  # the first call: the next ones look for the table where it may be
         _TABLE_CANDIDATES[key] = _table_candidates(kernel, x.device)
     return y
