@@ -23,6 +23,9 @@ triton.testing.do_bench (median, fresh random bf16 inputs, never zeros):
     bnb           bitsandbytes.matmul_4bit and bnb dequantize_4bit (if bitsandbytes imports),
                   NF4, block 64, double quantization (compress_statistics), as QLoRA uses it.
 Our weight: quant.quantize_nf4 with double quantization (4.127 bits per weight).
+At M >= 1024, cublas, fused, deq+cublas and bnb matmul are then timed again in --rounds (5)
+interleaved rounds, and the table gives each one's median over them: cuBLAS alone moved by 5-10%
+between runs that timed it once, which made a ratio from one measurement of each unreliable.
 Then:
   - a lookup table (4096x4096, M = 4096, one fixed tile): fused and dx with LOOKUP 0 / 1 / 2 (/ 3) and
     with INT4 weights (no code lookup at all), to see what the dequantization costs;
@@ -42,6 +45,7 @@ import importlib
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -62,6 +66,19 @@ def bench(fn):
     torch.cuda.synchronize()
     q = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
     return 1000.0 * (q[0] if isinstance(q, (list, tuple)) else q)
+
+
+def bench_rounds(fns, rounds):
+    """{name: median over `rounds` rounds of bench(fn)} for fns {name: fn}; each round times
+    every fn in turn, so that the GPU's clock and temperature drift reach all of them alike.
+    A name whose every measurement failed maps to None."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = attempt(name, bench, fn)
+            if t is not None:
+                times[name].append(t)
+    return {name: statistics.median(v) if v else None for name, v in times.items()}
 
 
 def bench_graph(fn, calls=GRAPH_CALLS, replays=30):
@@ -144,6 +161,9 @@ def main():
     ap.add_argument("--no-lookup-table", action="store_true", help="skip the LOOKUP comparison")
     ap.add_argument("--hbm-gbps", type=float, default=3350.0, help="peak HBM bandwidth (GB/s)")
     ap.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="interleaved rounds for cuBLAS, fused, deq+cuBLAS and bnb at M >= 1024 "
+                         "(median of each; 1: the single measurement only)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
@@ -246,6 +266,14 @@ def main():
                 r["bnb_matmul_us"] = attempt("bnb matmul", bench,
                                              lambda: lib.matmul_4bit(x, packed_bnb.t(), quant_state=state_bnb))
                 r["bnb_dequant_us"] = t_bnb_dequant
+            if m >= 1024 and args.rounds > 1:  # the ratios the targets read: interleaved rounds
+                fns = {"cublas_us": lambda: torch.matmul(x, w.t()),
+                       "fused_us": lambda: kernels.fused_matmul(x, qw),
+                       "dequant_cublas_us": lambda: torch.matmul(x, kernels.dequantize(qw, dtype).t())}
+                if bnb_w is not None:
+                    fns["bnb_matmul_us"] = lambda: lib.matmul_4bit(x, packed_bnb.t(), quant_state=state_bnb)
+                r.update({name: t for name, t in bench_rounds(fns, args.rounds).items() if t is not None})
+                r["rounds"] = args.rounds
             ok = isinstance(r["fused_us"], float) and isinstance(r["cublas_us"], float)
             r["fused_vs_cublas"] = r["fused_us"] / r["cublas_us"] if ok else None
             rows.append(r)
