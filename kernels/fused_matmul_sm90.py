@@ -32,13 +32,12 @@ critical path. Decoding warps, step i:
      one 32-bit register of the operand) through a table in shared memory: byte -> the bf16
      pair of its two weights, 256 words, one copy per lane (32 KB: lane l reads bank l, no
      conflicts), 3 instructions per byte (prmt, mad, ld.shared); then scale them
-     (mul.rn.bf16x2). Gluon has no
-     gather from shared memory, so the lookup is inline PTX at the table's address, which Gluon
-     cannot name either: the launcher passes candidate offsets from the compiled kernel's LLVM
-     IR, and each program, having filled the table, keeps the first at which every thread reads
-     back what it stored (_find_table). If none passes (another Triton, or the first call), the
-     table's words are read from global memory (code_with_tables, the same numbers): a wrong
-     guess costs speed, never a wrong result.
+     (mul.rn.bf16x2). Gluon has no gather from shared memory, so the lookup is inline PTX at
+     the table's address, which Gluon cannot name either: the launcher passes candidate offsets
+     from the compiled kernel's LLVM IR, and each program, having filled the table, keeps the
+     first at which every thread reads back what it stored (_find_table). If none passes
+     (another Triton, or the first call), the table's words are read from global memory
+     (code_with_tables, the same numbers): a wrong guess costs speed, never a wrong result.
   3. wgmma (asynchronous): acc (128, 256) += W @ x_stage.T, W from the registers just decoded,
      x from shared memory; it runs while the warps do steps 1-2 of step i + 1.
   4. wait until step i - 1's wgmma is done (at most one running); barrier of the 8 warps; one
@@ -59,8 +58,8 @@ The operand's layout is what the decoding makes directly (step 2), so the conver
 nothing; in plain Triton (kernels/fused_matmul.py) tl.dot converts from the decoding layout
 through shared memory with a CTA-wide barrier around each conversion, and waits for each wgmma
 before the next (1.4-1.6x cuBLAS, BENCHMARKS.md).
-Why a scale warp (eighteenth session): a variant without wgmma (the decoding alone) ran its K
-steps in 0.56x the kernel's time, and one with twice the wgmma work in 1.8x: the decoding and
+Why a scale warp (eighteenth session): at 4096x11008 a variant without wgmma (the decoding
+alone) ran in 0.55x the kernel's time, and one with twice the wgmma work in 1.8x: the decoding and
 the tensor cores do not overlap fully (both need the SM's shared-memory and issue bandwidth),
 and each instruction taken out of the decoding warps counts. Moving the scales (two byte loads,
 two code8 loads, the absmax2 loads and their addresses, the multiply-add and conversion per
@@ -106,8 +105,8 @@ of 128, bf16 x that TMA can read; fused_matmul runs the Triton kernel otherwise.
 
 Layout read: x (M, K) bf16 row-major with 16-byte aligned rows (TMA); packed uint8 (N, KP/2);
 scales (KP/64, N) uint8 codes (read 4 per lane by the scale warp) with absmax2 / code8 / offset
-(double quantization); y (M, N)
-bf16 with unit stride along N. K < KP (padded weights): TMA reads x's columns beyond K as zeros.
+(double quantization); y (M, N) bf16 with unit stride along N. K < KP (padded weights): TMA reads
+x's columns beyond K as zeros.
 """
 
 import re
@@ -450,7 +449,7 @@ if HAVE_GLUON:
         rows: gl.constexpr = gl.BlockedLayout([4], [32], [1], [0])  # 4 consecutive rows per lane
         r = gl.arange(0, BLOCK_N, layout=rows)
         offset = gl.load(offset_ptr)
-        num_k = KP // 64
+        num_k = KP // 64  # a step is one NF4 block (BLOCK_K)
         num_pid_m = gl.cdiv(M, BLOCK_M)
         num_pid_n = gl.cdiv(N, BLOCK_N)
         j = 0
