@@ -23,9 +23,9 @@ triton.testing.do_bench (median, fresh random bf16 inputs, never zeros):
     bnb           bitsandbytes.matmul_4bit and bnb dequantize_4bit (if bitsandbytes imports),
                   NF4, block 64, double quantization (compress_statistics), as QLoRA uses it.
 Our weight: quant.quantize_nf4 with double quantization (4.127 bits per weight).
-At M >= 1024, cublas, fused, deq+cublas and bnb matmul are then timed again in --rounds (5)
-interleaved rounds, and the table gives each one's median over them: cuBLAS alone moved by 5-10%
-between runs that timed it once, which made a ratio from one measurement of each unreliable.
+At M >= 1024, cublas, fused, deq+cublas and bnb matmul are timed in --rounds (5) interleaved
+rounds, and the table gives each one's median over them: cuBLAS alone moved 490-575 us at
+11008x4096 between runs that timed it once, which made a ratio from one measurement unreliable.
 Then:
   - a lookup table (4096x4096, M = 4096, one fixed tile): fused and dx with LOOKUP 0 / 1 / 2 (/ 3) and
     with INT4 weights (no code lookup at all), to see what the dequantization costs;
@@ -68,14 +68,14 @@ def bench(fn):
     return 1000.0 * (q[0] if isinstance(q, (list, tuple)) else q)
 
 
-def bench_rounds(fns, rounds):
+def bench_rounds(fns, rounds, label=""):
     """{name: median over `rounds` rounds of bench(fn)} for fns {name: fn}; each round times
     every fn in turn, so that the GPU's clock and temperature drift reach all of them alike.
     A name whose every measurement failed maps to None."""
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t = attempt(name, bench, fn)
+            t = attempt(f"{name} {label}", bench, fn)
             if t is not None:
                 times[name].append(t)
     return {name: statistics.median(v) if v else None for name, v in times.items()}
@@ -163,7 +163,7 @@ def main():
     ap.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes")
     ap.add_argument("--rounds", type=int, default=5,
                     help="interleaved rounds for cuBLAS, fused, deq+cuBLAS and bnb at M >= 1024 "
-                         "(median of each; 1: the single measurement only)")
+                         "(median of each; 1: one measurement each, as at smaller M)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
@@ -230,8 +230,18 @@ def main():
             dy = randn(m, n)
             size = "large" if m > 128 else "small"
             r = {"N": n, "K": k, "M": m, "weight_bytes": wq_bytes, "configs": {}}
-            r["cublas_us"] = attempt("cublas", bench, lambda: torch.matmul(x, w.t()))
-            r["fused_us"] = attempt(f"fused {n}x{k} M={m}", bench, lambda: kernels.fused_matmul(x, qw))
+            # the times the targets compare: at M >= 1024 in interleaved rounds (bench_rounds)
+            fns = {"cublas_us": lambda: torch.matmul(x, w.t()),
+                   "fused_us": lambda: kernels.fused_matmul(x, qw),
+                   "dequant_cublas_us": lambda: torch.matmul(x, kernels.dequantize(qw, dtype).t())}
+            r["bnb_matmul_us"] = r["bnb_dequant_us"] = "-"
+            if bnb_w is not None:
+                lib = bnb[0]
+                packed_bnb, state_bnb = bnb_w
+                fns["bnb_matmul_us"] = lambda: lib.matmul_4bit(x, packed_bnb.t(), quant_state=state_bnb)
+                r["bnb_dequant_us"] = t_bnb_dequant
+            r["rounds"] = args.rounds if m >= 1024 else 1
+            r.update(bench_rounds(fns, r["rounds"], f"{n}x{k} M={m}"))
             r["configs"]["fused"] = best_config("fused_matmul", f"_prmt_{size}_m_tuned")  # NF4, bf16
             r["fused_old_us"] = attempt(f"fused old {n}x{k} M={m}", bench,
                                         lambda: kernels.fused_matmul(x, qw, config=old_fused[size]))
@@ -249,8 +259,6 @@ def main():
                 for name in ("skinny_graph_us", "skinny_us"):
                     if isinstance(r[name], float):
                         r[name.replace("_us", "_hbm_pct")] = 100.0 * moved / (r[name] * 1e-6) / (args.hbm_gbps * 1e9)
-            r["dequant_cublas_us"] = attempt("deq+cublas", bench,
-                                             lambda: torch.matmul(x, kernels.dequantize(qw, dtype).t()))
             r["dispatch_us"] = attempt("dispatch", bench, lambda: quant._matmul(x, qw))
             r["dequant_us"] = t_dequant
             r["configs"]["dequant"] = cfg_dequant
@@ -259,21 +267,6 @@ def main():
             r["dx_old_us"] = attempt(f"dx old {n}x{k} M={m}", bench,
                                      lambda: kernels.fused_matmul_dx(dy, qw, config=old_dx[size]))
             r["cublas_dx_us"] = attempt("cublas dx", bench, lambda: torch.matmul(dy, w))
-            r["bnb_matmul_us"] = r["bnb_dequant_us"] = "-"
-            if bnb_w is not None:
-                lib = bnb[0]
-                packed_bnb, state_bnb = bnb_w
-                r["bnb_matmul_us"] = attempt("bnb matmul", bench,
-                                             lambda: lib.matmul_4bit(x, packed_bnb.t(), quant_state=state_bnb))
-                r["bnb_dequant_us"] = t_bnb_dequant
-            if m >= 1024 and args.rounds > 1:  # the ratios the targets read: interleaved rounds
-                fns = {"cublas_us": lambda: torch.matmul(x, w.t()),
-                       "fused_us": lambda: kernels.fused_matmul(x, qw),
-                       "dequant_cublas_us": lambda: torch.matmul(x, kernels.dequantize(qw, dtype).t())}
-                if bnb_w is not None:
-                    fns["bnb_matmul_us"] = lambda: lib.matmul_4bit(x, packed_bnb.t(), quant_state=state_bnb)
-                r.update({name: t for name, t in bench_rounds(fns, args.rounds).items() if t is not None})
-                r["rounds"] = args.rounds
             ok = isinstance(r["fused_us"], float) and isinstance(r["cublas_us"], float)
             r["fused_vs_cublas"] = r["fused_us"] / r["cublas_us"] if ok else None
             rows.append(r)
