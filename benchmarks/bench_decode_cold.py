@@ -24,10 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import kernels  # noqa: E402
 import quant  # noqa: E402
-from bench_kernels import bench_graph  # noqa: E402
+from bench_kernels import COPIES, bench_graph, cycling  # noqa: E402
 
-COPIES = 8
-CALLS = 24  # per graph: 3 rounds of the 8 weights
+CALLS = 24  # per graph: 3 rounds of the 8 weights (COPIES, bench_kernels.py)
 PEAK_TB_S = 3.35  # H100 SXM HBM3
 
 
@@ -46,16 +45,6 @@ def read_only(packed, out):
     words = packed.view(-1).view(torch.int64)  # the packed bytes (N*K/2, a multiple of 8)
     grid = (triton.cdiv(words.numel(), 4 * 2048),)
     read_only_kernel[grid](words, out, words.numel(), PER=4, BLOCK=2048, num_warps=8)
-
-
-def cycling(fn_of_index):
-    """A function that calls fn_of_index(0), fn_of_index(1), ... modulo COPIES."""
-    state = {"i": 0}
-
-    def call():
-        state["i"] = (state["i"] + 1) % COPIES
-        return fn_of_index(state["i"])
-    return call
 
 
 def main():
