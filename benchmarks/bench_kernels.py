@@ -40,8 +40,8 @@ The sweep and the LOOKUP table are skipped once the run is past --budget-s (170 
 Prints markdown tables and checks the targets: fused <= 1.05 x cuBLAS at M = 4096; at M = 1,
 skinny HBM >= 60% of the measured HBM bandwidth (a device-to-device copy of 512 MiB timed in the
 same run: about 3.0 TB/s on an H100 SXM, against its 3.35 TB/s peak, --hbm-gbps, also shown)
-and at least 2x faster than bnb HBM; writes JSON to --out. A measurement that fails (e.g. a config that does not compile) prints ERR
-and the error on stderr; the run goes on. Needs CUDA. Autotuning and config choice happen in the
+and at least 2x faster than bnb HBM. Writes JSON to --out. A measurement that fails (e.g. a
+config that does not compile) prints ERR and the error on stderr; the run goes on. Needs CUDA. Autotuning and config choice happen in the
 first (warm-up) call of each measurement and are not timed.
 """
 
@@ -175,16 +175,15 @@ def fmt_us(v):
     return "ERR" if v is None else ("-" if v == "-" else f"{v:.1f}")
 
 
-def decode_from_hbm(n, k, qw, bnb, randn, x):
-    """M = 1 in a graph that cycles through COPIES weights of the shape (qw and COPIES - 1 new
-    ones), ours and bitsandbytes': {"skinny_hbm_us": .., "bnb_hbm_us": ..} (None on an error)."""
+def decode_from_hbm(n, k, x, bnb, randn):
+    """M = 1 in a CUDA graph that cycles through COPIES new random weights of the shape, ours and
+    bitsandbytes' (the same weights): {"skinny_hbm_us": .., "bnb_hbm_us": ..} (None: an error)."""
     import kernels
     import quant
-    qws, bws = [qw], []
-    for i in range(COPIES):
+    qws, bws = [], []
+    for _ in range(COPIES):
         w = randn(n, k, scale=0.02)
-        if i:
-            qws.append(quant.quantize_nf4(w, 64, double_quant=True))
+        qws.append(quant.quantize_nf4(w, 64, double_quant=True))
         if bnb is not None:
             bws.append(attempt("bnb quantize", lambda: bnb[1].quantize_4bit(
                 w, blocksize=64, quant_type="nf4", compress_statistics=True)))
@@ -310,7 +309,7 @@ def main():
                 r["skinny_old_graph_us"] = attempt("skinny old graph", bench_graph,
                                                    lambda: kernels.skinny_matmul(x, qw, config=oc))
                 if m == 1:
-                    r.update(decode_from_hbm(n, k, qw, bnb, randn, x))
+                    r.update(decode_from_hbm(n, k, x, bnb, randn))
                 moved = wq_bytes + x.numel() * 2 + m * n * 2
                 for name in ("skinny_hbm_us", "skinny_graph_us", "skinny_us"):
                     if isinstance(r.get(name), float):
