@@ -36,7 +36,9 @@ skinny_mma does (its mma_asm: the shared-memory decoding table, 4 mma.sync m16n8
 and x[64 b + 16 t .. + 16], and gets the block sums of rows g and g + 8 (every column of the
 mma's B is x, so every lane holds its rows' sums). Lane t scales block h = t of the unit (one
 code and absmax per row and unit, not per block) and adds only that block's sums: the 4 lanes of
-a row are added at the row tile's end. All consumer tensors are (8, 8, 4) =
+a row are added at the row tile's end. A whole unit's W words go into registers (16 per thread)
+before any is decoded, and the stage goes back to the loader then, not after the decoding: the
+ring holds a unit more in flight. All consumer tensors are (8, 8, 4) =
 (warp, g, t), one element per thread (THREAD): which thread holds what is the mma's fragment
 layout, written as linear layouts, and the W bytes are read through a view of the ring stage
 (W_VIEW) that undoes TMA's swizzle. Before the loop each program puts into shared memory the
@@ -66,7 +68,8 @@ per-lane scales, the skipped groups past K and the longer shares first, then 1.5
 the overlap of consecutive calls (a timeline had shown programs starting over about 4 us as the
 previous call's programs ended, their first loads behind the HBM stream), then 4-16% more from a
 table fill without bank conflicts (the next call's fill had slowed this call's loop by 10%) and
-the hand-over's wait moved ahead, then 0-5% from the absmax offset read before the PDL wait.
+the hand-over's wait moved ahead, then 0-5% from the absmax offset read before the PDL wait,
+then (twentieth session) 3-4% at the two large shapes from the stage given back before decoding.
 TMA alone streams the bytes in 9.5 us.
 
 Restrictions (decode_ok): an sm_90 GPU with Gluon; bf16 x of one row, contiguous, 8-byte aligned;
@@ -180,13 +183,19 @@ if HAVE_GLUON:
         return gl.expand_dims(v, dim) + gl.zeros([8, 8, 4], v.dtype, THREAD)
 
     @gluon.jit
-    def _block_sums(w_ring, xs, s, cb, h: gl.constexpr, tw, BPW: gl.constexpr):
-        """Block 8 cb + w of the row (boxes 2 h, 2 h + 1 of stage s): the block sums of rows g
-        (d0) and g + 8 (d2) by skinny_mma's decode and 4 mma.sync."""
+    def _w_words(w_ring, s, h: gl.constexpr, BPW: gl.constexpr):
+        """This thread's W words of block 8 cb + w of the row (boxes 2 h, 2 h + 1 of stage s):
+        bytes 8 t .. 8 t + 7 of rows g (wa) and g + 8 (wb)."""
         wv = w_ring.index(s * 2 * BPW + 2 * h)._reinterpret(gl.int64, [8, 8, 4, 2], W_VIEW)
         wa, wb = gl.split(wv.load(W_REGS))
         wa = gl.convert_layout(wa, THREAD, assert_trivial=True)
         wb = gl.convert_layout(wb, THREAD, assert_trivial=True)
+        return wa, wb
+
+    @gluon.jit
+    def _block_sums(wa, wb, xs, cb, tw):
+        """The block sums of rows g (d0) and g + 8 (d2) of block 8 cb + w by skinny_mma's decode
+        and 4 mma.sync (wa, wb: _w_words)."""
         x0 = _spread(xs.index(4 * cb).load(gl.SliceLayout(1, THREAD)), 1)
         x1 = _spread(xs.index(4 * cb + 1).load(gl.SliceLayout(1, THREAD)), 1)
         x2 = _spread(xs.index(4 * cb + 2).load(gl.SliceLayout(1, THREAD)), 1)
@@ -195,6 +204,13 @@ if HAVE_GLUON:
             MMA_ASM, MMA_CONSTRAINTS, [wa, wb, x0, x1, x2, x3, tw, tw, tw, tw, tw, tw, tw, tw, tw],
             dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True, pack=1)
         return d0, d2
+
+    @gluon.jit
+    def _add_block(acc_a, acc_b, wa, wb, xs, cb, h: gl.constexpr, sa, sb, t3, tw):
+        """The block's sums, scaled by lane t = h (the lane that scales block h of the unit),
+        added to the rows' accumulators."""
+        d0, d2 = _block_sums(wa, wb, xs, cb, tw)
+        return acc_a + gl.where(t3 == h, sa, 0.0) * d0, acc_b + gl.where(t3 == h, sb, 0.0) * d2
 
     @gluon.jit
     def _consumers(w_ring, s_ring, a2s, xs, red, ready, empty, done, free, x_ptr, code_ptr, code8_ptr,
@@ -215,7 +231,8 @@ if HAVE_GLUON:
         _st_shared(c8 + 4 * tid, gl.load(code8_ptr.to(gl.pointer_type(gl.int32)) + tid))
         # absmax2 of each block of this program's units (rows 16 rt .. 16 rt + 15 of block b
         # share one, DQ_BLOCK % 16 == 0): row BPW j + h of a2s, element w (zero past K)
-        BPW: gl.constexpr = UNIT_BLOCKS // 8   # blocks per warp and unit
+        BPW: gl.constexpr = UNIT_BLOCKS // 8   # blocks per warp and unit: 4, one per lane t
+        gl.static_assert(BPW == 4, "each lane t of a row scales one block h = t of a unit")
         AL: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [8, 1], [1, 0])
         jh = gl.arange(0, a2s.shape[0], layout=gl.SliceLayout(1, AL))[:, None]
         aw = gl.arange(0, 8, layout=gl.SliceLayout(0, AL))[None, :]
@@ -250,8 +267,11 @@ if HAVE_GLUON:
         acc_a = gl.zeros([8, 8, 4], gl.float32, THREAD)   # row g: lane t adds the blocks h = t
         acc_b = gl.zeros([8, 8, 4], gl.float32, THREAD)   # row g + 8
         piece = 0
+        # c: the unit's place in its row tile, counted on (a division by the runtime KU per
+        # unit sat on every unit's critical path: BENCHMARKS.md, nineteenth session)
+        c = u0 % KU - 1
         for j in range(u1 - u0):
-            c = (u0 + j) % KU
+            c = gl.where(c == KU - 1, 0, c + 1)
             s = j % STAGES
             mbarrier.wait(ready.index(s), (j // STAGES) & 1)
             # absmax = code8[q] * absmax2 + offset of block h = t (lane t), rows g and g + 8;
@@ -267,17 +287,25 @@ if HAVE_GLUON:
             sa = gl.where(ok, _ld_shared_f32(c8 + 4 * qa) * a2 + offset, 0.0)
             sb = gl.where(ok, _ld_shared_f32(c8 + 4 * qb) * a2 + offset, 0.0)
             if UNIT_BLOCKS * (c + 1) <= K // 64:  # the whole unit lies before K
-                for h in gl.static_range(BPW):
-                    d0, d2 = _block_sums(w_ring, xs, s, BPW * c + h, h, tw, BPW)
-                    acc_a += gl.where(t3 == h, sa, 0.0) * d0
-                    acc_b += gl.where(t3 == h, sb, 0.0) * d2
+                # its W words into registers first, and the stage back to the loader at once:
+                # the loader brings a unit more while this one is decoded (BENCHMARKS.md,
+                # twentieth session: 3-4% faster at the two large shapes from HBM)
+                wa0, wb0 = _w_words(w_ring, s, 0, BPW)
+                wa1, wb1 = _w_words(w_ring, s, 1, BPW)
+                wa2, wb2 = _w_words(w_ring, s, 2, BPW)
+                wa3, wb3 = _w_words(w_ring, s, 3, BPW)
+                mbarrier.arrive(empty.index(s))
+                acc_a, acc_b = _add_block(acc_a, acc_b, wa0, wb0, xs, BPW * c, 0, sa, sb, t3, tw)
+                acc_a, acc_b = _add_block(acc_a, acc_b, wa1, wb1, xs, BPW * c + 1, 1, sa, sb, t3, tw)
+                acc_a, acc_b = _add_block(acc_a, acc_b, wa2, wb2, xs, BPW * c + 2, 2, sa, sb, t3, tw)
+                acc_a, acc_b = _add_block(acc_a, acc_b, wa3, wb3, xs, BPW * c + 3, 3, sa, sb, t3, tw)
             else:  # a row's last unit, in part past K: its blocks past K are skipped
                 for h in gl.static_range(BPW):
                     if 8 * (BPW * c + h) < K // 64:
-                        d0, d2 = _block_sums(w_ring, xs, s, BPW * c + h, h, tw, BPW)
-                        acc_a += gl.where(t3 == h, sa, 0.0) * d0
-                        acc_b += gl.where(t3 == h, sb, 0.0) * d2
-            mbarrier.arrive(empty.index(s))
+                        wa, wb = _w_words(w_ring, s, h, BPW)
+                        acc_a, acc_b = _add_block(acc_a, acc_b, wa, wb, xs, BPW * c + h, h, sa, sb,
+                                                  t3, tw)
+                mbarrier.arrive(empty.index(s))
             if (c == KU - 1) | (j == u1 - u0 - 1):
                 # the row tile's sums (this program's part) to the epilogue warp: the 4 lanes t
                 # of a row hold its blocks h = t
