@@ -8,6 +8,8 @@ few cp.async copies in flight each, then adds the partial sums in a second kerne
   - streams W and its 8-bit absmax codes through a ring in shared memory (STAGES stages of one
     unit) filled by TMA from a loader warp that starts at once: W is never written by a kernel,
     so only x, y and the hand-over wait for the kernel before (programmatic dependent launch);
+  - brings x by TMA too, 32 blocks (4 KB) to a barrier, those of the first unit first: the loop
+    starts once its first unit's x has come, not all of x (22 KB at K = 11008);
   - overlaps consecutive calls: two programs fit on an SM (MAXNREG registers per thread at
     launch, 3 stages; K up to about 12288), and a program's loader lets the next kernel start
     (griddepcontrol.launch_dependents) when it has LAUNCH_AHEAD units left to bring, so the next
@@ -43,8 +45,9 @@ ring holds a unit more in flight. All consumer tensors are (8, 8, 4) =
 layout, written as linear layouts, and the W bytes are read through a view of the ring stage
 (W_VIEW) that undoes TMA's swizzle. Before the loop each program puts into shared memory the
 decoding table and code8 (static arrays declared in inline PTX, so that inline PTX can index
-them), the absmax2 of its units' blocks (one per block and row tile), all before the PDL wait
-(weight constants), then x (after it).
+them), the absmax2 of its units' blocks (one per block and row tile), all weight constants, read
+before the kernel before has ended. x comes from the loader after its PDL wait (x_ready[c]: the
+x of the units c of a row tile; the consumers wait for it before a unit's first mma).
 
 End of a row tile: each warp writes its 16 sums to a shared buffer (two, alternating) and the
 consumers arrive on done[buf]; the epilogue warp adds the 8 warps' sums in a fixed order and
@@ -69,12 +72,13 @@ the overlap of consecutive calls (a timeline had shown programs starting over ab
 previous call's programs ended, their first loads behind the HBM stream), then 4-16% more from a
 table fill without bank conflicts (the next call's fill had slowed this call's loop by 10%) and
 the hand-over's wait moved ahead, then 0-5% from the absmax offset read before the PDL wait,
-then (twentieth session) 3-4% at the two large shapes from the stage given back before decoding.
+then (twentieth session) 3-4% at the two large shapes from the stage given back before decoding,
+and 1.5-6% at the two large shapes from x by TMA (the loop had waited for all of x).
 TMA alone streams the bytes in 9.5 us.
 
-Restrictions (decode_ok): an sm_90 GPU with Gluon; bf16 x of one row, contiguous, 8-byte aligned;
-NF4 with double quantization, blocks of 64, K a multiple of 64 (no padding); N a multiple of 16;
-the packed bytes and scales 16-byte aligned (TMA). skinny_matmul's other kernels run otherwise.
+Restrictions (decode_ok): an sm_90 GPU with Gluon; bf16 x of one row, contiguous; NF4 with double
+quantization, blocks of 64, K a multiple of 64 (no padding); N a multiple of 16; x, the packed
+bytes and the scales 16-byte aligned (TMA). skinny_matmul's other kernels run otherwise.
 
 Memory layout: x (1, K) bf16; packed (N, K/2) uint8, two codes per byte (column 2j high nibble);
 scales (K/64, N) uint8 codes, absmax2 (K N / 256 / DQ) float32, code8 (256), offset (1); y (1, N).
@@ -123,6 +127,10 @@ if HAVE_GLUON:
     # offset (what SharedLinearLayout takes). Lanes g = 0, 1 (one pass of an 8-byte load)
     # read 8 different 16-byte chunks: no bank conflicts.
     W_VIEW = gl.constexpr(gl.SharedLinearLayout(W_VIEW_BASES))
+    # (w, t, 1): x's word of a thread (lanes g share it), one i of xs[cb] (the consumers' view)
+    X_REGS = gl.constexpr(gl.DistributedLinearLayout(
+        [], [[0, 1, 0], [0, 2, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]], [[1, 0, 0], [2, 0, 0], [4, 0, 0]],
+        [], [8, 4, 1]))
     PLAIN1 = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [0]))
     PLAIN2 = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     PLAIN3 = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
@@ -193,13 +201,21 @@ if HAVE_GLUON:
         return wa, wb
 
     @gluon.jit
+    def _x_word(xb, i: gl.constexpr):
+        """x's words i of a block (xb: (w, t, i)) -> the (8, 8, 4) THREAD tensor (the same for
+        every g)."""
+        v = gl.reshape(xb.slice(i, 1, dim=2).load(X_REGS), [8, 4])
+        return _spread(gl.convert_layout(v, gl.SliceLayout(1, THREAD), assert_trivial=True), 1)
+
+    @gluon.jit
     def _block_sums(wa, wb, xs, cb, tw):
         """The block sums of rows g (d0) and g + 8 (d2) of block 8 cb + w by skinny_mma's decode
         and 4 mma.sync (wa, wb: _w_words)."""
-        x0 = _spread(xs.index(4 * cb).load(gl.SliceLayout(1, THREAD)), 1)
-        x1 = _spread(xs.index(4 * cb + 1).load(gl.SliceLayout(1, THREAD)), 1)
-        x2 = _spread(xs.index(4 * cb + 2).load(gl.SliceLayout(1, THREAD)), 1)
-        x3 = _spread(xs.index(4 * cb + 3).load(gl.SliceLayout(1, THREAD)), 1)
+        xb = xs.index(cb)   # (w, t, i): x[64 (8 cb + w) + 16 t + 4 i .. + 4]
+        x0 = _x_word(xb, 0)
+        x1 = _x_word(xb, 1)
+        x2 = _x_word(xb, 2)
+        x3 = _x_word(xb, 3)
         d0, d1, d2, d3 = gl.inline_asm_elementwise(
             MMA_ASM, MMA_CONSTRAINTS, [wa, wb, x0, x1, x2, x3, tw, tw, tw, tw, tw, tw, tw, tw, tw],
             dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True, pack=1)
@@ -213,8 +229,8 @@ if HAVE_GLUON:
         return acc_a + gl.where(t3 == h, sa, 0.0) * d0, acc_b + gl.where(t3 == h, sb, 0.0) * d2
 
     @gluon.jit
-    def _consumers(w_ring, s_ring, a2s, xs, red, ready, empty, done, free, x_ptr, code_ptr, code8_ptr,
-                   absmax2_ptr, offset_ptr, N, K, u0, u1, KU, PDL: gl.constexpr, KUC: gl.constexpr,
+    def _consumers(w_ring, s_ring, a2s, x_ring, red, ready, empty, done, free, x_ready, code_ptr,
+                   code8_ptr, absmax2_ptr, offset_ptr, N, K, u0, u1, KU, KUC: gl.constexpr,
                    DQ_BLOCK: gl.constexpr, STAGES: gl.constexpr, UNIT_BLOCKS: gl.constexpr):
         """The 8 consumer warps: block sums on the tensor cores, scaled and added per row."""
         w3 = _thread_index(0)
@@ -246,22 +262,10 @@ if HAVE_GLUON:
         # 32-way conflict, 8192 wavefronts that slowed the call before on the same SM: BENCHMARKS.md)
         for l in gl.static_range(32):
             _st_shared(lut + 4 * (32 * tid + (tid + l) % 32), pair)
-        if PDL:
-            _pdl_wait(tid)
-        # x into shared memory, zero past K: row 4 c + i of xs holds, for (w, t), the 8-byte word
-        # x[64 (8 c + w) + 16 t + 4 i .. + 4] (c: a chunk of 8 blocks)
-        XL: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 8, 4], [8, 1, 1], [2, 1, 0])
-        xr = gl.arange(0, 4 * BPW, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL)))
-        xw = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))
-        xt = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL)))
-        x64 = x_ptr.to(gl.pointer_type(gl.int64))
-        xs_units = xs._reinterpret(gl.int64, [KUC, 4 * BPW, 8, 4], PLAIN3)
-        for cu in gl.static_range(KUC):  # 4 BPW rows of xs per unit
-            ci = 4 * BPW * cu + xr
-            word = (16 * (8 * (ci // 4)[:, None, None] + xw[None, :, None]) + 4 * xt[None, None, :]
-                    + (ci % 4)[:, None, None])
-            xs_units.index(cu).store(gl.load(x64 + word, mask=word < K // 4, other=0))
-        gl.thread_barrier()
+        gl.thread_barrier()   # (the tables, for every consumer warp)
+        # x, as the loader brings it (x_ready[c]: the 32 blocks of units c of a row tile), seen as
+        # 8-byte words: xs[cb, w, t, i] = x[64 (8 cb + w) + 16 t + 4 i .. + 4] (plain, row-major)
+        xs = x_ring._reinterpret(gl.int64, [KUC * BPW, 8, 4, 4], PLAIN3)
 
         tw = (g3 * 4 + t3) * 4  # this lane's column of the table
         acc_a = gl.zeros([8, 8, 4], gl.float32, THREAD)   # row g: lane t adds the blocks h = t
@@ -295,11 +299,13 @@ if HAVE_GLUON:
                 wa2, wb2 = _w_words(w_ring, s, 2, BPW)
                 wa3, wb3 = _w_words(w_ring, s, 3, BPW)
                 mbarrier.arrive(empty.index(s))
+                mbarrier.wait(x_ready.index(c), 0)
                 acc_a, acc_b = _add_block(acc_a, acc_b, wa0, wb0, xs, BPW * c, 0, sa, sb, t3, tw)
                 acc_a, acc_b = _add_block(acc_a, acc_b, wa1, wb1, xs, BPW * c + 1, 1, sa, sb, t3, tw)
                 acc_a, acc_b = _add_block(acc_a, acc_b, wa2, wb2, xs, BPW * c + 2, 2, sa, sb, t3, tw)
                 acc_a, acc_b = _add_block(acc_a, acc_b, wa3, wb3, xs, BPW * c + 3, 3, sa, sb, t3, tw)
             else:  # a row's last unit, in part past K: its blocks past K are skipped
+                mbarrier.wait(x_ready.index(c), 0)
                 for h in gl.static_range(BPW):
                     if 8 * (BPW * c + h) < K // 64:
                         wa, wb = _w_words(w_ring, s, h, BPW)
@@ -319,15 +325,20 @@ if HAVE_GLUON:
                 piece += 1
 
     @gluon.jit
-    def _loader(p_desc, s_desc, w_ring, s_ring, ready, empty, u0, u1, KU, PDL: gl.constexpr,
-                STAGES: gl.constexpr, UNIT_BLOCKS: gl.constexpr):
-        """The loader warp: unit u0 + j into stage j % STAGES once the consumers freed it. With
-        LAUNCH_AHEAD units left to bring (not before its first STAGES), it lets the next kernel
-        start (once the one before has ended)."""
-        launch_at = gl.minimum(gl.maximum(u1 - u0 - AHEAD, STAGES - 1), u1 - u0 - 1)
+    def _loader(p_desc, s_desc, x_desc, w_ring, s_ring, x_ring, ready, empty, x_ready, u0, u1, KU,
+                PDL: gl.constexpr, STAGES: gl.constexpr, UNIT_BLOCKS: gl.constexpr):
+        """The loader warp: unit u0 + j into stage j % STAGES once the consumers freed it. Once
+        its first STAGES units are on their way, x (after the PDL wait: the kernel before wrote
+        it), 32 blocks a barrier, those of the first unit first. With LAUNCH_AHEAD units left to
+        bring (not before its first STAGES), it lets the next kernel start (once the one before
+        has ended)."""
+        n = u1 - u0
+        launch_at = gl.minimum(gl.maximum(n - AHEAD, STAGES - 1), n - 1)
+        x_at = gl.minimum(STAGES, n) - 1
+        lanes = gl.zeros([32], gl.int32, gl.BlockedLayout([1], [32], [1], [0]))  # (for inline PTX)
         BOXES: gl.constexpr = UNIT_BLOCKS // 4
         STAGE_BYTES: gl.constexpr = BOXES * p_desc.block_type.nbytes + s_desc.block_type.nbytes
-        for j in range(u1 - u0):
+        for j in range(n):
             u = u0 + j
             rt = u // KU
             c = u % KU
@@ -339,9 +350,17 @@ if HAVE_GLUON:
                 tma.async_copy_global_to_shared(p_desc, [rt * 16, (c * BOXES + bx) * 128], bar,
                                                 w_ring.index(s * BOXES + bx))
             tma.async_copy_global_to_shared(s_desc, [c * UNIT_BLOCKS, rt * 16], bar, s_ring.index(s))
+            if j == x_at:
+                if PDL:
+                    _pdl_wait(lanes + u)
+                for i in range(gl.minimum(KU, n)):   # the chunks of x this program's units use
+                    cx = (u0 + i) % KU
+                    mbarrier.expect(x_ready.index(cx), x_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(x_desc, [cx * UNIT_BLOCKS, 0], x_ready.index(cx),
+                                                    x_ring.index(cx))
             if PDL:
-                if j == launch_at:  # (a tensor of the warp's 32 lanes, for the inline PTX)
-                    _pdl_launch(u + gl.zeros([32], gl.int32, gl.BlockedLayout([1], [32], [1], [0])))
+                if j == launch_at:
+                    _pdl_launch(lanes + u)
 
     @gluon.jit
     def _take_sums(scratch_ptr, flags_ptr, c2, rows):
@@ -393,7 +412,7 @@ if HAVE_GLUON:
                 gl.store(y_ptr + rt * 16 + rows, total.to(y_ptr.dtype.element_ty))
 
     @gluon.jit
-    def decode_sm90_kernel(p_desc, s_desc, x_ptr, code_ptr, code8_ptr, absmax2_ptr, offset_ptr, y_ptr,
+    def decode_sm90_kernel(p_desc, s_desc, x_desc, code_ptr, code8_ptr, absmax2_ptr, offset_ptr, y_ptr,
                            scratch_ptr, flags_ptr, N, K, KU, TOT,
                            DQ_BLOCK: gl.constexpr, STAGES: gl.constexpr, UNIT_BLOCKS: gl.constexpr,
                            KUC: gl.constexpr, UMAX: gl.constexpr, PDL: gl.constexpr,
@@ -406,24 +425,28 @@ if HAVE_GLUON:
         w_ring = gl.allocate_shared_memory(gl.uint8, [STAGES * BOXES, 16, 128], p_desc.layout)
         s_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, UNIT_BLOCKS, 16], s_desc.layout)
         a2s = gl.allocate_shared_memory(gl.float32, [UMAX * (UNIT_BLOCKS // 8), 8], PLAIN1)
-        # x, KUC = KU units of it (a constexpr: it sizes the buffer; 4 BPW rows per unit)
-        xs = gl.allocate_shared_memory(gl.int64, [KUC * (UNIT_BLOCKS // 8) * 4, 8, 4], PLAIN2)
+        # x, KUC = KU chunks of UNIT_BLOCKS blocks (a constexpr: it sizes the buffer)
+        x_ring = gl.allocate_shared_memory(gl.bfloat16, [KUC, UNIT_BLOCKS, 64], x_desc.layout)
         red = gl.allocate_shared_memory(gl.float32, [2, 8, 16], PLAIN2)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         done = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        x_ready = gl.allocate_shared_memory(gl.int64, [KUC, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         for i in gl.static_range(2):
             mbarrier.init(done.index(i), count=1)
             mbarrier.init(free.index(i), count=1)
+        for i in gl.static_range(KUC):
+            mbarrier.init(x_ready.index(i), count=1)
         gl.warp_specialize([
-            (_consumers, (w_ring, s_ring, a2s, xs, red, ready, empty, done, free, x_ptr, code_ptr, code8_ptr,
-                          absmax2_ptr, offset_ptr, N, K, u0, u1, KU, PDL, KUC, DQ_BLOCK, STAGES, UNIT_BLOCKS)),
-            (_loader, (p_desc, s_desc, w_ring, s_ring, ready, empty, u0, u1, KU, PDL, STAGES,
-                       UNIT_BLOCKS)),
+            (_consumers, (w_ring, s_ring, a2s, x_ring, red, ready, empty, done, free, x_ready, code_ptr,
+                          code8_ptr, absmax2_ptr, offset_ptr, N, K, u0, u1, KU, KUC, DQ_BLOCK, STAGES,
+                          UNIT_BLOCKS)),
+            (_loader, (p_desc, s_desc, x_desc, w_ring, s_ring, x_ring, ready, empty, x_ready, u0, u1, KU,
+                       PDL, STAGES, UNIT_BLOCKS)),
             (_epilogue, (red, done, free, y_ptr, scratch_ptr, flags_ptr, c, G, TOT, u0, u1, KU, PDL)),
         ], [1, 1], [40, 64])
 
@@ -432,7 +455,7 @@ def decode_ok(x: torch.Tensor, w) -> bool:
     """Whether decode_sm90 can take this call (the module docstring's restrictions)."""
     return (HAVE_GLUON and x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0)
             and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1
-            and x.data_ptr() % 8 == 0
+            and x.data_ptr() % 16 == 0
             and w.quant_type == "nf4" and w.double_quant and w.block_size == 64
             and w.in_features % 64 == 0 and w.packed.shape[1] * 2 == w.in_features
             and w.out_features % ROWS == 0 and getattr(w, "dq_block_size", 256) % 16 == 0
@@ -474,13 +497,15 @@ def launch(x, tensors, n: int, k: int, dq_block: int, stages: int = STAGES,
     p_desc = TensorDescriptor(packed, [n, k // 2], [k // 2, 1], [ROWS, BOX], swz)
     plain = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
     s_desc = TensorDescriptor(scales, [k // 64, n], [n, 1], [UNIT_BLOCKS, ROWS], plain)
+    plain16 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+    x_desc = TensorDescriptor(x.view(k // 64, 64), [k // 64, 64], [64, 1], [UNIT_BLOCKS, 64], plain16)
     ku = triton.cdiv(k // 64, UNIT_BLOCKS)   # units per row tile (the last may run past K)
     tot = n // ROWS * ku
     scratch, flags = _handover(x.device)
     g = min(programs or flags.numel(), flags.numel(), tot)
     pdl = pdl_ok(x.device)
     decode_sm90_kernel[(g,)](
-        p_desc, s_desc, x, code, code8, absmax2, offset, y, scratch, flags, n, k, ku, tot,
+        p_desc, s_desc, x_desc, code, code8, absmax2, offset, y, scratch, flags, n, k, ku, tot,
         DQ_BLOCK=dq_block, STAGES=stages, UNIT_BLOCKS=UNIT_BLOCKS,
         KUC=ku, UMAX=triton.next_power_of_2(triton.cdiv(tot, g)),
         PDL=int(pdl), num_warps=WARPS, maxnreg=MAXNREG,

@@ -797,6 +797,8 @@ def test_gpu_decode_sm90(n, k, programs):
     assert torch.equal(dec.decode_sm90(x, qw, programs=programs), y)
     assert int(dec._handover(x.device)[1].abs().sum()) == 0
     assert not dec.decode_ok(x.float(), qw) and not dec.decode_ok(gaussian(2, k, dtype=torch.bfloat16), qw)
+    x8 = torch.empty(k + 4, dtype=torch.bfloat16, device=x.device)[4:].view(1, k)  # TMA: 16-byte aligned
+    assert x8.data_ptr() % 16 == 8 and not dec.decode_ok(x8, qw)
     with pytest.raises(ValueError):
         dec.decode_sm90(x, quant.quantize_weight(gaussian(n, k, seed=72) * 0.05, "int4", 64, False))
 
