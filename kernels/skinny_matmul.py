@@ -329,6 +329,10 @@ def mma_ok(x, fmt, k, kp, qb) -> bool:
 def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     m, n, k = x.shape[0], w.out_features, w.in_features
     if config.get("DECODE_SM90"):  # the persistent Gluon kernel (M = 1 on Hopper): one launch
+        if not decode_sm90.decode_ok(x, w):
+            raise ValueError("DECODE_SM90 needs what decode_sm90.decode_ok checks: an sm_90 GPU, "
+                             "one contiguous, 16-byte aligned bf16 row of x and an NF4 weight with "
+                             "double quantization, blocks of 64, no padding")
         return decode_sm90.launch(x, tensors, n, k, dq_block)
     meta, opts = split_config(config)
     per_sm = meta.pop("PROGRAMS_PER_SM", 4)
@@ -463,10 +467,11 @@ def chosen_config(x, w):
 
 def _key(x, w, tensors, dq_block):
     """What a tuned config depends on: the shape and format, M = 1 or not, x's dtype and device,
-    whether skinny_mma may run (x_aligned) and whether its ring may (ring_ok: the alignment of
-    this weight's tensors), so that a config is never reused where it cannot run."""
+    whether skinny_mma may run (x_aligned), whether decode_sm90 may (x 16-byte aligned, its TMA)
+    and whether skinny_mma's ring may (ring_ok: the alignment of this weight's tensors), so that
+    a config is never reused where it cannot run."""
     return (w.out_features, w.in_features, w.quant_type, w.double_quant, w.block_size,
-            x.shape[0] == 1, x.dtype, x.device, x_aligned(x),
+            x.shape[0] == 1, x.dtype, x.device, x_aligned(x), x.data_ptr() % 16 == 0,
             skinny_mma.ring_ok(w.out_features, tensors[0], tensors[1], dq_block))
 
 

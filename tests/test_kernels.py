@@ -781,6 +781,26 @@ def test_gpu_every_lookup(fmt):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not SM90, reason="the Gluon kernel kernels/decode_sm90.py needs an sm_90 GPU")
+def test_gpu_decode_sm90_x_alignment():
+    """decode_sm90 reads x by TMA (16-byte aligned): a row only 8-byte aligned, after the tuner
+    has chosen for this shape with an aligned one (on the H100 it picks decode_sm90 there), gets
+    a kernel that can read it and the right result; an explicit DECODE_SM90 config for it is a
+    clear error."""
+    n, k = 4096, 4096
+    qw = quant.quantize_nf4(gaussian(n, k, seed=73, dtype=torch.bfloat16) * 0.02)
+    x = gaussian(1, k, seed=74, dtype=torch.bfloat16)
+    ref = quant.dequantize(qw, torch.float64).t()
+    assert_matmul_close(kernels.skinny_matmul(x, qw), x, ref, torch.bfloat16)
+    x8 = torch.empty(k + 4, dtype=torch.bfloat16, device=x.device)[4:].view(1, k)
+    x8.copy_(x)
+    assert x8.data_ptr() % 16 == 8
+    assert_matmul_close(kernels.skinny_matmul(x8, qw), x, ref, torch.bfloat16)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        kernels.skinny_matmul(x8, qw, config={"DECODE_SM90": 1})
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not SM90, reason="the Gluon kernel kernels/decode_sm90.py needs an sm_90 GPU")
 @pytest.mark.parametrize("n, k, programs", [(4096, 4096, None), (11008, 4096, None), (4096, 11008, None),
                                             (4096, 4096, 7), (48, 192, 5), (64, 4096, 3)])
 def test_gpu_decode_sm90(n, k, programs):
