@@ -202,8 +202,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _x_word(xb, i: gl.constexpr):
-        """x's words i of a block (xb: (w, t, i)) -> the (8, 8, 4) THREAD tensor (the same for
-        every g)."""
+        """x's word i of block 8 cb + w for each (w, t) (xb = xs[cb]: (w, t, i)) -> the (8, 8, 4)
+        THREAD tensor (the same for every g)."""
         v = gl.reshape(xb.slice(i, 1, dim=2).load(X_REGS), [8, 4])
         return _spread(gl.convert_layout(v, gl.SliceLayout(1, THREAD), assert_trivial=True), 1)
 
