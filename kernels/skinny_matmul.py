@@ -329,10 +329,6 @@ def mma_ok(x, fmt, k, kp, qb) -> bool:
 def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     m, n, k = x.shape[0], w.out_features, w.in_features
     if config.get("DECODE_SM90"):  # the persistent Gluon kernel (M = 1 on Hopper): one launch
-        if not decode_sm90.decode_ok(x, w):
-            raise ValueError("DECODE_SM90 needs what decode_sm90.decode_ok checks: an sm_90 GPU, "
-                             "one contiguous, 16-byte aligned bf16 row of x and an NF4 weight with "
-                             "double quantization, blocks of 64, no padding")
         return decode_sm90.launch(x, tensors, n, k, dq_block)
     meta, opts = split_config(config)
     per_sm = meta.pop("PROGRAMS_PER_SM", 4)
@@ -490,6 +486,12 @@ def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
     args = (fmt, tensors, kp, qb, dq_block)
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
+    if config is not None and config.get("DECODE_SM90") and not decode_sm90.decode_ok(x, w):
+        # (a tuned choice needs no check: the tuner offers it only where decode_ok, and _key
+        # keeps it from calls where it could not run)
+        raise ValueError("DECODE_SM90 needs what decode_sm90.decode_ok checks: an sm_90 GPU, "
+                         "one contiguous, 16-byte aligned bf16 row of x and an NF4 weight with "
+                         "double quantization, blocks of 64, no padding")
     if config is None:
         key = _key(x, w, tensors, dq_block)
         config = _chosen.get(key)
