@@ -7,9 +7,6 @@ down projections) and M in 1, 16, 4096 tokens it times, in one run, with
 triton.testing.do_bench (median, fresh random bf16 inputs, never zeros):
     cublas        torch.matmul(x, W_bf16.T)                    (the 16-bit baseline)
     fused         kernels.fused_matmul(x, W_nf4)               (autotuned; tiles dequantized on chip)
-    fused old     the same kernel with the first commit's lookup (LOOKUP=0: global-memory gather
-                  of the code per weight, which Triton pipelines into one 4-byte cp.async per
-                  weight), same tile as the autotuner's first config
     skinny        kernels.skinny_matmul(x, W_nf4), M <= 16, split-K (config tuned once per shape)
     skinny graph  the same, timed inside a CUDA graph (20 calls captured, replayed, divided):
                   what decoding sees, without the ~20 us of Python launch overhead per call
@@ -21,7 +18,7 @@ triton.testing.do_bench (median, fresh random bf16 inputs, never zeros):
     deq+cublas    x @ kernels.dequantize(W_nf4).T              (the alternative for large M)
     dispatch      quant._matmul: what QuantLinear runs at this M
     dequant       kernels.dequantize(W_nf4, bf16)              (independent of M)
-    dx, dx old    kernels.fused_matmul_dx(dy, W_nf4), autotuned / LOOKUP=0 (backward, dy is M x N)
+    dx            kernels.fused_matmul_dx(dy, W_nf4), autotuned (backward, dy is M x N)
     cublas dx     dy @ W_bf16
     bnb           bitsandbytes.matmul_4bit and bnb dequantize_4bit (if bitsandbytes imports),
                   NF4, block 64, double quantization (compress_statistics), as QLoRA uses it;
@@ -238,13 +235,9 @@ def main():
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device=dev, dtype=torch.float32) * scale).to(dtype)
 
-    # "old" = the first commit's kernels: LOOKUP=0 on the tile of each list's first config;
-    # skinny with SPLIT_K=1 and the old kernel's first M=1 / M=16 tile.
-    def old(cfg):
-        return {**config_dict(cfg), "LOOKUP": 0}
-
-    old_fused = {"large": old(fm.LARGE_M_CONFIGS[1]), "small": old(fm.SMALL_M_CONFIGS[0])}  # [1]: first non-SWAP tile
-    old_dx = {"large": old(fdx.LARGE_M_CONFIGS[0]), "small": old(fdx.SMALL_M_CONFIGS[0])}
+    # "old" = the first commit's skinny kernel: SPLIT_K=1, LOOKUP=0, its first M=1 / M=16 tile.
+    # (The fused and dx kernels' first-commit tiles, LOOKUP=0 unswapped, no longer compile on
+    # sm_90 with Triton 3.6: kernels/fused_matmul.py, LARGE_M_CONFIGS.)
     old_skinny = {1: {"BLOCK_N": 32, "BLOCK_K": 256, "LOOKUP": 0, "SPLIT_K": 1, "num_warps": 4,
                       "num_stages": 3},
                   16: {"BLOCK_N": 32, "BLOCK_K": 128, "LOOKUP": 0, "SPLIT_K": 1, "num_warps": 4,
@@ -295,8 +288,6 @@ def main():
             r["rounds"] = args.rounds if m >= 1024 else 1
             r.update(bench_rounds(fns, r["rounds"], f"{n}x{k} M={m}"))
             r["configs"]["fused"] = best_config("fused_matmul", f"_prmt_{size}_m_tuned")  # NF4, bf16
-            r["fused_old_us"] = attempt(f"fused old {n}x{k} M={m}", bench,
-                                        lambda: kernels.fused_matmul(x, qw, config=old_fused[size]))
             r["skinny_us"] = r["skinny_graph_us"] = r["skinny_old_us"] = r["skinny_old_graph_us"] = "-"
             r["skinny_hbm_us"] = r["bnb_hbm_us"] = "-"
             if m <= 16:
@@ -321,8 +312,6 @@ def main():
             r["configs"]["dequant"] = cfg_dequant
             r["dx_us"] = attempt(f"dx {n}x{k} M={m}", bench, lambda: kernels.fused_matmul_dx(dy, qw))
             r["configs"]["dx"] = best_config("fused_matmul_dx", f"_{size}_m_tuned")
-            r["dx_old_us"] = attempt(f"dx old {n}x{k} M={m}", bench,
-                                     lambda: kernels.fused_matmul_dx(dy, qw, config=old_dx[size]))
             r["cublas_dx_us"] = attempt("cublas dx", bench, lambda: torch.matmul(dy, w))
             ok = isinstance(r["fused_us"], float) and isinstance(r["cublas_us"], float)
             r["fused_vs_cublas"] = r["fused_us"] / r["cublas_us"] if ok else None
@@ -364,18 +353,18 @@ def main():
                 })
         print(f"  lookup table  ({time.time() - t_start:.0f} s)", file=sys.stderr)
 
-    print("| N x K | M | cuBLAS bf16 | fused | fused old | skinny | skinny graph | skinny HBM | "
-          "skinny old | skinny old graph | deq+cuBLAS | dispatch | dequant | dx | dx old | cuBLAS dx "
+    print("| N x K | M | cuBLAS bf16 | fused | skinny | skinny graph | skinny HBM | "
+          "skinny old | skinny old graph | deq+cuBLAS | dispatch | dequant | dx | cuBLAS dx "
           "| bnb matmul | bnb HBM | bnb dequant | fused/cuBLAS | skinny HBM: % of measured / peak |")
-    print("|" + "---|" * 21)
+    print("|" + "---|" * 19)
     for r in rows:
         hbm = "-"
         if r.get("skinny_hbm_pct_measured"):
             hbm = f"{r['skinny_hbm_pct_measured']:.0f}% / {r['skinny_hbm_pct_peak']:.0f}%"
         ratio = "ERR" if r["fused_vs_cublas"] is None else f"{r['fused_vs_cublas']:.2f}"
-        cols = [r[c] for c in ("cublas_us", "fused_us", "fused_old_us", "skinny_us", "skinny_graph_us",
+        cols = [r[c] for c in ("cublas_us", "fused_us", "skinny_us", "skinny_graph_us",
                                "skinny_hbm_us", "skinny_old_us", "skinny_old_graph_us",
-                               "dequant_cublas_us", "dispatch_us", "dequant_us", "dx_us", "dx_old_us",
+                               "dequant_cublas_us", "dispatch_us", "dequant_us", "dx_us",
                                "cublas_dx_us", "bnb_matmul_us", "bnb_hbm_us", "bnb_dequant_us")]
         print(f"| {r['N']}x{r['K']} | {r['M']} | " + " | ".join(fmt_us(c) for c in cols)
               + f" | {ratio} | {hbm} |")
