@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -170,17 +171,35 @@ def time_pass(stack: str, step, batches: list[dict], train_set, packed: int) -> 
     return row
 
 
+def time_decode(run, repeats: int) -> tuple[int, list[float]]:
+    """run() decodes and returns how many tokens it made. One untimed run first, of the same
+    length (kernel compilation, autotuning, and the attention backend's per-shape setup: the
+    KV cache's length is part of the shape), then `repeats` timed ones: (tokens, tok/s each)."""
+    run()
+    rates = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        n = run()
+        torch.cuda.synchronize()
+        rates.append(n / (time.perf_counter() - t0))
+    return n, rates
+
+
 def ours_decode(a) -> list[dict]:
     from generate import generate_tokens
     model = build_random_model(a.shape, a.quant, "cuda").eval()
+    if not a.no_compile:
+        from model import compile_pointwise
+        compile_pointwise()  # as generate.py does on cuda
     prompt = torch.randint(3, 32000, (16,), generator=torch.Generator().manual_seed(0)).tolist()
-    list(generate_tokens(model, prompt, 8))  # warm-up: kernel compilation and autotuning
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    n = len(list(generate_tokens(model, prompt, a.new)))
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    row = dict(stack=f"ours-generate-{a.quant}", shape=a.shape, new_tokens=n, tok_s=round(n / dt, 1),
+
+    def run():
+        return len(list(generate_tokens(model, prompt, a.new)))
+    n, rates = time_decode(run, a.repeats)
+    stack = f"ours-generate-{a.quant}" + ("-eager" if a.no_compile else "")
+    row = dict(stack=stack, shape=a.shape, new_tokens=n, tok_s=round(statistics.median(rates), 1),
+               tok_s_runs=[round(r, 1) for r in rates],
                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GiB, 3))
     print("RESULT " + json.dumps(row), flush=True)
     return [row]
@@ -267,13 +286,9 @@ def hf_decode(a) -> list[dict]:
     m = hf_load(a.hf_dir, a.quant).eval()
     x = torch.randint(3, 32000, (1, 16), generator=torch.Generator().manual_seed(0)).cuda()
     gen = dict(do_sample=False, min_new_tokens=a.new, max_new_tokens=a.new, pad_token_id=0)
-    m.generate(x, **dict(gen, min_new_tokens=8, max_new_tokens=8))
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = m.generate(x, **gen)
-    torch.cuda.synchronize()
-    n = out.shape[1] - x.shape[1]
-    row = dict(stack=f"hf-generate+bnb-{a.quant}", shape=a.shape, new_tokens=n, tok_s=round(n / (time.perf_counter() - t0), 1),
+    n, rates = time_decode(lambda: m.generate(x, **gen).shape[1] - x.shape[1], a.repeats)
+    row = dict(stack=f"hf-generate+bnb-{a.quant}", shape=a.shape, new_tokens=n,
+               tok_s=round(statistics.median(rates), 1), tok_s_runs=[round(r, 1) for r in rates],
                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GiB, 3))
     print("RESULT " + json.dumps(row), flush=True)
     return [row]
@@ -331,6 +346,10 @@ def main():
     p.add_argument("--max-len", type=int, default=512, help="alpaca: max tokens per example / packed row")
     p.add_argument("--no-pack", action="store_true", help="alpaca: length-grouped padded batches instead of packing")
     p.add_argument("--new", type=int, default=128, help="decode: new tokens")
+    p.add_argument("--repeats", type=int, default=3, help="decode: timed runs (the table gives the median)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="decode: keep the pointwise functions eager (generate.py --no-compile); by default "
+                        "they are compiled, as generate.py does on cuda")
     p.add_argument("--vs-hf", action="store_true", help="also run transformers + PEFT + bitsandbytes, same machine")
     p.add_argument("--hf-dir", default=None, help="where the HF side's random checkpoint is saved (default: /tmp/bench_hf_ckpt_SHAPE)")
     p.add_argument("--out", default=None, help="append the result rows as JSON lines to this file")

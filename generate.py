@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 import torch
 
 from data import format_prompt
-from model import Transformer, load_model, load_tokenizer
+from model import Transformer, compile_pointwise, load_model, load_tokenizer
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "stories260K")
 
@@ -51,7 +51,8 @@ class DecodeStep:
     Decoding one token of a 7B model launches ~1,000 small kernels; on a GPU their launch overhead,
     not the 3.5 GB of 4-bit weights, would dominate. A CUDA graph records the launches once (into
     static input/output buffers) and replays them with one call. Shapes never change between
-    steps: the KV cache has a fixed length and the attention mask comes from `input_pos`.
+    steps: the KV cache has a fixed length and the attention mask comes from `input_pos`. (Even
+    replayed, each kernel costs a microsecond or two: `--compile` fuses the pointwise ones.)
     """
 
     def __init__(self, model: Transformer, use_graph: bool, first_pos: int):
@@ -144,6 +145,11 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="fuse RMSNorm, rotary and SwiGLU into one kernel each with torch.compile "
+                        "(model.compile_pointwise; the first call compiles, a few seconds). Default: on "
+                        "with cuda (a 7B NF4 model on an H100: 128 new tokens at 150 instead of 74 tokens/s, "
+                        "BENCHMARKS.md); off on cpu")
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.instruction is None):
         p.error("give exactly one of --prompt or --instruction")
@@ -157,6 +163,8 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     tokenizer = load_tokenizer(args.model)
     model = build_model(args.model, args.device, dtype, args.quant, args.adapter)
+    if args.compile if args.compile is not None else args.device.startswith("cuda"):
+        compile_pointwise()
     text = args.prompt if args.prompt is not None else format_prompt(args.instruction, args.input)
     prompt_ids = tokenizer.encode(text, bos=True)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)

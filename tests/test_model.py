@@ -223,3 +223,22 @@ def test_bf16_on_gpu_close_to_reference(p):
     assert (last - ref).abs().max() < 0.3
     first = greedy(m, p["input_ids"], 8, use_cache=True)
     assert first == p["greedy_new_ids"][:8]
+
+
+@cuda
+def test_compiled_pointwise_on_gpu_matches_eager_and_reference(monkeypatch):
+    """generate.py's --compile (model.compile_pointwise, on by default with CUDA): float32 logits
+    as eager's up to the float32 summation order, and the greedy continuation through the KV
+    cache and the CUDA graph equal to transformers' (the stored reference)."""
+    monkeypatch.setattr(M, "POINTWISE", dict(M.POINTWISE))  # compile_pointwise swaps these in place
+    m = M.load_model(TINY, device="cuda", dtype=torch.float32)
+    p = PROMPTS[0]
+    ids = torch.tensor([p["input_ids"]], device="cuda")
+    with torch.no_grad():
+        eager = m(ids)[0].cpu()
+        M.compile_pointwise()
+        compiled = m(ids)[0].cpu()
+    assert M.POINTWISE["rms_norm"] is not M.rms_norm
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled[-1], torch.tensor(p["last_logits"]), atol=1e-4, rtol=0)
+    assert greedy(m, p["input_ids"], 60, use_cache=True) == p["greedy_new_ids"]
