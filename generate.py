@@ -147,8 +147,8 @@ def parse_args(argv=None):
                    help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="fuse RMSNorm, rotary and SwiGLU into one kernel each with torch.compile "
-                        "(model.compile_pointwise; the first call compiles, a few seconds). Default: on "
-                        "with cuda (a 7B NF4 model on an H100: 128 new tokens at 150 instead of 74 tokens/s, "
+                        "(model.compile_pointwise; the first call compiles them, seconds). Default: on "
+                        "with cuda (a 7B NF4 model on an H100: 3.3 instead of 5.0 ms per new token, "
                         "BENCHMARKS.md); off on cpu")
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.instruction is None):
