@@ -357,6 +357,8 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench.py measures GPU speed: it needs CUDA")
     a.hf_dir = a.hf_dir or f"/tmp/bench_hf_ckpt_{a.shape}"
+    if a.repeats < 1:
+        sys.exit("--repeats must be at least 1")
     if a.vs_hf and a.quant != "nf4":
         sys.exit("--vs-hf compares with bitsandbytes NF4: use --quant nf4")
     if a.cmd.startswith("_hf"):

@@ -146,7 +146,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="fuse RMSNorm, rotary and SwiGLU into one kernel each with torch.compile "
+                   help="fuse the kernels of RMSNorm, rotary and SwiGLU with torch.compile "
                         "(model.compile_pointwise; the first call compiles them, seconds). Default: on "
                         "with cuda (a 7B NF4 model on an H100: 3.3 instead of 5.0 ms per new token, "
                         "BENCHMARKS.md); off on cpu")

@@ -202,10 +202,10 @@ POINTWISE = {"rms_norm": rms_norm, "apply_rope": apply_rope, "swiglu": swiglu}
 
 
 def compile_pointwise():
-    """Replace the pointwise functions by torch.compile'd ones (same math). Off by default in
-    training: on an H200 it sped a 7B step up at 4 x 2048 and slowed it down at 8 x 512. On in
-    generate.py with CUDA: batch-1 decoding of a 7B NF4 model went from 5.0 to 3.3 ms per token on
-    an H100 (BENCHMARKS.md)."""
+    """Replace the pointwise functions by torch.compile'd ones (same math, fewer kernels). Off in
+    training: on an H200 it sped a 7B step up at 4 x 2048 and slowed it down at 8 x 512, on an
+    H100 it was no faster at 1 or 8 x 512. On in generate.py with CUDA: batch-1 decoding of a 7B
+    NF4 model went from 5.0 to 3.3 ms per token on an H100 (BENCHMARKS.md)."""
     POINTWISE.update(rms_norm=torch.compile(rms_norm, dynamic=True),
                      apply_rope=torch.compile(apply_rope, dynamic=True),
                      swiglu=torch.compile(swiglu, dynamic=True))
