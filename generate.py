@@ -155,6 +155,8 @@ def parse_args(argv=None):
         p.error("give exactly one of --prompt or --instruction")
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
+    if args.compile is None:
+        args.compile = args.device.startswith("cuda")
     return args
 
 
@@ -163,7 +165,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     tokenizer = load_tokenizer(args.model)
     model = build_model(args.model, args.device, dtype, args.quant, args.adapter)
-    if args.compile if args.compile is not None else args.device.startswith("cuda"):
+    if args.compile:
         compile_pointwise()
     text = args.prompt if args.prompt is not None else format_prompt(args.instruction, args.input)
     prompt_ids = tokenizer.encode(text, bos=True)
