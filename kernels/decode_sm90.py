@@ -89,15 +89,7 @@ import functools
 import torch
 import triton
 
-try:  # Gluon ships with Triton >= 3.5
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    HAVE_GLUON = True
-except ImportError:  # pragma: no cover
-    HAVE_GLUON = False
-
+from ._gluon import HAVE_GLUON, TensorDescriptor, gl, gluon, mbarrier, tma
 from ._launch import check_activation, pdl_ok, weight_args
 from . import skinny_mma
 
@@ -194,7 +186,10 @@ if HAVE_GLUON:
     def _w_words(w_ring, s, h: gl.constexpr, BPW: gl.constexpr):
         """This thread's W words of block 8 cb + w of the row (boxes 2 h, 2 h + 1 of stage s):
         bytes 8 t .. 8 t + 7 of rows g (wa) and g + 8 (wb)."""
-        wv = w_ring.index(s * 2 * BPW + 2 * h)._reinterpret(gl.int64, [8, 8, 4, 2], W_VIEW)
+        # the ring seen as pairs of boxes (32 rows; the swizzle repeats every 8 rows, so the
+        # bytes are where they were), then the pair h of stage s as W_VIEW's words
+        pairs = w_ring.reinterpret(gl.uint8, [w_ring.shape[0] // 2, 32, 128], w_ring.layout)
+        wv = pairs.index(s * BPW + h).reinterpret(gl.int64, [8, 8, 4, 2], W_VIEW)
         wa, wb = gl.split(wv.load(W_REGS))
         wa = gl.convert_layout(wa, THREAD, assert_trivial=True)
         wb = gl.convert_layout(wb, THREAD, assert_trivial=True)
@@ -256,16 +251,16 @@ if HAVE_GLUON:
         blk = (BPW * (su % KU) + jh % BPW) * 8 + aw
         aok = (su < u1) & (blk < K // 64)
         g2 = gl.load(absmax2_ptr + (blk * N + (su // KU) * 16) // DQ_BLOCK, mask=aok, other=0.0)
-        a2s._reinterpret(gl.float32, a2s.shape, PLAIN2).store(g2)
+        a2s.reinterpret(gl.float32, a2s.shape, PLAIN2).store(g2)
         # thread e stores the 32 copies of its entry starting at copy (its lane): word 32 e + l is
         # in bank l, so the 32 lanes of a store hit 32 banks (copy l by every lane at once was a
         # 32-way conflict, 8192 wavefronts that slowed the call before on the same SM: BENCHMARKS.md)
         for l in gl.static_range(32):
             _st_shared(lut + 4 * (32 * tid + (tid + l) % 32), pair)
-        gl.thread_barrier()   # (the tables, for every consumer warp)
+        gl.barrier()   # (the tables, for every consumer warp)
         # x, as the loader brings it (x_ready[c]: the 32 blocks of units c of a row tile), seen as
         # 8-byte words: xs[cb, w, t, i] = x[64 (8 cb + w) + 16 t + 4 i .. + 4] (plain, row-major)
-        xs = x_ring._reinterpret(gl.int64, [KUC * BPW, 8, 4, 4], PLAIN3)
+        xs = x_ring.reinterpret(gl.int64, [KUC * BPW, 8, 4, 4], PLAIN3)
 
         tw = (g3 * 4 + t3) * 4  # this lane's column of the table
         acc_a = gl.zeros([8, 8, 4], gl.float32, THREAD)   # row g: lane t adds the blocks h = t
@@ -280,12 +275,12 @@ if HAVE_GLUON:
             mbarrier.wait(ready.index(s), (j // STAGES) & 1)
             # absmax = code8[q] * absmax2 + offset of block h = t (lane t), rows g and g + 8;
             # zero past K (TMA filled those codes with 0)
-            q = s_ring.index(s)._reinterpret(gl.uint8, [BPW, 8, 2, 8], PLAIN4)   # (h, w, r, g)
+            q = s_ring.index(s).reinterpret(gl.uint8, [BPW, 8, 2, 8], PLAIN4)   # (h, w, r, g)
             q = q.permute([1, 3, 0, 2])
             qa, qb = gl.split(q.load(W_REGS))
             qa = gl.convert_layout(qa, THREAD, assert_trivial=True).to(gl.int32)
             qb = gl.convert_layout(qb, THREAD, assert_trivial=True).to(gl.int32)
-            a2 = a2s._reinterpret(gl.float32, [a2s.shape[0] // BPW, BPW, 8], PLAIN2).index(j)
+            a2 = a2s.reinterpret(gl.float32, [a2s.shape[0] // BPW, BPW, 8], PLAIN2).index(j)
             a2 = _spread(a2.permute([1, 0]).load(gl.SliceLayout(1, THREAD)), 1)
             ok = 8 * (BPW * c + t3) + w3 < K // 64
             sa = gl.where(ok, _ld_shared_f32(c8 + 4 * qa) * a2 + offset, 0.0)
@@ -347,16 +342,16 @@ if HAVE_GLUON:
             bar = ready.index(s)
             mbarrier.expect(bar, STAGE_BYTES)
             for bx in gl.static_range(BOXES):
-                tma.async_copy_global_to_shared(p_desc, [rt * 16, (c * BOXES + bx) * 128], bar,
+                tma.async_load(p_desc, [rt * 16, (c * BOXES + bx) * 128], bar,
                                                 w_ring.index(s * BOXES + bx))
-            tma.async_copy_global_to_shared(s_desc, [c * UNIT_BLOCKS, rt * 16], bar, s_ring.index(s))
+            tma.async_load(s_desc, [c * UNIT_BLOCKS, rt * 16], bar, s_ring.index(s))
             if j == x_at:
                 if PDL:
                     _pdl_wait(lanes + u)
                 for i in range(gl.minimum(KU, n)):   # the chunks of x this program's units use
                     cx = (u0 + i) % KU
                     mbarrier.expect(x_ready.index(cx), x_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(x_desc, [cx * UNIT_BLOCKS, 0], x_ready.index(cx),
+                    tma.async_load(x_desc, [cx * UNIT_BLOCKS, 0], x_ready.index(cx),
                                                     x_ring.index(cx))
             if PDL:
                 if j == launch_at:

@@ -114,16 +114,9 @@ import re
 import torch
 import triton
 
-try:  # Gluon ships with Triton >= 3.5; without it (or without sm_90) fused_matmul is used
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    HAVE_GLUON = True
-except ImportError:  # pragma: no cover
-    HAVE_GLUON = False
-
+# (without Gluon, or without sm_90, fused_matmul is used)
+from ._gluon import (HAVE_GLUON, TensorDescriptor, gl, gluon, mbarrier, tma, warpgroup_mma,
+                     warpgroup_mma_wait)
 from ._launch import check_activation, weight_args
 
 BLOCK_N, BLOCK_M, BLOCK_K, STAGES, GROUP_M, WARPS = 128, 256, 64, 4, 1, 8
@@ -145,8 +138,8 @@ if HAVE_GLUON:
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         bar = ready.index(sj)
         mbarrier.expect(bar, STEP_BYTES)
-        tma.async_copy_global_to_shared(x_desc, [off_m, j * BLOCK_K], bar, x_ring.index(sj))
-        tma.async_copy_global_to_shared(p_desc, [off_n, j * (BLOCK_K // 2)], bar, p_ring.index(sj))
+        tma.async_load(x_desc, [off_m, j * BLOCK_K], bar, x_ring.index(sj))
+        tma.async_load(p_desc, [off_n, j * (BLOCK_K // 2)], bar, p_ring.index(sj))
 
     @gluon.jit
     def _pair_word(code_ptr, e):
@@ -235,7 +228,7 @@ if HAVE_GLUON:
         lane = gl.arange(0, 32, layout=gl.SliceLayout(0, fill))
         words = _pair_word(code_ptr, e)[:, None] + gl.zeros([256, 32], gl.int32, fill)
         table.store(words)
-        gl.thread_barrier()
+        gl.barrier()
         table_off = _find_table(words, e[:, None] * 128 + lane[None, :] * 4, cands_ptr, n_cands)
         gl.store(cands_ptr + n_cands, table_off)  # what was found, for the tests (every program alike)
         if table_off >= 0:
@@ -286,7 +279,7 @@ if HAVE_GLUON:
         offs = rows[:, None] * BLOCK_M + cols[None, :]
         if v >= r:
             gl.store(ws_ptr + (v - r).to(gl.int64) * (BLOCK_N * BLOCK_M) + offs, acc)
-            gl.thread_barrier()  # every thread's sums are written before the flag is raised
+            gl.barrier()  # every thread's sums are written before the flag is raised
             gl.atomic_xchg(flags_ptr + (v - r), 1, sem="release", scope="gpu")
         else:
             for s in range(1, SPLIT):
@@ -317,9 +310,9 @@ if HAVE_GLUON:
             part = halves[h].permute(1, 0)  # (128 tokens, 128 rows of W)
             # columns 64 c .. 64 c + 63 (warp group c's rows of W) into buffer c
             y_bufs.store(part.reshape([HALF, 2, BOX_N]).permute(1, 0, 2))
-            gl.thread_barrier()
+            gl.barrier()
             vals = y_bufs.load(rd)
-            gl.thread_barrier()  # read by every warp: the buffers may be written again
+            gl.barrier()  # read by every warp: the buffers may be written again
             row = off_m + h * HALF + mm[None, :, None]
             gl.store(y_ptr + row.to(gl.int64) * stride_ym + col, vals, mask=row < M)
 
@@ -338,7 +331,7 @@ if HAVE_GLUON:
         mbarrier.wait(ready.index(stage), ((step0 + i) // STAGES) & 1)
         # every lane of a quad reads the same 2 rows x 8 words (4 x 16 bytes; broadcast), and the
         # 2 rows' scale pairs (absmax, absmax) as bf16x2, from the scale warp
-        words = p_ring.index(stage)._reinterpret(gl.int32, [BLOCK_N, WORDS], words_layout).load(
+        words = p_ring.index(stage).reinterpret(gl.int32, [BLOCK_N, WORDS], words_layout).load(
             gl.SliceLayout(2, L3))
         s2 = s_ring.index(stage).load(gl.SliceLayout(1, gl.SliceLayout(2, L3)))
         # decode unscaled, byte c of each word (2 weights: one register of the operand), then
@@ -361,7 +354,7 @@ if HAVE_GLUON:
         # step i - 1's wgmma is done (step i's runs while step i + 1 decodes): its registers may
         # be written and its stage refilled, once every warp is here
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-        gl.thread_barrier()
+        gl.barrier()
         mbarrier.arrive(empty.index((step0 + i + STAGES - 1) % STAGES), pred=i >= 1)
         return acc
 
@@ -408,7 +401,7 @@ if HAVE_GLUON:
             acc = _step(x_ring, p_ring, s_ring, ready, empty, code_ptr, base, sel, acc, step0, num_k - 1,
                         STAGES, TABLE)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        gl.thread_barrier()  # both warp groups' last wgmmas are done: the last stage may go
+        gl.barrier()  # both warp groups' last wgmmas are done: the last stage may go
         mbarrier.arrive(empty.index((step0 + num_k + STAGES - 1) % STAGES))
         return acc
 
@@ -467,7 +460,7 @@ if HAVE_GLUON:
                                                  dtype=gl.int32, is_pure=True, pack=1)
                 mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1, pred=j >= STAGES)
                 s_ring.index(s).store(pair)
-                gl.thread_barrier()  # every lane's store before the arrive
+                gl.barrier()  # every lane's store before the arrive
                 mbarrier.arrive(ready.index(s))
                 j += 1
 
