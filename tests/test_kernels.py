@@ -22,6 +22,9 @@ produces errors of the order of sqrt((a*a) @ (b*b)) itself, far above the bound.
 """
 
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -821,6 +824,26 @@ def test_gpu_decode_sm90(n, k, programs):
     assert x8.data_ptr() % 16 == 8 and not dec.decode_ok(x8, qw)
     with pytest.raises(ValueError):
         dec.decode_sm90(x, quant.quantize_weight(gaussian(n, k, seed=72) * 0.05, "int4", 64, False))
+
+
+def test_gluon_kernels_compile_for_sm90():
+    """decode_sm90 and fused_matmul_sm90 compile for sm_90 with the installed Triton, GPU or not
+    (tests/sm90_compile.py, in a subprocess: it stands in an sm_90 driver and needs the
+    interpreter off). Gluon's names move between Triton releases (kernels/_gluon.py); without
+    this, a machine without a GPU would not see a rename that breaks the Hopper kernels. The
+    PTX must hold what their docstrings rely on: the decoder's programmatic dependent launch,
+    the fused kernel's wgmma, both kernels' register reallocation (setmaxnreg)."""
+    if not importlib.import_module("kernels._gluon").HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon: the Hopper kernels are never used")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sm90_compile.py")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr[-4000:]
+    lines = {ln.split(":")[0]: ln for ln in run.stdout.splitlines() if ": compiled for sm_90" in ln}
+    assert set(lines) == {"decode_sm90", "fused_matmul_sm90"}, run.stdout
+    assert "griddepcontrol.launch_dependents" in lines["decode_sm90"]
+    assert "wgmma.mma_async" in lines["fused_matmul_sm90"]
+    assert all("setmaxnreg" in ln for ln in lines.values())
 
 
 def test_decode_sm90_swizzle_view():
