@@ -451,6 +451,35 @@ def test_skinny_tuned_config_key_sees_the_ring():
     assert keys[0] != keys[1] and keys[0][:-1] == keys[1][:-1]
 
 
+@pytest.mark.cuda
+def test_skinny_tuner_skips_a_candidate_that_fails(monkeypatch):
+    """A candidate that fails to compile or run on this GPU / Triton (as the Hopper kernels did
+    on a Triton that renamed Gluon's API) is skipped with a warning: skinny_matmul runs another
+    and stays correct. When every candidate fails, the error says so."""
+    sk = importlib.import_module("kernels.skinny_matmul")
+    real = sk._launch
+    broken = []
+
+    def failing_first(x, w, cand, *args):
+        if cand is broken[0]:
+            raise RuntimeError("error encountered during parsing (a stand-in compiler failure)")
+        return real(x, w, cand, *args)
+
+    qw = make_weight("nf4dq", 272, 448, seed=91)   # a shape no other test tunes
+    x = gaussian(1, 448, seed=92, dtype=torch.bfloat16)
+    broken.append(sk.CANDIDATES_M1[0])
+    monkeypatch.setattr(sk, "_launch", failing_first)
+    monkeypatch.setattr(sk, "_chosen", {})
+    with pytest.warns(RuntimeWarning, match="skipped, it failed here"):
+        y = sk.skinny_matmul(x, qw)
+    assert sk.chosen_config(x, qw) is not broken[0]
+    assert_matmul_close(y, x, quant.dequantize(qw, torch.float64).t(), torch.bfloat16)
+    monkeypatch.setattr(sk, "_launch", lambda *a: failing_first(*a[:2], broken[0], *a[3:]))
+    monkeypatch.setattr(sk, "_chosen", {})
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="no skinny_matmul candidate"):
+        sk.skinny_matmul(x, qw)
+
+
 def test_skinny_split_k_values():
     """split_k_for: enough programs, never an empty split; the launcher's K ranges cover K."""
     from kernels.skinny_matmul import split_k_for
