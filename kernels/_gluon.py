@@ -1,8 +1,8 @@
 """Gluon (triton.experimental.gluon), imported once for the Hopper kernels, under one set of names.
 
-Gluon is experimental and has renamed things between Triton releases. The kernels use the newer
-names; on the older releases (Triton 3.5 and 3.6, which torch 2.9 to 2.11 bring) they are aliases
-of the old ones:
+Gluon is experimental and renames things between Triton releases. The kernels use the names of
+Triton 3.9 (torch 2.13); on Triton 3.5 and 3.6 (the lent H100 has torch 2.11 with 3.6) this module
+sets them on Triton's own objects, as aliases of the old names:
     gl.barrier()             was gl.thread_barrier()                (a CTA barrier, bar.sync)
     smem.reinterpret(...)    was smem._reinterpret(...)             (a view of shared memory)
     tma.async_load(...)      was tma.async_copy_global_to_shared()  (a TMA copy to shared memory)

@@ -187,7 +187,8 @@ if HAVE_GLUON:
         """This thread's W words of block 8 cb + w of the row (boxes 2 h, 2 h + 1 of stage s):
         bytes 8 t .. 8 t + 7 of rows g (wa) and g + 8 (wb)."""
         # the ring seen as pairs of boxes (32 rows; the swizzle repeats every 8 rows, so the
-        # bytes are where they were), then the pair h of stage s as W_VIEW's words
+        # bytes are where they were), then the pair h of stage s as W_VIEW's words (a view of
+        # two boxes taken from one box's view reads past it: Triton 3.9 refuses that)
         pairs = w_ring.reinterpret(gl.uint8, [w_ring.shape[0] // 2, 32, 128], w_ring.layout)
         wv = pairs.index(s * BPW + h).reinterpret(gl.int64, [8, 8, 4, 2], W_VIEW)
         wa, wb = gl.split(wv.load(W_REGS))
@@ -343,7 +344,7 @@ if HAVE_GLUON:
             mbarrier.expect(bar, STAGE_BYTES)
             for bx in gl.static_range(BOXES):
                 tma.async_load(p_desc, [rt * 16, (c * BOXES + bx) * 128], bar,
-                                                w_ring.index(s * BOXES + bx))
+                               w_ring.index(s * BOXES + bx))
             tma.async_load(s_desc, [c * UNIT_BLOCKS, rt * 16], bar, s_ring.index(s))
             if j == x_at:
                 if PDL:
@@ -352,7 +353,7 @@ if HAVE_GLUON:
                     cx = (u0 + i) % KU
                     mbarrier.expect(x_ready.index(cx), x_desc.block_type.nbytes)
                     tma.async_load(x_desc, [cx * UNIT_BLOCKS, 0], x_ready.index(cx),
-                                                    x_ring.index(cx))
+                                   x_ring.index(cx))
             if PDL:
                 if j == launch_at:
                     _pdl_launch(lanes + u)

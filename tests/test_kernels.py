@@ -474,6 +474,7 @@ def test_skinny_tuner_skips_a_candidate_that_fails(monkeypatch):
         y = sk.skinny_matmul(x, qw)
     assert sk.chosen_config(x, qw) is not broken[0]
     assert_matmul_close(y, x, quant.dequantize(qw, torch.float64).t(), torch.bfloat16)
+    # every candidate fails now (each is launched as the broken one)
     monkeypatch.setattr(sk, "_launch", lambda *a: failing_first(*a[:2], broken[0], *a[3:]))
     monkeypatch.setattr(sk, "_chosen", {})
     with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="no skinny_matmul candidate"):
