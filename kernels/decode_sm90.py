@@ -479,6 +479,25 @@ def decode_sm90(x: torch.Tensor, w, stages: int = STAGES, programs: int = None) 
     return launch(x, tensors, w.out_features, w.in_features, dq_block, stages, programs)
 
 
+def descriptors(x, packed, scales, n: int, k: int):
+    """The TMA descriptors of what the loader brings: W's packed bytes (boxes of 16 rows x 128
+    bytes, 128-byte swizzle), their 8-bit scale codes (a unit's UNIT_BLOCKS x 16) and x (chunks
+    of UNIT_BLOCKS blocks)."""
+    swz = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    p_desc = TensorDescriptor(packed, [n, k // 2], [k // 2, 1], [ROWS, BOX], swz)
+    plain = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
+    s_desc = TensorDescriptor(scales, [k // 64, n], [n, 1], [UNIT_BLOCKS, ROWS], plain)
+    plain16 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+    x_desc = TensorDescriptor(x.view(k // 64, 64), [k // 64, 64], [64, 1], [UNIT_BLOCKS, 64], plain16)
+    return p_desc, s_desc, x_desc
+
+
+def units(n: int, k: int):
+    """(KU, TOT): units per row tile (the last may run past K) and in all."""
+    ku = triton.cdiv(k // 64, UNIT_BLOCKS)
+    return ku, n // ROWS * ku
+
+
 def launch(x, tensors, n: int, k: int, dq_block: int, stages: int = STAGES,
            programs: int = None) -> torch.Tensor:
     """The launch, for arguments already checked (weight_args' tensors, decode_ok): skinny_matmul's
@@ -489,14 +508,8 @@ def launch(x, tensors, n: int, k: int, dq_block: int, stages: int = STAGES,
         raise ValueError("decode_sm90 needs a ring of more than 48 KB (stages >= 3: 16.5 KB each)")
     packed, scales, _zeros, absmax2, code, code8, offset = tensors
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    swz = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-    p_desc = TensorDescriptor(packed, [n, k // 2], [k // 2, 1], [ROWS, BOX], swz)
-    plain = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
-    s_desc = TensorDescriptor(scales, [k // 64, n], [n, 1], [UNIT_BLOCKS, ROWS], plain)
-    plain16 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
-    x_desc = TensorDescriptor(x.view(k // 64, 64), [k // 64, 64], [64, 1], [UNIT_BLOCKS, 64], plain16)
-    ku = triton.cdiv(k // 64, UNIT_BLOCKS)   # units per row tile (the last may run past K)
-    tot = n // ROWS * ku
+    p_desc, s_desc, x_desc = descriptors(x, packed, scales, n, k)
+    ku, tot = units(n, k)
     scratch, flags = _handover(x.device)
     g = min(programs or flags.numel(), flags.numel(), tot)
     pdl = pdl_ok(x.device)

@@ -579,15 +579,23 @@ def _table_candidates(kernel, device) -> torch.Tensor:
     return torch.tensor(ok + [-1], dtype=torch.int32, device=device)
 
 
+def descriptors(x, packed, n: int, kp: int):
+    """The TMA descriptors of x (BLOCK_M x BLOCK_K tiles, wgmma's swizzle) and of W's packed bytes
+    (BLOCK_N x BLOCK_K / 2, plain)."""
+    m, k = x.shape
+    x_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.bfloat16)
+    x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [BLOCK_M, BLOCK_K], x_layout)
+    plain = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
+    p_desc = TensorDescriptor(packed, [n, kp // 2], [kp // 2, 1], [BLOCK_N, BLOCK_K // 2], plain)
+    return x_desc, p_desc
+
+
 def launch_into(y, x, tensors, kp, dq_block, stages: int = STAGES):
     """The launch itself, into y (M, N), for arguments already checked (weight_args,
     check_activation, sm90_ok): fused_matmul's dispatch, which has done all three, calls it."""
     packed, scales, _zeros, absmax2, code, code8, offset = tensors
     (m, k), n = x.shape, y.shape[1]
-    x_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.bfloat16)
-    x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [BLOCK_M, BLOCK_K], x_layout)
-    plain = lambda bits, rank: gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=bits, rank=rank)  # noqa: E731
-    p_desc = TensorDescriptor(packed, [n, kp // 2], [kp // 2, 1], [BLOCK_N, BLOCK_K // 2], plain(8, 2))
+    x_desc, p_desc = descriptors(x, packed, n, kp)
     tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N)
     programs = min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count)
     split, ws, flags = _split_last_wave(tiles, programs, kp // BLOCK_K, x.device)

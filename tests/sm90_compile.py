@@ -39,23 +39,16 @@ class FakeHopper:
 def compile_decode(w, x):
     """decode_sm90_kernel with decode_sm90.launch's arguments (132 programs, an H100's SMs)."""
     from kernels import decode_sm90 as d
-    from kernels._gluon import TensorDescriptor, gl
     from kernels._launch import weight_args
     n, k = w.out_features, w.in_features
     _fmt, (packed, scales, _z, absmax2, code, code8, offset), _kp, _qb, dq = weight_args(w)
-    swz = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-    plain8 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
-    plain16 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
-    p_desc = TensorDescriptor(packed, [n, k // 2], [k // 2, 1], [d.ROWS, d.BOX], swz)
-    s_desc = TensorDescriptor(scales, [k // 64, n], [n, 1], [d.UNIT_BLOCKS, d.ROWS], plain8)
-    x_desc = TensorDescriptor(x.view(k // 64, 64), [k // 64, 64], [64, 1], [d.UNIT_BLOCKS, 64], plain16)
-    ku, g = triton.cdiv(k // 64, d.UNIT_BLOCKS), 132
-    tot = n // d.ROWS * ku
+    ku, tot = d.units(n, k)
+    g = 132
     y = torch.empty(1, n, dtype=torch.bfloat16)
     scratch, flags = torch.zeros(g * 16), torch.zeros(g, dtype=torch.int32)
     return d.decode_sm90_kernel.warmup(
-        p_desc, s_desc, x_desc, code, code8, absmax2, offset, y, scratch, flags, n, k, ku, tot,
-        DQ_BLOCK=dq, STAGES=d.STAGES, UNIT_BLOCKS=d.UNIT_BLOCKS, KUC=ku,
+        *d.descriptors(x, packed, scales, n, k), code, code8, absmax2, offset, y, scratch, flags,
+        n, k, ku, tot, DQ_BLOCK=dq, STAGES=d.STAGES, UNIT_BLOCKS=d.UNIT_BLOCKS, KUC=ku,
         UMAX=triton.next_power_of_2(triton.cdiv(tot, g)), PDL=1, num_warps=d.WARPS,
         maxnreg=d.MAXNREG, launch_pdl=True, grid=(g,))
 
@@ -63,20 +56,16 @@ def compile_decode(w, x):
 def compile_fused(w, x):
     """fused_matmul_sm90_kernel with launch_into's arguments (no split tiles, no table yet)."""
     from kernels import fused_matmul_sm90 as f
-    from kernels._gluon import TensorDescriptor, gl
     from kernels._launch import weight_args
-    (m, k), n = x.shape, w.out_features
+    m, n = x.shape[0], w.out_features
     _fmt, (packed, scales, _z, absmax2, code, code8, offset), kp, _qb, dq = weight_args(w)
-    x_layout = gl.NVMMASharedLayout.get_default_for([f.BLOCK_M, f.BLOCK_K], gl.bfloat16)
-    plain8 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
-    x_desc = TensorDescriptor(x, [m, k], [k, 1], [f.BLOCK_M, f.BLOCK_K], x_layout)
-    p_desc = TensorDescriptor(packed, [n, kp // 2], [kp // 2, 1], [f.BLOCK_N, f.BLOCK_K // 2], plain8)
     y = torch.empty(m, n, dtype=torch.bfloat16)
     ws, cands = torch.empty(1), torch.full((1,), -1, dtype=torch.int32)
     return f.fused_matmul_sm90_kernel.warmup(
-        x_desc, p_desc, y, y.stride(0), scales, absmax2, code, code8, offset, cands, ws,
-        ws.view(torch.int32), m, n, kp, 0, 1, DQ_BLOCK=dq, BLOCK_N=f.BLOCK_N, STAGES=f.STAGES,
-        GROUP_M=f.GROUP_M, WORKER_REGS=f.WORKER_REGS, num_warps=f.WARPS, grid=(132,))
+        *f.descriptors(x, packed, n, kp), y, y.stride(0), scales, absmax2, code, code8, offset,
+        cands, ws, ws.view(torch.int32), m, n, kp, 0, 1, DQ_BLOCK=dq, BLOCK_N=f.BLOCK_N,
+        STAGES=f.STAGES, GROUP_M=f.GROUP_M, WORKER_REGS=f.WORKER_REGS, num_warps=f.WARPS,
+        grid=(132,))
 
 
 def main():
