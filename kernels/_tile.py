@@ -200,7 +200,7 @@ def dequantize_tile(p, scale, zero_f, code_ptr,
 # Per 8 codes (4 bytes, one asm instance, pack=4): 2 shifts + 1 xor, then per 4 codes 6 prmt,
 # 2 lop3, 1 mad, and 2 bf16x2 multiplies by the scale: about 3.4 instructions per weight,
 # against about 15 for LOOKUP 2's gather (sm_90 assembly of the fused kernel's loop).
-# The value is rounded twice: w = bf16(bf16(code) * bf16(scale)) (mul.rn.bf16x2 rounds the exact
+# The value is rounded twice: w = bf16(bf16(code) * bf16(scale)) (fma.rn.bf16x2 rounds the exact
 # product once), where quant.dequantize rounds code * scale (float32) once: relative error up to
 # (1 + 2^-8)^3 - 1 (measured 0.0099 on a 4096x4096 weight), against 2^-8 for rounding once; 29%
 # of the weights differ from quant.dequantize's bf16 by one ulp (NF4's own error is 9%).
@@ -240,7 +240,11 @@ def _nf4_prmt_asm(scaled: bool) -> str:
     tab = [f"${first_tab + 4 * i}" for i in range(9)]
     lines = ["{", PRMT_TEMPS] + prmt_decode_lines("$4", ["$0", "$1", "$2", "$3"], tab)
     if scaled:
-        lines += [f"mul.rn.bf16x2 ${i}, ${i}, ${5 + i};" for i in range(4)]
+        # w * scale as fma(w, scale, -0.0): exactly mul.rn.bf16x2 (one rounding; adding -0 keeps
+        # every product, zeros' signs too), but fma.rn.bf16x2 runs from sm_80 and mul only from
+        # sm_90 (A100, RTX 30xx / 40xx could not compile LOOKUP 3)
+        lines += ["mov.b32 t, 0x80008000;"]
+        lines += [f"fma.rn.bf16x2 ${i}, ${i}, ${5 + i}, t;" for i in range(4)]
     lines.append("}")
     return "\n".join(lines)
 
@@ -322,7 +326,7 @@ def nf4_bf16_pairs(p, s2, code_ptr, ASM: tl.constexpr):
         codes = nf4_code_pairs(p, code_ptr, 0)
         v_hi = (codes << 16).to(tl.float32, bitcast=True)  # bf16 code values as float32
         v_lo = (codes & -65536).to(tl.float32, bitcast=True)
-        # the product of two bf16 is exact in float32: one rounding, as mul.rn.bf16x2
+        # the product of two bf16 is exact in float32: one rounding, as fma.rn.bf16x2
         w_hi = bf16_bits(v_hi * scale).to(tl.int16).to(tl.bfloat16, bitcast=True)
         w_lo = bf16_bits(v_lo * scale).to(tl.int16).to(tl.bfloat16, bitcast=True)
     return tl.interleave(w_hi, w_lo)
