@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_lookup, interpreting, launch, weight_args
+from ._launch import check_device, check_lookup, interpreting, launch, weight_args
 from ._tile import dequantize_tile, dequantize_tile_prmt, load_block_scales
 
 
@@ -77,8 +77,7 @@ def dequantize(w, dtype: torch.dtype = torch.bfloat16, config: dict = None) -> t
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"unsupported output dtype {dtype}: expected float16, bfloat16 or float32")
     device = w.packed.device
-    if device.type != "cuda" and not interpreting():
-        raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+    check_device(device)
     n, k = w.out_features, w.in_features
     out = torch.empty((n, k), dtype=dtype, device=device)
     args = (*tensors, out, n, k, kp, w.packed.stride(0), out.stride(0))

@@ -1,0 +1,222 @@
+"""Compile every Triton kernel the launchers can choose, for a GPU of your choice, without one.
+
+    python tests/gpu_compile.py [--arch 90] [--out DIR]   (DIR: the Gluon kernels' .ptx, .cubin)
+
+Triton compiles for the GPU its active driver reports. This script makes that a stand-in for an
+sm_<arch> GPU (StandInGPU: its compute capability and shared memory per block; it launches
+nothing) and calls the launchers with CPU tensors and each config of the tuners' lists:
+dequantize, fused_matmul, fused_matmul_dx and skinny_matmul, for NF4 with double quantization and
+INT4 weights and bf16 activations; on sm_90 also the Gluon kernels (decode_sm90 and
+fused_matmul_sm90, which it compiles with a 4096x4096 weight's arguments).
+
+Why: Triton releases and GPU generations move under these kernels (inline PTX an older GPU lacks,
+such as mul.bf16x2 before sm_90; Gluon's renames; tiles larger than a GPU's shared memory), and
+on a machine without a GPU nothing else compiles them. tests/test_kernels.py runs this script for
+sm_80 (A100), sm_89 (RTX 40xx, L4) and sm_90 (H100), so that CI, which installs the newest
+Triton, sees a break.
+
+A config that needs more shared memory than the GPU has is not an error: the tuners skip it
+(Triton's autotuner on OutOfResources, skinny_matmul's tuner on any failure). A list of which no
+config fits is one, and so is any other compile failure. Prints one line per kernel, list and
+weight format, and exits 1 after listing the errors.
+"""
+
+import argparse
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
+
+# shared memory per block (opt-in maximum, bytes) of each compute capability
+SHARED = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+# the kernels' launchers, each with its tuners' config lists and the rows of x they serve
+LISTS = {
+    "dequantize": [("_CONFIGS", 0)],
+    "fused_matmul": [("LARGE_M_CONFIGS", 256), ("SMALL_M_CONFIGS", 64),
+                     ("PRMT_LARGE_M_CONFIGS", 256), ("PRMT_SMALL_M_CONFIGS", 64)],
+    "fused_matmul_dx": [("LARGE_M_CONFIGS", 256), ("SMALL_M_CONFIGS", 64)],
+    "skinny_matmul": [("CANDIDATES_M1", 1), ("PRMT_CANDIDATES_M1", 1), ("MMA_CANDIDATES_M1", 1),
+                      ("CANDIDATES_M16", 16), ("PRMT_CANDIDATES_M16", 16),
+                      ("MMA_CANDIDATES_M16", 16), ("MMA_CANDIDATES_M16", 5)],
+}
+
+
+class StandInGPU:
+    """The part of a Triton driver that compiling and launching ask for: device 0, stream 0, an
+    sm_<arch> target, its shared memory; loading a kernel and launching it do nothing."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+        self.utils = self
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": SHARED[self.arch], "multiprocessor_count": 132}
+
+    def load_binary(self, name, kernel, shared, device):
+        return None, None, 0, 0, 1024  # (module, function, registers, spills, max threads)
+
+    def unload_module(self, module):
+        pass
+
+    def launcher_cls(self, src, metadata):
+        return lambda *args, **kwargs: None
+
+
+def compile_decode(w, x):
+    """decode_sm90_kernel with decode_sm90.launch's arguments (132 programs, an H100's SMs)."""
+    from kernels import decode_sm90 as d
+    from kernels._launch import weight_args
+    n, k = w.out_features, w.in_features
+    _fmt, (packed, scales, _z, absmax2, code, code8, offset), _kp, _qb, dq = weight_args(w)
+    ku, tot = d.units(n, k)
+    g = 132
+    y = torch.empty(1, n, dtype=torch.bfloat16)
+    scratch, flags = torch.zeros(g * 16), torch.zeros(g, dtype=torch.int32)
+    return d.decode_sm90_kernel.warmup(
+        *d.descriptors(x, packed, scales, n, k), code, code8, absmax2, offset, y, scratch, flags,
+        n, k, ku, tot, DQ_BLOCK=dq, STAGES=d.STAGES, UNIT_BLOCKS=d.UNIT_BLOCKS, KUC=ku,
+        UMAX=triton.next_power_of_2(triton.cdiv(tot, g)), PDL=1, num_warps=d.WARPS,
+        maxnreg=d.MAXNREG, launch_pdl=True, grid=(g,))
+
+
+def compile_fused(w, x):
+    """fused_matmul_sm90_kernel with launch_into's arguments (no split tiles, no table yet)."""
+    from kernels import fused_matmul_sm90 as f
+    from kernels._launch import weight_args
+    m, n = x.shape[0], w.out_features
+    _fmt, (packed, scales, _z, absmax2, code, code8, offset), kp, _qb, dq = weight_args(w)
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    ws, cands = torch.empty(1), torch.full((1,), -1, dtype=torch.int32)
+    return f.fused_matmul_sm90_kernel.warmup(
+        *f.descriptors(x, packed, n, kp), y, y.stride(0), scales, absmax2, code, code8, offset,
+        cands, ws, ws.view(torch.int32), m, n, kp, 0, 1, DQ_BLOCK=dq, BLOCK_N=f.BLOCK_N,
+        STAGES=f.STAGES, GROUP_M=f.GROUP_M, WORKER_REGS=f.WORKER_REGS, num_warps=f.WARPS,
+        grid=(132,))
+
+
+def compile_gluon(out: str = None):
+    """The Hopper kernels (Gluon), compiled with a 4096x4096 NF4 weight's arguments."""
+    import quant
+    w = quant.quantize_weight(torch.randn(4096, 4096) * 0.02, "nf4", 64, double_quant=True)
+    for name, build, x in (("decode_sm90", compile_decode, torch.randn(1, 4096)),
+                           ("fused_matmul_sm90", compile_fused, torch.randn(256, 4096))):
+        kernel = build(w, x.to(torch.bfloat16))
+        ptx = kernel.asm["ptx"]
+        features = [f for f in ("griddepcontrol.launch_dependents", "setmaxnreg", "wgmma.mma_async")
+                    if f in ptx]
+        print(f"{name}: compiled for sm_90 with Triton {triton.__version__}; "
+              f"shared {kernel.metadata.shared} bytes; PTX has {', '.join(features) or 'none of those'}")
+        if out:
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, f"{name}.ptx"), "w") as fh:
+                fh.write(ptx)
+            with open(os.path.join(out, f"{name}.cubin"), "wb") as fh:
+                fh.write(kernel.asm["cubin"])
+
+
+def configs(module, list_name: str):
+    """The config dicts of a launcher's list (Triton's autotune Configs or skinny_matmul's dicts)."""
+    out = []
+    for c in getattr(module, list_name):
+        if isinstance(c, triton.Config):
+            c = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def call(name: str, launcher, w, m: int, cfg: dict):
+    """The launcher with config cfg (it compiles, and the stand-in launches nothing); the matmuls
+    with m rows of bf16 x."""
+    if name == "dequantize":
+        return launcher(w, torch.bfloat16, config=cfg)
+    features = w.out_features if name == "fused_matmul_dx" else w.in_features
+    return launcher(torch.randn(m, features).to(torch.bfloat16), w, config=cfg)
+
+
+def compile_lists(arch: int, weights: dict) -> list:
+    """Every config of every list through its launcher; returns the errors (lines)."""
+    errors = []
+    for name, lists in LISTS.items():
+        module = importlib.import_module(f"kernels.{name}")
+        launcher = getattr(module, name)
+        for list_name, m in lists:
+            for fmt, w in weights.items():
+                done, too_large, failed = 0, [], []
+                usable = [c for c in configs(module, list_name)  # LOOKUP 3 and MMA: NF4 only
+                          if fmt == "nf4" or not (c.get("LOOKUP") == 3 or c.get("MMA"))]
+                if not usable:
+                    continue
+                for cfg in usable:
+                    try:
+                        call(name, launcher, w, m, cfg)
+                        done += 1
+                    except OutOfResources as e:
+                        too_large.append(f"{cfg} ({e.required} bytes)")
+                    except Exception as e:  # noqa: BLE001 (any compile failure is the finding)
+                        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+                        failed.append(f"{cfg}: {type(e).__name__}: {' | '.join(lines[-3:])[:600]}")
+                label = f"{name} {list_name}" + (f" M={m}" if m else "") + f" {fmt}"
+                print(f"{label}: {done} compiled, {len(too_large)} too large for its shared "
+                      f"memory (the tuner skips them), {len(failed)} failed")
+                errors += [f"{label}: {f}" for f in failed]
+                if not done and not failed:
+                    errors.append(f"{label}: no config fits sm_{arch}: {'; '.join(too_large)}")
+    return errors
+
+
+def lift_device_checks(arch: int):
+    """The launchers refuse CPU tensors outside the interpreter, and programmatic dependent
+    launch needs a CUDA device: here they compile for the stand-in GPU instead."""
+    for name in ("_launch", "dequantize", "skinny_matmul"):
+        module = importlib.import_module(f"kernels.{name}")
+        if hasattr(module, "check_device"):
+            module.check_device = lambda device: None
+        if hasattr(module, "pdl_ok"):
+            module.pdl_ok = lambda device: arch >= 90
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90, choices=sorted(SHARED),
+                    help="compute capability x 10 of the GPU to compile for (default 90, H100)")
+    ap.add_argument("--out", help="write <kernel>.ptx and <kernel>.cubin of the Gluon kernels here")
+    a = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("TRITON_INTERPRET is set: the interpreter compiles nothing; unset it")
+    import quant
+    from kernels._gluon import HAVE_GLUON
+    driver.set_active(StandInGPU(a.arch))
+    lift_device_checks(a.arch)
+    torch.manual_seed(0)
+    weights = {fmt: quant.quantize_weight(torch.randn(256, 512) * 0.02, fmt, 64, double_quant=True)
+               for fmt in ("nf4", "int4")}
+    print(f"Triton {triton.__version__}, sm_{a.arch}: {SHARED[a.arch]} bytes of shared memory per block")
+    errors = compile_lists(a.arch, weights)
+    if a.arch == 90 and HAVE_GLUON:
+        compile_gluon(a.out)
+    elif a.arch == 90:
+        print(f"Triton {triton.__version__} has no Gluon: the Hopper kernels are not used")
+    for e in errors:
+        print("ERROR", e)
+    sys.exit(1 if errors else 0)
+
+
+if __name__ == "__main__":
+    main()
