@@ -158,12 +158,10 @@ def compile_lists(arch: int, weights: dict) -> list:
         launcher = getattr(module, name)
         for list_name, m in lists:
             for fmt, w in weights.items():
+                if fmt == "int4" and list_name.startswith(("PRMT_", "MMA_")):
+                    continue  # the byte-permute and tensor-core decoders: NF4 only
                 done, too_large, failed = 0, [], []
-                usable = [c for c in configs(module, list_name)  # LOOKUP 3 and MMA: NF4 only
-                          if fmt == "nf4" or not (c.get("LOOKUP") == 3 or c.get("MMA"))]
-                if not usable:
-                    continue
-                for cfg in usable:
+                for cfg in configs(module, list_name):
                     try:
                         call(name, launcher, w, m, cfg)
                         done += 1
