@@ -141,7 +141,12 @@ SMALL_M_CONFIGS = [
 # NF4 weights with bf16 x add LOOKUP=3, the byte-permute decoder of _tile.py (7.3 instead of
 # 15.4 instructions per weight in this tile's loop; its weights are bf16(bf16(code) * bf16(absmax))): on an
 # H100 the swapped 256 x 128 x 128 tile went from 1.63-1.80x to 1.39-1.56x of cuBLAS with it.
-PRMT_LARGE_M_CONFIGS = [_cfg(256, 128, 128, 8, 3, lookup=3, swap=1)] + LARGE_M_CONFIGS
+# That tile needs 184 KB of shared memory on sm_80 / sm_89: too much for an A100 (163 KB) or an
+# RTX 30xx / 40xx (99 KB), which got only LOOKUP 2 tiles; the 256 x 128 x 64 one needs 92 KB and
+# fits both (BENCHMARKS.md, twenty-fourth session: 1.8-2.0x of cuBLAS on an H100 at M = 4096,
+# where LOOKUP 2's best 99 KB tile takes 2.7-2.9x; not measured on those GPUs).
+PRMT_LARGE_M_CONFIGS = [_cfg(256, 128, 128, 8, 3, lookup=3, swap=1),
+                        _cfg(256, 128, 64, 8, 3, lookup=3, swap=1)] + LARGE_M_CONFIGS
 PRMT_SMALL_M_CONFIGS = [_cfg(64, 128, 128, 4, 3, lookup=3, swap=1)] + SMALL_M_CONFIGS
 _KEY = ["M_BUCKET", "N", "K", "FORMAT", "QBLOCK"]
 _large_m_tuned = triton.autotune(configs=LARGE_M_CONFIGS, key=_KEY)(fused_matmul_kernel)
