@@ -144,7 +144,8 @@ SMALL_M_CONFIGS = [
 # That tile needs 184 KB of shared memory on sm_80 / sm_89: too much for an A100 (163 KB) or an
 # RTX 30xx / 40xx (99 KB), which got only LOOKUP 2 tiles; the 256 x 128 x 64 one needs 92 KB and
 # fits both (BENCHMARKS.md, twenty-fourth session: 1.8-2.0x of cuBLAS on an H100 at M = 4096,
-# where LOOKUP 2's best 99 KB tile takes 2.7-2.9x; not measured on those GPUs).
+# where LOOKUP 2's best 99 KB tile takes 2.7-2.9x; not measured on those GPUs). (quant.py sends
+# M >= 64 to dequantize + cuBLAS unless DEQUANT_MATMUL_MIN_M is None; Hopper runs the Gluon kernel.)
 PRMT_LARGE_M_CONFIGS = [_cfg(256, 128, 128, 8, 3, lookup=3, swap=1),
                         _cfg(256, 128, 64, 8, 3, lookup=3, swap=1)] + LARGE_M_CONFIGS
 PRMT_SMALL_M_CONFIGS = [_cfg(64, 128, 128, 4, 3, lookup=3, swap=1)] + SMALL_M_CONFIGS
