@@ -90,7 +90,7 @@ import torch
 import triton
 
 from ._gluon import HAVE_GLUON, TensorDescriptor, gl, gluon, mbarrier, tma
-from ._launch import check_activation, pdl_ok, weight_args
+from ._launch import FP_FUSION, check_activation, pdl_ok, weight_args
 from . import skinny_mma
 
 UNIT_BLOCKS = 32      # NF4 blocks per row in a unit (8 warps x 4 blocks, 4 lanes t): 1 KB per row
@@ -518,5 +518,5 @@ def launch(x, tensors, n: int, k: int, dq_block: int, stages: int = STAGES,
         DQ_BLOCK=dq_block, STAGES=stages, UNIT_BLOCKS=UNIT_BLOCKS,
         KUC=ku, UMAX=triton.next_power_of_2(triton.cdiv(tot, g)),
         PDL=int(pdl), num_warps=WARPS, maxnreg=MAXNREG,
-        **({"launch_pdl": True} if pdl else {}))
+        **({"launch_pdl": True} if pdl else {}), **FP_FUSION)
     return y

@@ -117,7 +117,7 @@ import triton
 # (without Gluon, or without sm_90, fused_matmul is used)
 from ._gluon import (HAVE_GLUON, TensorDescriptor, gl, gluon, mbarrier, tma, warpgroup_mma,
                      warpgroup_mma_wait)
-from ._launch import check_activation, weight_args
+from ._launch import FP_FUSION, check_activation, weight_args
 
 BLOCK_N, BLOCK_M, BLOCK_K, STAGES, GROUP_M, WARPS = 128, 256, 64, 4, 1, 8
 # Decoding through the shared-memory table: byte c of word $1 ($2 = 0x4440 + c: prmt's selector
@@ -607,7 +607,7 @@ def launch_into(y, x, tensors, kp, dq_block, stages: int = STAGES):
         cands if cands is not None else torch.full((1,), -1, dtype=torch.int32, device=x.device), ws, flags,
         m, n, kp, 0 if cands is None else cands.numel() - 1, split,
         DQ_BLOCK=dq_block, BLOCK_N=BLOCK_N, STAGES=stages, GROUP_M=GROUP_M,
-        WORKER_REGS=WORKER_REGS, num_warps=WARPS)
+        WORKER_REGS=WORKER_REGS, num_warps=WARPS, **FP_FUSION)
     if cands is None:  # the first call: the next ones look for the table where it may be
         _TABLE_CANDIDATES[key] = _table_candidates(kernel, x.device)
     return y

@@ -68,7 +68,7 @@ import triton
 import triton.testing
 import triton.language as tl
 
-from ._launch import (pdl_chain, check_activation, check_lookup, interpreting, pdl_ok,
+from ._launch import (FP_FUSION, pdl_chain, check_activation, check_lookup, interpreting, pdl_ok,
                       prmt_ok, split_config, weight_args)
 from . import decode_sm90, skinny_mma
 from ._tile import code_values, dequantize_tile, dequantize_tile_prmt, load_block_scales, nf4_code_pairs
@@ -364,7 +364,8 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     pdl = split_k > 1 and pdl_ok(x.device)
     pdl_opt = {"launch_pdl": True} if pdl else {}  # every kernel of the call: see pdl_chain
     asm = not interpreting()  # inline PTX (CUDA); the interpreter runs each kernel's plain path
-    consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, ASM=int(asm), PDL=int(pdl), **meta, **opts)
+    consts = dict(FORMAT=fmt, QBLOCK=qb, DQ_BLOCK=dq_block, ASM=int(asm), PDL=int(pdl), **meta, **opts,
+                  **FP_FUSION)
     if mma:
         tiles, lut = (1 if m <= 8 else 2), meta.get("LUT", 0)
         warps = opts.get("num_warps", 4)
@@ -390,7 +391,7 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
             STAGES=stages, SLOT=skinny_mma.ring_slot(fmt), RING_DECLARE=ring_declare,
             RING_READ=ring_read, PDL=int(pdl),
             XS=xs, X_ROWS=x_rows, X_BLOCKS=x_blocks, X_DECLARE=x_declare, X_READ=x_read,
-            **pdl_opt, **opts)
+            **pdl_opt, **opts, **FP_FUSION)
     elif gemv:
         # x as 32-bit pairs where it is contiguous bf16 with an even start
         pairs = (x.dtype == torch.bfloat16 and x.stride(1) == 1 and k % 2 == 0
@@ -406,7 +407,7 @@ def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     if split_k > 1:
         size = m * n
         reduce_partials_kernel[(triton.cdiv(size, REDUCE_BLOCK),)](
-            out, y, size, split_k, BLOCK=REDUCE_BLOCK, num_warps=4, PDL=int(pdl), **pdl_opt)
+            out, y, size, split_k, BLOCK=REDUCE_BLOCK, num_warps=4, PDL=int(pdl), **pdl_opt, **FP_FUSION)
     return y
 
 

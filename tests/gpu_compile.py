@@ -34,6 +34,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
+from kernels._launch import FP_FUSION  # noqa: E402
+
 # shared memory per block (opt-in maximum, bytes) of each compute capability
 SHARED = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 # the kernels' launchers, each with its tuners' config lists and the rows of x they serve
@@ -92,7 +94,7 @@ def compile_decode(w, x):
         *d.descriptors(x, packed, scales, n, k), code, code8, absmax2, offset, y, scratch, flags,
         n, k, ku, tot, DQ_BLOCK=dq, STAGES=d.STAGES, UNIT_BLOCKS=d.UNIT_BLOCKS, KUC=ku,
         UMAX=triton.next_power_of_2(triton.cdiv(tot, g)), PDL=1, num_warps=d.WARPS,
-        maxnreg=d.MAXNREG, launch_pdl=True, grid=(g,))
+        maxnreg=d.MAXNREG, launch_pdl=True, grid=(g,), **FP_FUSION)
 
 
 def compile_fused(w, x):
@@ -107,7 +109,7 @@ def compile_fused(w, x):
         *f.descriptors(x, packed, n, kp), y, y.stride(0), scales, absmax2, code, code8, offset,
         cands, ws, ws.view(torch.int32), m, n, kp, 0, 1, DQ_BLOCK=dq, BLOCK_N=f.BLOCK_N,
         STAGES=f.STAGES, GROUP_M=f.GROUP_M, WORKER_REGS=f.WORKER_REGS, num_warps=f.WARPS,
-        grid=(132,))
+        grid=(132,), **FP_FUSION)
 
 
 def compile_gluon(out: str = None):
