@@ -205,10 +205,17 @@ def compile_pointwise():
     """Replace the pointwise functions by torch.compile'd ones (same math, fewer kernels). Off in
     training: on an H200 it sped a 7B step up at 4 x 2048 and slowed it down at 8 x 512, on an
     H100 it was no faster at 1 or 8 x 512. On in generate.py with CUDA: batch-1 decoding of a 7B
-    NF4 model went from 5.0 to 3.3 ms per token on an H100 (BENCHMARKS.md)."""
-    POINTWISE.update(rms_norm=torch.compile(rms_norm, dynamic=True),
-                     apply_rope=torch.compile(apply_rope, dynamic=True),
-                     swiglu=torch.compile(swiglu, dynamic=True))
+    NF4 model went from 5.0 to 3.3 ms per token on an H100 (BENCHMARKS.md).
+
+    On Hopper the compiled kernels use programmatic dependent launch where this torch has it
+    (Inductor's triton.enable_pdl): each lets the kernel after it start before it ends, so a
+    4-bit decoding kernel that follows a norm or SwiGLU (kernels/decode_sm90.py) fills its tables
+    and brings its first weights meanwhile: 3.28 -> 3.19 ms per token on an H100."""
+    import torch._inductor.config as inductor_config
+    options = {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else {}
+    POINTWISE.update({name: torch.compile(fn, dynamic=True, options=options)
+                      for name, fn in (("rms_norm", rms_norm), ("apply_rope", apply_rope),
+                                       ("swiglu", swiglu))})
 
 
 class MLP(nn.Module):
