@@ -12,8 +12,8 @@ fused_matmul_sm90, which it compiles with a 4096x4096 weight's arguments).
 Why: Triton releases and GPU generations move under these kernels (inline PTX an older GPU lacks,
 such as mul.bf16x2 before sm_90; Gluon's renames; tiles larger than a GPU's shared memory), and
 on a machine without a GPU nothing else compiles them. tests/test_kernels.py runs this script for
-sm_80 (A100), sm_89 (RTX 40xx, L4) and sm_90 (H100), so that CI, which installs the newest
-Triton, sees a break.
+sm_80 (A100), sm_89 (RTX 40xx, L4), sm_90 (H100) and sm_120 (RTX 50xx), so that CI, which
+installs the newest Triton, sees a break.
 
 A config that needs more shared memory than the GPU has is not an error: the tuners skip it
 (Triton's autotuner on OutOfResources, skinny_matmul's tuner on any failure). A list of which no

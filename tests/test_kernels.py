@@ -858,13 +858,13 @@ def test_gpu_decode_sm90(n, k, programs):
         dec.decode_sm90(x, quant.quantize_weight(gaussian(n, k, seed=72) * 0.05, "int4", 64, False))
 
 
-@pytest.mark.parametrize("arch", [80, 89, 90])
+@pytest.mark.parametrize("arch", [80, 89, 90, 120])
 def test_kernels_compile_for_gpus(arch):
     """Every config the launchers can choose compiles for an A100 (sm_80), an RTX 40xx / L4
-    (sm_89) and an H100 (sm_90) with the installed Triton, GPU or not (tests/gpu_compile.py, in
-    a subprocess: it stands in a driver for that GPU and needs the interpreter off). Configs too
-    large for a GPU's shared memory may be skipped (the tuners do), but every tuner list keeps
-    one that fits. Triton releases move under the kernels (Gluon's renames, kernels/_gluon.py)
+    (sm_89), an H100 (sm_90) and an RTX 50xx (sm_120) with the installed Triton, GPU or not
+    (tests/gpu_compile.py, in a subprocess: it stands in a driver for that GPU and needs the
+    interpreter off; bf16 activations). Configs too large for a GPU's shared memory may be
+    skipped (the tuners do), but every tuner list keeps one that fits. Triton releases move under the kernels (Gluon's renames, kernels/_gluon.py)
     and older GPUs lack instructions (mul.bf16x2 before sm_90): without this, a machine without
     a GPU would see neither. On sm_90 the Gluon kernels' PTX must hold what their docstrings
     rely on: the decoder's programmatic dependent launch, the fused kernel's wgmma, both
