@@ -144,7 +144,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
+                   help="compute dtype (default: bfloat16 on cuda, float16 on a GPU without bf16 "
+                        "such as a T4 or V100, float32 on cpu)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="fuse the kernels of RMSNorm, rotary and SwiGLU with torch.compile "
                         "(model.compile_pointwise; the first call compiles them, seconds). Default: on "
@@ -160,9 +161,17 @@ def parse_args(argv=None):
     return args
 
 
+def default_dtype(device: str) -> torch.dtype:
+    """bf16 on a GPU that has it (compute capability 8.0 or more), fp16 on an older one, whose
+    tensor cores have no bf16; fp32 on the CPU."""
+    if not device.startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
 def main(argv=None):
     args = parse_args(argv)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.device)
     tokenizer = load_tokenizer(args.model)
     model = build_model(args.model, args.device, dtype, args.quant, args.adapter)
     if args.compile:

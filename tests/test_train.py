@@ -306,6 +306,20 @@ def test_bad_input_errors_from_the_command_line(tmp_path):
         assert "Traceback" not in r.stderr
 
 
+def test_a_gpu_without_bf16_is_refused(tmp_path, monkeypatch):
+    """A T4 or V100 (compute capability 7.x) has no bf16, which training computes in: a clear
+    error before anything runs (generate.py takes fp16 there instead)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(ValueError, match=r"Tesla T4 \(compute capability 7.5\) has no bf16"):
+        train.train(["--device", "cuda", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    import generate
+    assert generate.default_dtype("cuda") == torch.float16 and generate.default_dtype("cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert generate.default_dtype("cuda:0") == torch.bfloat16
+
+
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
