@@ -210,8 +210,8 @@ def train(argv=None):
     if device.startswith("cuda") and torch.cuda.get_device_capability(device)[0] < 8:
         cc = ".".join(map(str, torch.cuda.get_device_capability(device)))
         raise ValueError(f"{torch.cuda.get_device_name(device)} (compute capability {cc}) has no bf16, "
-                           "which training computes in: it needs compute capability 8.0 or more "
-                           "(A100, RTX 30xx and newer), or --device cpu")
+                         "which training computes in: it needs compute capability 8.0 or more "
+                         "(A100, RTX 30xx and newer), or --device cpu")
     if not args.resume and not args.overwrite and os.path.isfile(os.path.join(args.out, CHECKPOINT)):
         raise FileExistsError(f"{os.path.join(args.out, CHECKPOINT)} exists: continue that run with --resume, or start afresh with --overwrite")
     os.makedirs(args.out, exist_ok=True)
