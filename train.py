@@ -41,7 +41,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from generate import DEFAULT_MODEL, build_model, generate_tokens
+from generate import DEFAULT_MODEL, build_model, default_dtype, generate_tokens
 from lora import add_lora, lora_state_dict, save_adapter
 from loss import causal_lm_loss_sum
 from model import load_tokenizer, read_args
@@ -206,8 +206,8 @@ def train(argv=None):
     model_args, data_args, args = parse_args(argv)
     rank, world, device = setup_distributed(args.device, args.dist_timeout)
     main = rank == 0
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 on GPU, fp32 on CPU
-    if device.startswith("cuda") and torch.cuda.get_device_capability(device)[0] < 8:
+    dtype = default_dtype(device)  # bf16 on GPU, fp32 on CPU
+    if dtype == torch.float16:  # generate.py runs such a GPU in fp16; training needs bf16
         cc = ".".join(map(str, torch.cuda.get_device_capability(device)))
         raise ValueError(f"{torch.cuda.get_device_name(device)} (compute capability {cc}) has no bf16, "
                          "which training computes in: it needs compute capability 8.0 or more "
