@@ -1,13 +1,16 @@
 """Compile every Triton kernel the launchers can choose, for a GPU of your choice, without one.
 
-    python tests/gpu_compile.py [--arch 90] [--out DIR]   (DIR: the Gluon kernels' .ptx, .cubin)
+    python tests/gpu_compile.py [--arch 90] [--dtype bfloat16] [--out DIR]
+        (DIR: the Gluon kernels' .ptx, .cubin)
 
 Triton compiles for the GPU its active driver reports. This script makes that a stand-in for an
 sm_<arch> GPU (StandInGPU: its compute capability and shared memory per block; it launches
 nothing) and calls the launchers with CPU tensors and each config of the tuners' lists:
 dequantize, fused_matmul, fused_matmul_dx and skinny_matmul, for NF4 with double quantization and
-INT4 weights and bf16 activations; on sm_90 also the Gluon kernels (decode_sm90 and
-fused_matmul_sm90, which it compiles with a 4096x4096 weight's arguments).
+INT4 weights and bf16 activations (or fp16: generate.py's default on GPUs without bf16, such as
+a T4, sm_75; the byte-permute and tensor-core decoders are bf16 only, so their lists are left
+out); with bf16 on sm_90 also the Gluon kernels (decode_sm90 and fused_matmul_sm90, which it
+compiles with a 4096x4096 weight's arguments).
 
 Why: Triton releases and GPU generations move under these kernels (inline PTX an older GPU lacks,
 such as mul.bf16x2 before sm_90; Gluon's renames; tiles larger than a GPU's shared memory), and
@@ -37,7 +40,7 @@ from triton.runtime.errors import OutOfResources  # noqa: E402
 from kernels._launch import FP_FUSION  # noqa: E402
 
 # shared memory per block (opt-in maximum, bytes) of each compute capability
-SHARED = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+SHARED = {75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 # the kernels' launchers, each with its tuners' config lists and the rows of x they serve
 LISTS = {
     "dequantize": [("_CONFIGS", 0)],
@@ -143,16 +146,16 @@ def configs(module, list_name: str):
     return out
 
 
-def call(name: str, launcher, w, m: int, cfg: dict):
+def call(name: str, launcher, w, m: int, cfg: dict, dtype: torch.dtype):
     """The launcher with config cfg (it compiles, and the stand-in launches nothing); the matmuls
-    with m rows of bf16 x."""
+    with m rows of x in dtype, dequantize to dtype."""
     if name == "dequantize":
-        return launcher(w, torch.bfloat16, config=cfg)
+        return launcher(w, dtype, config=cfg)
     features = w.out_features if name == "fused_matmul_dx" else w.in_features
-    return launcher(torch.randn(m, features).to(torch.bfloat16), w, config=cfg)
+    return launcher(torch.randn(m, features).to(dtype), w, config=cfg)
 
 
-def compile_lists(arch: int, weights: dict) -> list:
+def compile_lists(arch: int, weights: dict, dtype: torch.dtype) -> list:
     """Every config of every list through its launcher; returns the errors (lines)."""
     errors = []
     for name, lists in LISTS.items():
@@ -160,12 +163,12 @@ def compile_lists(arch: int, weights: dict) -> list:
         launcher = getattr(module, name)
         for list_name, m in lists:
             for fmt, w in weights.items():
-                if fmt == "int4" and list_name.startswith(("PRMT_", "MMA_")):
-                    continue  # the byte-permute and tensor-core decoders: NF4 only
+                if list_name.startswith(("PRMT_", "MMA_")) and (fmt == "int4" or dtype != torch.bfloat16):
+                    continue  # the byte-permute and tensor-core decoders: NF4 and bf16 only
                 done, too_large, failed = 0, [], []
                 for cfg in configs(module, list_name):
                     try:
-                        call(name, launcher, w, m, cfg)
+                        call(name, launcher, w, m, cfg, dtype)
                         done += 1
                     except OutOfResources as e:
                         too_large.append(f"{cfg} ({e.required} bytes)")
@@ -196,8 +199,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, choices=sorted(SHARED),
                     help="compute capability x 10 of the GPU to compile for (default 90, H100)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                    help="the activations' dtype (default bfloat16; GPUs before sm_80 have no bf16)")
     ap.add_argument("--out", help="write <kernel>.ptx and <kernel>.cubin of the Gluon kernels here")
     a = ap.parse_args()
+    dtype = getattr(torch, a.dtype)
+    if a.arch < 80 and dtype == torch.bfloat16:
+        ap.error(f"sm_{a.arch} has no bf16: use --dtype float16")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("TRITON_INTERPRET is set: the interpreter compiles nothing; unset it")
     import quant
@@ -207,11 +215,12 @@ def main():
     torch.manual_seed(0)
     weights = {fmt: quant.quantize_weight(torch.randn(256, 512) * 0.02, fmt, 64, double_quant=True)
                for fmt in ("nf4", "int4")}
-    print(f"Triton {triton.__version__}, sm_{a.arch}: {SHARED[a.arch]} bytes of shared memory per block")
-    errors = compile_lists(a.arch, weights)
-    if a.arch == 90 and HAVE_GLUON:
+    print(f"Triton {triton.__version__}, sm_{a.arch}, {a.dtype}: {SHARED[a.arch]} bytes of shared "
+          "memory per block")
+    errors = compile_lists(a.arch, weights, dtype)
+    if a.arch == 90 and HAVE_GLUON and dtype == torch.bfloat16:
         compile_gluon(a.out)
-    elif a.arch == 90:
+    elif a.arch == 90 and dtype == torch.bfloat16:
         print(f"Triton {triton.__version__} has no Gluon: the Hopper kernels are not used")
     for e in errors:
         print("ERROR", e)

@@ -589,6 +589,47 @@ def test_gpu_other_formats_bf16(fmt):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["nf4dq", "int4"])
+def test_gpu_fp16(fmt, monkeypatch):
+    """fp16 activations on the GPU (generate.py's default on GPUs without bf16, such as a T4;
+    `--dtype float16` elsewhere): each kernel with the first config of its lists, then quant.py's
+    dispatch with its tuners and a QuantLinear's backward, both with and without the
+    dequantize + cuBLAS path. The small tests run bf16 on the GPU, and the bf16-only kernels
+    (decode_sm90, fused_matmul_sm90, the byte-permute and tensor-core decoders) must not be
+    chosen for fp16: a wrong dtype there would give wrong numbers, not an error."""
+    dtype = torch.float16
+    n, k = 4096, 4096
+    qw = make_weight(fmt, n, k, seed=24)
+    w = quant.dequantize(qw, dtype)
+    mods = {m: importlib.import_module(f"kernels.{m}") for m in
+            ("dequantize", "fused_matmul", "fused_matmul_dx", "skinny_matmul")}
+    assert_dequantized_equal(kernels.dequantize(qw, dtype, config=config_dict(mods["dequantize"]._CONFIGS[0])),
+                             w, qw)
+    assert_dequantized_equal(kernels.dequantize(qw, dtype), w, qw)
+    for m in (1, 16, 512):
+        x = gaussian(m, k, seed=m, dtype=dtype)
+        dy = gaussian(m, n, seed=m + 1, dtype=dtype)
+        if m <= 16:
+            sk = mods["skinny_matmul"]
+            cfg = config_dict((sk.CANDIDATES_M1 if m == 1 else sk.CANDIDATES_M16)[0])
+            assert_matmul_close(kernels.skinny_matmul(x, qw, config=cfg), x, w.t(), dtype)
+        for name in ("fused_matmul", "fused_matmul_dx"):
+            cfgs = getattr(mods[name], "LARGE_M_CONFIGS" if m > 128 else "SMALL_M_CONFIGS")
+            a, b = (x, w.t()) if name == "fused_matmul" else (dy, w)
+            assert_matmul_close(getattr(kernels, name)(a, qw, config=config_dict(cfgs[0])), a, b, dtype)
+    ql = quant.QuantLinear(qw)
+    for threshold in (None, 64):  # fused for every M, then dequantize + cuBLAS from M = 64
+        monkeypatch.setattr(quant, "DEQUANT_MATMUL_MIN_M", threshold)
+        for m in (1, 7, 16, 200):
+            x = gaussian(m, k, seed=m + 2, dtype=dtype).requires_grad_()
+            y = ql(x)
+            assert_matmul_close(y.detach(), x.detach(), w.t(), dtype)
+            dy = gaussian(m, n, seed=m + 3, dtype=dtype)
+            y.backward(dy)
+            assert_matmul_close(x.grad, dy, w, dtype)
+
+
+@pytest.mark.cuda
 def test_gpu_quantlinear_autograd_and_dequant_matmul_path(monkeypatch):
     dtype = torch.bfloat16
     ql = quant.QuantLinear.from_linear(torch.nn.Linear(1024, 768, bias=False).cuda().to(dtype))
@@ -858,24 +899,28 @@ def test_gpu_decode_sm90(n, k, programs):
         dec.decode_sm90(x, quant.quantize_weight(gaussian(n, k, seed=72) * 0.05, "int4", 64, False))
 
 
-@pytest.mark.parametrize("arch", [80, 89, 90, 120])
-def test_kernels_compile_for_gpus(arch):
+@pytest.mark.parametrize("arch,dtype", [(80, "bfloat16"), (89, "bfloat16"), (90, "bfloat16"),
+                                        (120, "bfloat16"), (75, "float16")])
+def test_kernels_compile_for_gpus(arch, dtype):
     """Every config the launchers can choose compiles for an A100 (sm_80), an RTX 40xx / L4
-    (sm_89), an H100 (sm_90) and an RTX 50xx (sm_120) with the installed Triton, GPU or not
-    (tests/gpu_compile.py, in a subprocess: it stands in a driver for that GPU and needs the
-    interpreter off; bf16 activations). Configs too large for a GPU's shared memory may be
-    skipped (the tuners do), but every tuner list keeps one that fits. Triton releases move under the kernels (Gluon's renames, kernels/_gluon.py)
-    and older GPUs lack instructions (mul.bf16x2 before sm_90): without this, a machine without
-    a GPU would see neither. On sm_90 the Gluon kernels' PTX must hold what their docstrings
-    rely on: the decoder's programmatic dependent launch, the fused kernel's wgmma, both
-    kernels' register reallocation (setmaxnreg)."""
+    (sm_89), an H100 (sm_90) and an RTX 50xx (sm_120) with bf16 activations, and for a T4
+    (sm_75, no bf16) with fp16 ones, generate.py's default there; with the installed Triton, GPU
+    or not (tests/gpu_compile.py, in a subprocess: it stands in a driver for that GPU and needs
+    the interpreter off). Configs too large for a GPU's shared memory may be skipped (the tuners
+    do), but every tuner list keeps one that fits. Triton releases move under the kernels
+    (Gluon's renames, kernels/_gluon.py) and older GPUs lack instructions (mul.bf16x2 before
+    sm_90): without this, a machine without a GPU would see neither. On sm_90 the Gluon kernels'
+    PTX must hold what their docstrings rely on: the decoder's programmatic dependent launch, the
+    fused kernel's wgmma, both kernels' register reallocation (setmaxnreg)."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_compile.py")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, script, "--arch", str(arch)], env=env,
+    run = subprocess.run([sys.executable, script, "--arch", str(arch), "--dtype", dtype], env=env,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]
     counts = [ln for ln in run.stdout.splitlines() if " compiled, " in ln]
-    assert len(counts) >= 20 and all(" 0 failed" in ln for ln in counts), run.stdout
+    # (fp16 has no byte-permute or tensor-core decoder lists: 14 lines against 21 with bf16)
+    assert len(counts) >= (20 if dtype == "bfloat16" else 14), run.stdout
+    assert all(" 0 failed" in ln for ln in counts), run.stdout
     if arch != 90 or not importlib.import_module("kernels._gluon").HAVE_GLUON:
         return  # (no Gluon in this Triton: the Hopper kernels are never used)
     lines = {ln.split(":")[0]: ln for ln in run.stdout.splitlines() if ": compiled for sm_90" in ln}
