@@ -8,8 +8,9 @@ The skinny kernel is also run with every split of K (1, 2, 3, 5 splits of a padd
 partials and their reduction) and every code lookup (LOOKUP 0 global gather, 1 select tree,
 2 scaled table + tl.gather) is checked in every kernel.
 With CUDA the same small tests run on the GPU (bf16 instead of fp16), plus `cuda`-marked tests on
-LLaMA-7B shapes, every skinny candidate and SPLIT_K = 1, the skinny kernel captured in a CUDA graph
-(replay == eager, bit for bit), every LOOKUP on the GPU, and against bitsandbytes (importorskip).
+LLaMA-7B shapes, fp16 activations on one of them, every skinny candidate and SPLIT_K = 1, the skinny
+kernel captured in a CUDA graph (replay == eager, bit for bit), every LOOKUP on the GPU, and against
+bitsandbytes (importorskip).
 
 Matmul tolerance (elementwise, float64 reference ref = a @ b):
     |y - ref| <= u * |ref| + 8 u * sqrt((a*a) @ (b*b)) + R * 2^-24 * (|a| @ |b|)
