@@ -564,29 +564,32 @@ def test_gpu_llama_shapes_bf16(n, k):
             assert_matmul_close(kernels.fused_matmul_dx(dy, qw), dy, w, dtype)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("fmt", ["nf4", "int4", "int4g128"])
-def test_gpu_other_formats_bf16(fmt):
-    """Formats other than NF4 + double quant, with the first config of each autotuning list
-    (autotuning every format would compile every config again)."""
-    dtype = torch.bfloat16
-    n, k = 4096, 4096
-    qw = make_weight(fmt, n, k, seed=21)
-    w = quant.dequantize(qw, dtype)
+def check_first_configs(qw, w, dtype):
+    """Each kernel with the first config of each of its lists (autotuning every format and dtype
+    would compile every config again) at M = 1, 16 and 512, against w = qw dequantized."""
     mods = {m: importlib.import_module(f"kernels.{m}") for m in
             ("dequantize", "fused_matmul", "fused_matmul_dx", "skinny_matmul")}
-    assert torch.equal(kernels.dequantize(qw, dtype, config=config_dict(mods["dequantize"]._CONFIGS[0])), w)
+    first = config_dict(mods["dequantize"]._CONFIGS[0])
+    assert_dequantized_equal(kernels.dequantize(qw, dtype, config=first), w, qw)
+    n, k = w.shape
     for m in (1, 16, 512):
         x = gaussian(m, k, seed=m, dtype=dtype)
         dy = gaussian(m, n, seed=m + 1, dtype=dtype)
         if m <= 16:
-            cfgs = mods["skinny_matmul"].CANDIDATES_M1 if m == 1 else mods["skinny_matmul"].CANDIDATES_M16
-            y = kernels.skinny_matmul(x, qw, config=config_dict(cfgs[0]))
-            assert_matmul_close(y, x, w.t(), dtype)
-        cfgs = mods["fused_matmul"].LARGE_M_CONFIGS if m > 128 else mods["fused_matmul"].SMALL_M_CONFIGS
-        assert_matmul_close(kernels.fused_matmul(x, qw, config=config_dict(cfgs[0])), x, w.t(), dtype)
-        cfgs = mods["fused_matmul_dx"].LARGE_M_CONFIGS if m > 128 else mods["fused_matmul_dx"].SMALL_M_CONFIGS
-        assert_matmul_close(kernels.fused_matmul_dx(dy, qw, config=config_dict(cfgs[0])), dy, w, dtype)
+            sk = mods["skinny_matmul"]
+            cfg = config_dict((sk.CANDIDATES_M1 if m == 1 else sk.CANDIDATES_M16)[0])
+            assert_matmul_close(kernels.skinny_matmul(x, qw, config=cfg), x, w.t(), dtype)
+        for name, a, b in (("fused_matmul", x, w.t()), ("fused_matmul_dx", dy, w)):
+            cfgs = getattr(mods[name], "LARGE_M_CONFIGS" if m > 128 else "SMALL_M_CONFIGS")
+            assert_matmul_close(getattr(kernels, name)(a, qw, config=config_dict(cfgs[0])), a, b, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int4g128"])
+def test_gpu_other_formats_bf16(fmt):
+    """Formats other than NF4 + double quant (the dequantized values exactly equal)."""
+    qw = make_weight(fmt, 4096, 4096, seed=21)
+    check_first_configs(qw, quant.dequantize(qw, torch.bfloat16), torch.bfloat16)
 
 
 @pytest.mark.cuda
@@ -602,22 +605,8 @@ def test_gpu_fp16(fmt, monkeypatch):
     n, k = 4096, 4096
     qw = make_weight(fmt, n, k, seed=24)
     w = quant.dequantize(qw, dtype)
-    mods = {m: importlib.import_module(f"kernels.{m}") for m in
-            ("dequantize", "fused_matmul", "fused_matmul_dx", "skinny_matmul")}
-    assert_dequantized_equal(kernels.dequantize(qw, dtype, config=config_dict(mods["dequantize"]._CONFIGS[0])),
-                             w, qw)
-    assert_dequantized_equal(kernels.dequantize(qw, dtype), w, qw)
-    for m in (1, 16, 512):
-        x = gaussian(m, k, seed=m, dtype=dtype)
-        dy = gaussian(m, n, seed=m + 1, dtype=dtype)
-        if m <= 16:
-            sk = mods["skinny_matmul"]
-            cfg = config_dict((sk.CANDIDATES_M1 if m == 1 else sk.CANDIDATES_M16)[0])
-            assert_matmul_close(kernels.skinny_matmul(x, qw, config=cfg), x, w.t(), dtype)
-        for name in ("fused_matmul", "fused_matmul_dx"):
-            cfgs = getattr(mods[name], "LARGE_M_CONFIGS" if m > 128 else "SMALL_M_CONFIGS")
-            a, b = (x, w.t()) if name == "fused_matmul" else (dy, w)
-            assert_matmul_close(getattr(kernels, name)(a, qw, config=config_dict(cfgs[0])), a, b, dtype)
+    check_first_configs(qw, w, dtype)
+    assert_dequantized_equal(kernels.dequantize(qw, dtype), w, qw)  # tuned
     ql = quant.QuantLinear(qw)
     for threshold in (None, 64):  # fused for every M, then dequantize + cuBLAS from M = 64
         monkeypatch.setattr(quant, "DEQUANT_MATMUL_MIN_M", threshold)
