@@ -1,6 +1,6 @@
 """How fast can any kernel read a 4-bit weight, call after call? The floor under decoding (M = 1).
 
-    python3 benchmarks/stream_floor.py          (about 20 seconds on an H100)
+    python3 benchmarks/stream_floor.py          (about 30 seconds on an H100, compiles included)
 
 A decoding matmul reads each packed byte of W once, so no kernel can be faster than one that only
 reads those bytes. This script times such a kernel: each program sums its share of the bytes
