@@ -218,10 +218,11 @@ def main():
     print(f"Triton {triton.__version__}, sm_{a.arch}, {a.dtype}: {SHARED[a.arch]} bytes of shared "
           "memory per block")
     errors = compile_lists(a.arch, weights, dtype)
-    if a.arch == 90 and HAVE_GLUON and dtype == torch.bfloat16:
-        compile_gluon(a.out)
-    elif a.arch == 90 and dtype == torch.bfloat16:
-        print(f"Triton {triton.__version__} has no Gluon: the Hopper kernels are not used")
+    if a.arch == 90 and dtype == torch.bfloat16:  # the Hopper kernels take bf16 only
+        if HAVE_GLUON:
+            compile_gluon(a.out)
+        else:
+            print(f"Triton {triton.__version__} has no Gluon: the Hopper kernels are not used")
     for e in errors:
         print("ERROR", e)
     sys.exit(1 if errors else 0)
