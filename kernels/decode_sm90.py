@@ -324,13 +324,18 @@ if HAVE_GLUON:
     def _loader(p_desc, s_desc, x_desc, w_ring, s_ring, x_ring, ready, empty, x_ready, u0, u1, KU,
                 PDL: gl.constexpr, STAGES: gl.constexpr, UNIT_BLOCKS: gl.constexpr):
         """The loader warp: unit u0 + j into stage j % STAGES once the consumers freed it. Once
-        its first STAGES units are on their way, x (after the PDL wait: the kernel before wrote
-        it), 32 blocks a barrier, those of the first unit first. With LAUNCH_AHEAD units left to
-        bring (not before its first STAGES), it lets the next kernel start (once the one before
-        has ended)."""
+        its first STAGES units are on their way (STAGES - 1 in a share of at most STAGES + 1
+        units), x (after the PDL wait: the kernel before wrote it), 32 blocks a barrier, those
+        of the first unit first. With LAUNCH_AHEAD units left to bring (not before its first
+        STAGES), it lets the next kernel start (once the one before has ended)."""
         n = u1 - u0
         launch_at = gl.minimum(gl.maximum(n - AHEAD, STAGES - 1), n - 1)
-        x_at = gl.minimum(STAGES, n) - 1
+        # What a program brings before its PDL wait, all programs at once, is one burst that
+        # queues in front of the loads the call before still makes after its own wait, and every
+        # call waits for the one before to end. In a short share (4096x4096: 3.9 units) that
+        # burst is most of the call's bytes: one unit fewer there makes the call 3% faster; in
+        # long shares it would starve the loop after the wait (BENCHMARKS.md, twenty-sixth session)
+        x_at = gl.minimum(STAGES - (n <= STAGES + 1).to(gl.int32), n) - 1
         lanes = gl.zeros([32], gl.int32, gl.BlockedLayout([1], [32], [1], [0]))  # (for inline PTX)
         BOXES: gl.constexpr = UNIT_BLOCKS // 4
         STAGE_BYTES: gl.constexpr = BOXES * p_desc.block_type.nbytes + s_desc.block_type.nbytes
