@@ -73,8 +73,9 @@ previous call's programs ended, their first loads behind the HBM stream), then 4
 table fill without bank conflicts (the next call's fill had slowed this call's loop by 10%) and
 the hand-over's wait moved ahead, then 0-5% from the absmax offset read before the PDL wait,
 then (twentieth session) 3-4% at the two large shapes from the stage given back before decoding,
-and 1.5-6% at the two large shapes from x by TMA (the loop had waited for all of x).
-TMA alone streams the bytes in 9.5 us.
+and 1.5-6% at the two large shapes from x by TMA (the loop had waited for all of x), then
+(twenty-sixth session) 2-3% at 4096x4096 from one unit fewer before the PDL wait in short
+shares. TMA alone streams the bytes in 9.5 us.
 
 Restrictions (decode_ok): an sm_90 GPU with Gluon; bf16 x of one row, contiguous; NF4 with double
 quantization, blocks of 64, K a multiple of 64 (no padding); N a multiple of 16; x, the packed
@@ -333,7 +334,7 @@ if HAVE_GLUON:
         # What a program brings before its PDL wait, all programs at once, is one burst that
         # queues in front of the loads the call before still makes after its own wait, and every
         # call waits for the one before to end. In a short share (4096x4096: 3.9 units) that
-        # burst is most of the call's bytes: one unit fewer there makes the call 3% faster; in
+        # burst is most of the call's bytes: one unit fewer there makes the call 2-3% faster; in
         # long shares it would starve the loop after the wait (BENCHMARKS.md, twenty-sixth session)
         x_at = gl.minimum(STAGES - (n <= STAGES + 1).to(gl.int32), n) - 1
         lanes = gl.zeros([32], gl.int32, gl.BlockedLayout([1], [32], [1], [0]))  # (for inline PTX)
