@@ -8,6 +8,8 @@ reads those bytes. This script times such a kernel: each program sums its share 
 number. As in bench_kernels.py's "skinny HBM" column, 16 calls are captured in a CUDA graph that
 cycles through 8 copies of the bytes (8 x the weight > the 50 MB L2: they come from HBM), and the
 graph is replayed back to back; microseconds per call, median of 7 replays of 20 graphs.
+(bench_kernels.py times one replay of a 20-call graph at a time, which adds the graph's start to
+every call: BENCHMARKS.md, twenty-third session. Back to back is the floor's own measure.)
 
 Three ways to chain the calls (MODE):
   0  plain launches: a call starts once the one before has ended;
@@ -18,8 +20,8 @@ Three ways to chain the calls (MODE):
   2  PDL, the wait first: every read after the kernel before has ended.
 MODE 1 is the floor for a decoding kernel that brings its weights before x; what such a kernel
 does after x arrives (the decoding and the products) comes on top. Printed against a
-device-to-device copy of 512 MiB timed in the same run (the "measured HBM bandwidth" of the
-M = 1 target in bench_kernels.py) and the 60% the target asks for, beside our decoding matmul
+device-to-device copy of 512 MiB timed in the same run (bench_kernels.copy_gbps: the
+"measured HBM bandwidth" of the M = 1 target) and the 60% the target asks for, beside our decoding matmul
 (kernels.skinny_matmul, what QuantLinear runs at M = 1) timed the same way on 8 NF4 weights.
 BENCHMARKS.md has the numbers.
 """
@@ -34,7 +36,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K) of LLaMA-7B's q/o, gate/up, down
+from bench_kernels import COPIES, SHAPES, copy_gbps  # noqa: E402 (beside this file)
 
 
 @triton.jit
@@ -53,7 +55,7 @@ def read_kernel(w_ptr, x_ptr, y_ptr, n_words, BLOCK: tl.constexpr, MODE: tl.cons
     tl.store(y_ptr + pid, total + tl.load(x_ptr + pid))
 
 
-def time_graph(call, copies: int = 8, calls: int = 16, reps: int = 20, rounds: int = 7) -> float:
+def time_graph(call, copies: int = COPIES, calls: int = 16, reps: int = 20, rounds: int = 7) -> float:
     """Microseconds per call: `calls` calls over `copies` copies in a CUDA graph, median of rounds."""
     for i in range(copies):
         call(i)  # compile, and keep compiling out of the capture
@@ -80,24 +82,9 @@ def ours_us(n: int, k: int, device) -> float:
     """kernels.skinny_matmul at M = 1 on 8 NF4 weights (double quantization), as time_graph."""
     import kernels
     import quant
-    weights = [quant.quantize_nf4(torch.randn(n, k, device=device) * 0.02) for _ in range(8)]
+    weights = [quant.quantize_nf4(torch.randn(n, k, device=device) * 0.02) for _ in range(COPIES)]
     x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
     return time_graph(lambda i: kernels.skinny_matmul(x, weights[i]))
-
-
-def copy_gbps(device) -> float:
-    """Read + write bandwidth of a 512 MiB device-to-device copy, GB/s."""
-    src = torch.empty(512 << 20, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * 10 * src.numel() / (start.elapsed_time(end) / 1e3) / 1e9
 
 
 def main():
@@ -112,7 +99,7 @@ def main():
         nbytes = n * k // 2 + n * k // 64 + n * k // 64 // 256 * 4
         n_words = triton.cdiv(nbytes, 4)
         copies = [torch.randint(-2**31, 2**31 - 1, (n_words,), dtype=torch.int32, device=device)
-                  for _ in range(8)]
+                  for _ in range(COPIES)]
         floor_us = nbytes / (gbps * 1e9) * 1e6
         ours = ours_us(n, k, device)
         for block, warps in ((8192, 8), (16384, 16)):
