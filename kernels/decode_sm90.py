@@ -512,17 +512,26 @@ def launch(x, tensors, n: int, k: int, dq_block: int, stages: int = STAGES,
         # (the ring in dynamic shared memory must pass 48 KB: only then does Triton let the
         # kernel use more, which the 32 KB static table needs on top of it)
         raise ValueError("decode_sm90 needs a ring of more than 48 KB (stages >= 3: 16.5 KB each)")
-    packed, scales, _zeros, absmax2, code, code8, offset = tensors
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    p_desc, s_desc, x_desc = descriptors(x, packed, scales, n, k)
-    ku, tot = units(n, k)
     scratch, flags = _handover(x.device)
-    g = min(programs or flags.numel(), flags.numel(), tot)
-    pdl = pdl_ok(x.device)
-    decode_sm90_kernel[(g,)](
-        p_desc, s_desc, x_desc, code, code8, absmax2, offset, y, scratch, flags, n, k, ku, tot,
-        DQ_BLOCK=dq_block, STAGES=stages, UNIT_BLOCKS=UNIT_BLOCKS,
-        KUC=ku, UMAX=triton.next_power_of_2(triton.cdiv(tot, g)),
-        PDL=int(pdl), num_warps=WARPS, maxnreg=MAXNREG,
-        **({"launch_pdl": True} if pdl else {}), **FP_FUSION)
+    programs = min(programs or flags.numel(), flags.numel())
+    grid, args, options = kernel_call(x, tensors, y, scratch, flags, n, k, dq_block, stages, programs,
+                                      pdl_ok(x.device))
+    decode_sm90_kernel[grid](*args, **options)
     return y
+
+
+def kernel_call(x, tensors, y, scratch, flags, n: int, k: int, dq_block: int, stages: int,
+                programs: int, pdl: bool):
+    """decode_sm90_kernel's grid, arguments and options for one call: launch runs them, and
+    tests/gpu_compile.py compiles them without a GPU (with CPU stand-ins for y and the hand-over
+    buffers). programs: at most this many (one per SM in launch)."""
+    packed, scales, _zeros, absmax2, code, code8, offset = tensors
+    ku, tot = units(n, k)
+    g = min(programs, tot)
+    args = (*descriptors(x, packed, scales, n, k), code, code8, absmax2, offset, y, scratch, flags,
+            n, k, ku, tot)
+    options = dict(DQ_BLOCK=dq_block, STAGES=stages, UNIT_BLOCKS=UNIT_BLOCKS, KUC=ku,
+                   UMAX=triton.next_power_of_2(triton.cdiv(tot, g)), PDL=int(pdl), num_warps=WARPS,
+                   maxnreg=MAXNREG, **({"launch_pdl": True} if pdl else {}), **FP_FUSION)
+    return (g,), args, options

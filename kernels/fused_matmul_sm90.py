@@ -593,21 +593,30 @@ def descriptors(x, packed, n: int, kp: int):
 def launch_into(y, x, tensors, kp, dq_block, stages: int = STAGES):
     """The launch itself, into y (M, N), for arguments already checked (weight_args,
     check_activation, sm90_ok): fused_matmul's dispatch, which has done all three, calls it."""
-    packed, scales, _zeros, absmax2, code, code8, offset = tensors
-    (m, k), n = x.shape, y.shape[1]
-    x_desc, p_desc = descriptors(x, packed, n, kp)
+    m, n = x.shape[0], y.shape[1]
     tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N)
     programs = min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count)
     split, ws, flags = _split_last_wave(tiles, programs, kp // BLOCK_K, x.device)
-    grid = (programs,)
     key = (x.device, stages, dq_block)
     cands = _TABLE_CANDIDATES.get(key)
-    kernel = fused_matmul_sm90_kernel[grid](
-        x_desc, p_desc, y, y.stride(0), scales, absmax2, code, code8, offset,
-        cands if cands is not None else torch.full((1,), -1, dtype=torch.int32, device=x.device), ws, flags,
-        m, n, kp, 0 if cands is None else cands.numel() - 1, split,
-        DQ_BLOCK=dq_block, BLOCK_N=BLOCK_N, STAGES=stages, GROUP_M=GROUP_M,
-        WORKER_REGS=WORKER_REGS, num_warps=WARPS, **FP_FUSION)
+    grid, args, options = kernel_call(
+        y, x, tensors, kp, dq_block, stages, programs, split, ws, flags,
+        cands if cands is not None else torch.full((1,), -1, dtype=torch.int32, device=x.device))
+    kernel = fused_matmul_sm90_kernel[grid](*args, **options)
     if cands is None:  # the first call: the next ones look for the table where it may be
         _TABLE_CANDIDATES[key] = _table_candidates(kernel, x.device)
     return y
+
+
+def kernel_call(y, x, tensors, kp: int, dq_block: int, stages: int, programs: int, split: int, ws,
+                flags, cands):
+    """fused_matmul_sm90_kernel's grid, arguments and options for one call: launch_into runs
+    them, and tests/gpu_compile.py compiles them without a GPU. cands: the table's candidate
+    offsets, ending in -1 (just [-1] before the first call has found them)."""
+    packed, scales, _zeros, absmax2, code, code8, offset = tensors
+    m, n = x.shape[0], y.shape[1]
+    args = (*descriptors(x, packed, n, kp), y, y.stride(0), scales, absmax2, code, code8, offset,
+            cands, ws, flags, m, n, kp, cands.numel() - 1, split)
+    options = dict(DQ_BLOCK=dq_block, BLOCK_N=BLOCK_N, STAGES=stages, GROUP_M=GROUP_M,
+                   WORKER_REGS=WORKER_REGS, num_warps=WARPS, **FP_FUSION)
+    return (programs,), args, options

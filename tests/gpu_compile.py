@@ -37,8 +37,6 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
-from kernels._launch import FP_FUSION  # noqa: E402
-
 # shared memory per block (opt-in maximum, bytes) of each compute capability
 SHARED = {75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 # the kernels' launchers, each with its tuners' config lists and the rows of x they serve
@@ -88,31 +86,23 @@ def compile_decode(w, x):
     from kernels import decode_sm90 as d
     from kernels._launch import weight_args
     n, k = w.out_features, w.in_features
-    _fmt, (packed, scales, _z, absmax2, code, code8, offset), _kp, _qb, dq = weight_args(w)
-    ku, tot = d.units(n, k)
-    g = 132
+    _fmt, tensors, _kp, _qb, dq = weight_args(w)
     y = torch.empty(1, n, dtype=torch.bfloat16)
-    scratch, flags = torch.zeros(g * 16), torch.zeros(g, dtype=torch.int32)
-    return d.decode_sm90_kernel.warmup(
-        *d.descriptors(x, packed, scales, n, k), code, code8, absmax2, offset, y, scratch, flags,
-        n, k, ku, tot, DQ_BLOCK=dq, STAGES=d.STAGES, UNIT_BLOCKS=d.UNIT_BLOCKS, KUC=ku,
-        UMAX=triton.next_power_of_2(triton.cdiv(tot, g)), PDL=1, num_warps=d.WARPS,
-        maxnreg=d.MAXNREG, launch_pdl=True, grid=(g,), **FP_FUSION)
+    scratch, flags = torch.zeros(132 * 16), torch.zeros(132, dtype=torch.int32)
+    grid, args, options = d.kernel_call(x, tensors, y, scratch, flags, n, k, dq, d.STAGES, 132, True)
+    return d.decode_sm90_kernel.warmup(*args, grid=grid, **options)
 
 
 def compile_fused(w, x):
     """fused_matmul_sm90_kernel with launch_into's arguments (no split tiles, no table yet)."""
     from kernels import fused_matmul_sm90 as f
     from kernels._launch import weight_args
-    m, n = x.shape[0], w.out_features
-    _fmt, (packed, scales, _z, absmax2, code, code8, offset), kp, _qb, dq = weight_args(w)
-    y = torch.empty(m, n, dtype=torch.bfloat16)
+    _fmt, tensors, kp, _qb, dq = weight_args(w)
+    y = torch.empty(x.shape[0], w.out_features, dtype=torch.bfloat16)
     ws, cands = torch.empty(1), torch.full((1,), -1, dtype=torch.int32)
-    return f.fused_matmul_sm90_kernel.warmup(
-        *f.descriptors(x, packed, n, kp), y, y.stride(0), scales, absmax2, code, code8, offset,
-        cands, ws, ws.view(torch.int32), m, n, kp, 0, 1, DQ_BLOCK=dq, BLOCK_N=f.BLOCK_N,
-        STAGES=f.STAGES, GROUP_M=f.GROUP_M, WORKER_REGS=f.WORKER_REGS, num_warps=f.WARPS,
-        grid=(132,), **FP_FUSION)
+    grid, args, options = f.kernel_call(y, x, tensors, kp, dq, f.STAGES, 132, 1, ws,
+                                        ws.view(torch.int32), cands)
+    return f.fused_matmul_sm90_kernel.warmup(*args, grid=grid, **options)
 
 
 def compile_gluon(out: str = None):
