@@ -1,7 +1,7 @@
 """Compile every Triton kernel the launchers can choose, for a GPU of your choice, without one.
 
-    python tests/gpu_compile.py [--arch 90] [--dtype bfloat16] [--out DIR]
-        (DIR: the Gluon kernels' .ptx, .cubin)
+    python tests/gpu_compile.py [--arch 90] [--dtype bfloat16] [--out DIR] [--jobs N]
+        (DIR: the Gluon kernels' .ptx, .cubin; N: processes that compile side by side)
 
 Triton compiles for the GPU its active driver reports. This script makes that a stand-in for an
 sm_<arch> GPU (StandInGPU: its compute capability and shared memory per block; it launches
@@ -26,6 +26,7 @@ weight format, and exits 1 after listing the errors.
 
 import argparse
 import importlib
+import multiprocessing
 import os
 import sys
 
@@ -145,32 +146,78 @@ def call(name: str, launcher, w, m: int, cfg: dict, dtype: torch.dtype):
     return launcher(torch.randn(m, features).to(dtype), w, config=cfg)
 
 
-def compile_lists(arch: int, weights: dict, dtype: torch.dtype) -> list:
-    """Every config of every list through its launcher; returns the errors (lines)."""
-    errors = []
+def work_items(dtype: torch.dtype) -> list:
+    """The work: one (launcher, list, M, format, config) per compile, in the order printed."""
+    out = []
     for name, lists in LISTS.items():
         module = importlib.import_module(f"kernels.{name}")
-        launcher = getattr(module, name)
         for list_name, m in lists:
-            for fmt, w in weights.items():
+            for fmt in ("nf4", "int4"):
                 if list_name.startswith(("PRMT_", "MMA_")) and (fmt == "int4" or dtype != torch.bfloat16):
                     continue  # the byte-permute and tensor-core decoders: NF4 and bf16 only
-                done, too_large, failed = 0, [], []
-                for cfg in configs(module, list_name):
-                    try:
-                        call(name, launcher, w, m, cfg, dtype)
-                        done += 1
-                    except OutOfResources as e:
-                        too_large.append(f"{cfg} ({e.required} bytes)")
-                    except Exception as e:  # noqa: BLE001 (any compile failure is the finding)
-                        lines = [ln for ln in str(e).splitlines() if ln.strip()]
-                        failed.append(f"{cfg}: {type(e).__name__}: {' | '.join(lines[-3:])[:600]}")
-                label = f"{name} {list_name}" + (f" M={m}" if m else "") + f" {fmt}"
-                print(f"{label}: {done} compiled, {len(too_large)} too large for its shared "
-                      f"memory (the tuner skips them), {len(failed)} failed")
-                errors += [f"{label}: {f}" for f in failed]
-                if not done and not failed:
-                    errors.append(f"{label}: no config fits sm_{arch}: {'; '.join(too_large)}")
+                out += [(name, list_name, m, fmt, cfg) for cfg in configs(module, list_name)]
+    return out
+
+
+def set_up(arch: int):
+    """This process compiles for the stand-in sm_<arch> GPU (again: no harm)."""
+    driver.set_active(StandInGPU(arch))
+    lift_device_checks(arch)
+
+
+def sample_weights() -> dict:
+    """The weights every config is compiled with: 256 x 512, NF4 and INT4, double quantization."""
+    import quant
+    torch.manual_seed(0)
+    return {fmt: quant.quantize_weight(torch.randn(256, 512) * 0.02, fmt, 64, double_quant=True)
+            for fmt in ("nf4", "int4")}
+
+
+_WEIGHTS = {}   # this process's sample_weights (a worker sets itself up on its first config)
+
+
+def compile_one(arch: int, dtype: torch.dtype, job) -> tuple:
+    """One config through its launcher (it compiles, and the stand-in launches nothing):
+    ("done", ""), ("too large", why) or ("failed", why)."""
+    if not _WEIGHTS:
+        set_up(arch)
+        _WEIGHTS.update(sample_weights())
+    name, list_name, m, fmt, cfg = job
+    launcher = getattr(importlib.import_module(f"kernels.{name}"), name)
+    try:
+        call(name, launcher, _WEIGHTS[fmt], m, cfg, dtype)
+        return "done", ""
+    except OutOfResources as e:
+        return "too large", f"{cfg} ({e.required} bytes)"
+    except Exception as e:  # noqa: BLE001 (any compile failure is the finding)
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        return "failed", f"{cfg}: {type(e).__name__}: {' | '.join(lines[-3:])[:600]}"
+
+
+def compile_lists(arch: int, dtype: torch.dtype, workers: int) -> list:
+    """Every config of every list through its launcher, in `workers` processes (Triton compiles
+    on one core; each config is independent); prints a line per list and format, returns the
+    errors (lines)."""
+    work = work_items(dtype)
+    if workers > 1:
+        # spawn: a fresh interpreter per worker (no forked torch threads), which sets itself up
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = pool.starmap(compile_one, [(arch, dtype, job) for job in work], chunksize=1)
+    else:
+        results = [compile_one(arch, dtype, job) for job in work]
+    errors, groups = [], {}
+    for (name, list_name, m, fmt, _cfg), result in zip(work, results):
+        label = f"{name} {list_name}" + (f" M={m}" if m else "") + f" {fmt}"
+        groups.setdefault(label, []).append(result)
+    for label, group in groups.items():
+        done = sum(kind == "done" for kind, _ in group)
+        too_large = [why for kind, why in group if kind == "too large"]
+        failed = [why for kind, why in group if kind == "failed"]
+        print(f"{label}: {done} compiled, {len(too_large)} too large for its shared "
+              f"memory (the tuner skips them), {len(failed)} failed")
+        errors += [f"{label}: {f}" for f in failed]
+        if not done and not failed:
+            errors.append(f"{label}: no config fits sm_{arch}: {'; '.join(too_large)}")
     return errors
 
 
@@ -192,22 +239,20 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
                     help="the activations' dtype (default bfloat16; GPUs before sm_80 have no bf16)")
     ap.add_argument("--out", help="write <kernel>.ptx and <kernel>.cubin of the Gluon kernels here")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="compile in this many processes (default 1; tests/test_kernels.py uses one "
+                         "per core)")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
     if a.arch < 80 and dtype == torch.bfloat16:
         ap.error(f"sm_{a.arch} has no bf16: use --dtype float16")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("TRITON_INTERPRET is set: the interpreter compiles nothing; unset it")
-    import quant
     from kernels._gluon import HAVE_GLUON
-    driver.set_active(StandInGPU(a.arch))
-    lift_device_checks(a.arch)
-    torch.manual_seed(0)
-    weights = {fmt: quant.quantize_weight(torch.randn(256, 512) * 0.02, fmt, 64, double_quant=True)
-               for fmt in ("nf4", "int4")}
     print(f"Triton {triton.__version__}, sm_{a.arch}, {a.dtype}: {SHARED[a.arch]} bytes of shared "
-          "memory per block")
-    errors = compile_lists(a.arch, weights, dtype)
+          "memory per block", flush=True)
+    set_up(a.arch)
+    errors = compile_lists(a.arch, dtype, max(1, a.jobs))
     if a.arch == 90 and dtype == torch.bfloat16:  # the Hopper kernels take bf16 only
         if HAVE_GLUON:
             compile_gluon(a.out)

@@ -904,8 +904,9 @@ def test_kernels_compile_for_gpus(arch, dtype):
     fused kernel's wgmma, both kernels' register reallocation (setmaxnreg)."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_compile.py")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, script, "--arch", str(arch), "--dtype", dtype], env=env,
-                         capture_output=True, text=True, timeout=900)
+    jobs = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    run = subprocess.run([sys.executable, script, "--arch", str(arch), "--dtype", dtype, "--jobs", jobs],
+                         env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]
     counts = [ln for ln in run.stdout.splitlines() if " compiled, " in ln]
     # (fp16 has no byte-permute or tensor-core decoder lists: 14 lines against 21 with bf16)
