@@ -18,8 +18,11 @@ u is the unit roundoff of the dtype (2^-8 bf16, 2^-11 fp16, 2^-24 fp32). The fir
 rounding of y, the second covers rounding the dequantized weight to the dtype (the skinny M = 1
 kernel skips it: each product then differs by at most u relative, and the sum of R such errors has
 a standard deviation below u / sqrt(3) * sqrt(sum (a b)^2), so 8u is a > 10 sigma bound), the third
-is the worst case of float32 accumulation over R terms. A wrong code, nibble, scale or block
-produces errors of the order of sqrt((a*a) @ (b*b)) itself, far above the bound.
+is the worst case of float32 accumulation over R terms. A wrong row, block or scale index moves
+whole sums, far above the bound. A few wrong codes among thousands do not: at K = 11008 one can
+hide under the bound (and under y's own bf16 rounding). test_localized_errors_are_caught covers
+that: x with 16 entries +-1 a row, each path against the exact weight it multiplies by, where
+one wrong code or one block's scale fails.
 """
 
 import importlib
@@ -539,9 +542,132 @@ def test_bad_input_raises_clear_errors():
         kernels.fused_matmul(torch.randn(3, 128, device=DEVICE), bad)
 
 
-# ------------------------------------------------------------------------------- GPU only
+# ----------------------------------------------------- localized errors (sparse x, exact weights)
+
+def kernel_weights(qw, dtype):
+    """The weights the kernels multiply x by, each exactly (float64, (N, K)), by kind:
+      f32:    float32(code * absmax)                       (the M = 1 kernel with LOOKUP 0-2)
+      dot:    dtype(float32(code * absmax))                (tl.dot kernels, dequantize + cuBLAS)
+      prmt:   bf16(bf16(code) * bf16(absmax))              (LOOKUP 3, fused_matmul_sm90)
+      code16: bf16(code) * absmax, unrounded               (skinny_mma, decode_sm90, the M = 1
+                                                            kernel with LOOKUP 3: block sums of
+                                                            exact products, then the scale)
+    each twice: with quant.py's absmax (two roundings with double quantization) and with the one
+    an FMA gives (code8[q] * absmax2 + offset rounded once: assert_dequantized_equal)."""
+    n = qw.out_features
+    codes = quant.unpack_4bit(qw.packed).view(n, -1, qw.block_size).long()
+    variants = [quant.block_scales(qw)]
+    if qw.double_quant:
+        blk = torch.arange(qw.scales.numel(), device=qw.scales.device) // qw.dq_block_size
+        exact = qw.code8.double()[qw.scales.reshape(-1).long()] * qw.absmax2.double()[blk]
+        variants.append((exact + qw.offset.double()).float().view(qw.scales.shape))
+    kinds = {}
+    for absmax in variants:
+        a = absmax.t()[..., None]                                     # (N, KB, 1)
+        f32 = qw.code[codes] * a                                      # float32 products
+        b16 = torch.bfloat16
+        weights = {"f32": f32, "dot": f32.to(dtype)}
+        if dtype == b16:
+            weights["prmt"] = (qw.code.to(b16).float()[codes] * a.to(b16).float()).to(b16)
+            weights["code16"] = qw.code.to(b16).double()[codes] * a.double()
+        for kind, w in weights.items():
+            kinds.setdefault(kind, []).append(w.double().view(n, -1)[:, : qw.in_features])
+    return kinds
+
+
+def sparse_signs(m, k, nnz, seed, dtype):
+    """m rows of x, each with nnz entries +-1 at random places and zeros elsewhere: every product
+    with a weight is exact, and y sums only nnz of them: small enough that one wrong code or
+    block scale moves y by more than y's rounding (test_localized_errors_are_caught)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(m, k)
+    for i in range(m):
+        x[i, torch.randperm(k, generator=g)[:nnz]] = torch.randint(0, 2, (nnz,), generator=g).float() * 2 - 1
+    return x.to(dtype=dtype, device=DEVICE)
+
+
+def exact_weight_ratio(y, a, kinds):
+    """max |y - a @ w.T| / bound over the outputs, for the kind of weight (kernel_weights) that
+    fits y best. a: sparse_signs (products exact). Per kind, w and w_alt (the two absmax
+    roundings):
+        bound = u |ref| + (nnz + 2) 2^-22 (|a| @ |w.T|) + |a| @ |w - w_alt|.T
+    u |ref|: y's rounding to its dtype; the second term: float32 sums of nnz exact products (and
+    a block's scale, code16), 4x the round-to-nearest worst case (tensor cores' float32 sums
+    need not round to nearest); the third: whichever absmax rounding the kernel used."""
+    a64 = a.double()
+    nnz = int((a64 != 0).sum(dim=1).max())
+    u = UNIT_ROUNDOFF[y.dtype]
+    best = float("inf")
+    for w, w_alt in ((ws[0], ws[-1]) for ws in kinds.values()):
+        ref = a64 @ w.t()
+        bound = (u * ref.abs() + (nnz + 2) * 2.0**-22 * (a64.abs() @ w.abs().t())
+                 + a64.abs() @ (w - w_alt).abs().t() + 1e-30)
+        best = min(best, ((y.double() - ref).abs() / bound).max().item())
+    return best
+
+
+def check_localized(name, y, a, kinds, block_size, dx=False):
+    """y = a @ W.T (or a @ W for dx) is within exact_weight_ratio's bound, and the same bound
+    would catch, at x's first row and its largest output (the largest rounding for a wrong value
+    to hide in), one wrong code (a change of 0.0796 x the block's absmax, the smallest gap
+    between two NF4 codes) or one block's scale off by 25%."""
+    if dx:
+        kinds = {kind: [w.t() for w in ws] for kind, ws in kinds.items()}
+    worst = exact_weight_ratio(y, a, kinds)
+    assert worst <= 1.0, f"{name}: error up to {worst:.3g} x the exact-weight bound"
+    out = int((a[:1].double() @ kinds["dot"][0].t()).abs().argmax())
+    nonzero = a[0].nonzero()[:, 0]
+    # the place of x's first row whose weight is largest (a scale multiplies weights: one near
+    # zero would hide it from any x)
+    pos = int(nonzero[kinds["dot"][0][out, nonzero].abs().argmax()])
+    n, k = (pos, out) if dx else (out, pos)  # the weight W[n, k] that is made wrong
+    blk = slice(k // block_size * block_size, (k // block_size + 1) * block_size)
+    for how in ("code", "scale"):
+        bad = {}
+        for kind, ws in kinds.items():
+            bad[kind] = []
+            for w in ws:
+                line = w[out].clone()  # the weights of output `out`: W[n, :], or W[:, k] (dx)
+                step = 0.0796 * (w.t() if dx else w)[n, blk].abs().max()
+                if how == "code":
+                    line[pos] += step if line[pos] <= 0 else -step
+                elif dx:
+                    line[pos] *= 1.25  # (W[n, k] is the one weight of its block in this line)
+                else:
+                    line[blk] *= 1.25
+                bad[kind].append(line[None])
+        ratio = exact_weight_ratio(y[:1, out:out + 1], a[:1], bad)
+        assert ratio > 1.0, f"{name}: a wrong {how} at W[{n}, {k}] would pass ({ratio:.3g} x the bound)"
+
 
 LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K): q/o, gate/up, down
+
+
+@pytest.mark.parametrize("n,k", [(72, 320)] + (LLAMA_SHAPES if ON_GPU else []), ids=lambda v: str(v))
+def test_localized_errors_are_caught(n, k):
+    """Every matmul path against the exact weight it multiplies by (kernel_weights), on x with 16
+    entries +-1 a row (sparse_signs): a bound far tighter than assert_matmul_close's, which must
+    allow the roundings of full Gaussian rows and so cannot see one wrong code among thousands.
+    Here one wrong code or one block's scale off by 25% would fail (check_localized). NF4 with
+    double quantization; on the CPU in the interpreter (fp16: its bf16 tl.dot is broken,
+    DESIGN.md), on the GPU in bf16 as quant.py dispatches and tunes it, at the LLaMA shapes."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    qw = make_weight("nf4dq", n, k, seed=90)
+    kinds = kernel_weights(qw, dtype)
+    for m in (1, 7, 16, 512) if ON_GPU else (1, 5, 20):
+        x = sparse_signs(m, k, 16, seed=91 + m, dtype=dtype)
+        runs = [("quant._matmul", quant._matmul(x, qw), x, False)]
+        if m <= 16:
+            runs.append(("skinny_matmul", kernels.skinny_matmul(x, qw), x, False))
+        if m >= 16 or not ON_GPU:  # (on the GPU quant.py runs these from 17 rows)
+            dy = sparse_signs(m, n, 16, seed=92 + m, dtype=dtype)
+            runs.append(("fused_matmul", kernels.fused_matmul(x, qw), x, False))
+            runs.append(("fused_matmul_dx", kernels.fused_matmul_dx(dy, qw), dy, True))
+        for name, y, a, dx in runs:
+            check_localized(f"{name} M={m}", y, a, kinds, qw.block_size, dx)
+
+
+# ------------------------------------------------------------------------------- GPU only
 
 
 @pytest.mark.cuda
