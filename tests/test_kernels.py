@@ -749,7 +749,7 @@ def test_gpu_fp16(fmt, monkeypatch):
 def test_gpu_quantlinear_autograd_and_dequant_matmul_path(monkeypatch):
     dtype = torch.bfloat16
     ql = quant.QuantLinear.from_linear(torch.nn.Linear(1024, 768, bias=False).cuda().to(dtype))
-    w = ql.dequantize(dtype)
+    w = quant.dequantize(ql.qweight(), dtype)  # the reference, not the kernel
     for threshold in (None, 64):  # fused for every M, then dequantize+cuBLAS from M = 64
         monkeypatch.setattr(quant, "DEQUANT_MATMUL_MIN_M", threshold)
         for m in (3, 200):

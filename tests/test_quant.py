@@ -299,7 +299,7 @@ def test_quantlinear_is_frozen_and_equals_dense_forward(kind, device):
     ql = make_qlinear(24, 192, kind, device, bias=True)
     assert list(ql.parameters()) == [] and not any(b.requires_grad for b in ql.buffers())
     x = gaussian(7, 192, seed=10, device=device)
-    w = ql.dequantize(torch.float32)
+    w = quant.dequantize(ql.qweight(), torch.float32)  # the reference, not the kernel
     assert w.shape == (24, 192)
     expected = x.double() @ w.double().t() + ql.bias.double()
     y = ql(x)
@@ -353,7 +353,7 @@ def test_lora_on_top_and_gradient_checkpointing_match_dense(device):
     layer = nn.Sequential(LoRAWrapper(ql), nn.SiLU(), nn.Linear(32, 8)).to(device)
     dense = nn.Linear(128, 32, bias=False).to(device)
     with torch.no_grad():
-        dense.weight.copy_(ql.dequantize(torch.float32))
+        dense.weight.copy_(quant.dequantize(ql.qweight(), torch.float32))  # (the reference)
     dense.weight.requires_grad_(False)
     ref = nn.Sequential(LoRAWrapper(dense), nn.SiLU(), nn.Linear(32, 8)).to(device)
     ref.load_state_dict({k: v for k, v in layer.state_dict().items()
