@@ -57,7 +57,9 @@ Packed layout (shared by NF4 and INT4, designed for the kernels):
     the same.) `scales` is the float32 absmax (NF4), the uint8 double-quantized absmax index (NF4
     with double quantization) or the float32 scale (INT4).
   - double quantization runs over `scales` flattened in that order, so the 256 absmax values of
-    one second-level block are 256 consecutive rows of one K block.
+    one second-level block are 256 consecutive rows of one K block. (bitsandbytes runs it row by
+    row: its second-level blocks, and so its absmax codes, equal ours for a single row or a
+    single K block; tests/test_quant.py compares both on such a weight.)
   - K that is not a multiple of block_size is padded with zero columns up to K_pad (the tiny
     stories260K model has K = 172); dequantize() returns the first K columns.
 

@@ -2,12 +2,17 @@
 
 Independent references: the NF4 table and decision thresholds published with QLoRA /
 bitsandbytes (written out below), brute-force nearest-code search, the round-to-nearest error
-bound, float64 dense matmuls through autograd, torch.autograd.gradcheck, and bitsandbytes itself
-where it is installed (importorskip). Runs on the CPU; the `device` fixture adds CUDA when present.
+bound, float64 dense matmuls through autograd, torch.autograd.gradcheck, bitsandbytes' outputs
+stored in tests/data (its 8-bit map, a quantized weight), and bitsandbytes itself where it is
+installed (importorskip). Runs on the CPU; the `device` fixture adds CUDA when present.
 """
 
+import hashlib
+import json
+import os
 import weakref
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -175,6 +180,40 @@ def test_dynamic_code_structure():
 def test_dynamic_code_equals_bitsandbytes():
     bf = pytest.importorskip("bitsandbytes.functional")
     assert torch.equal(quant.dynamic_code_8bit(), bf.create_dynamic_map(signed=True))
+
+
+BNB_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                             "bitsandbytes_nf4_reference.json")
+
+
+@pytest.mark.parametrize("case", ["plain", "dq"])
+def test_nf4_equals_stored_bitsandbytes(case):
+    """Our quantizer against bitsandbytes' own, stored (tests/data/README.md; runs without it):
+    its signed 8-bit dynamic map, then quantize_4bit (NF4, blocks of 64) of a fixed weight, without
+    double quantization (32 x 256: the packed bytes and the float32 absmax) and with it (1 x 20480:
+    the packed bytes, absmax codes, nested absmax and offset; one row, where bitsandbytes'
+    second-level blocks of 256 are ours, quant.py's layout notes), all equal; and
+    dequantize_4bit's float32 values, bit for bit (the first 64 stored, all of them by SHA-256)."""
+    with open(BNB_REFERENCE) as f:
+        ref = json.load(f)
+    assert torch.equal(quant.dynamic_code_8bit(), torch.tensor(ref["dynamic_map_signed"], dtype=torch.float32))
+    r = ref[case]
+    seed, shape = (0, (32, 256)) if case == "plain" else (1, (1, 20480))
+    assert r["weight"].startswith(f"numpy.random.RandomState({seed}).standard_normal({shape})")
+    w = torch.from_numpy((np.random.RandomState(seed).standard_normal(shape) * 0.05).astype(np.float32))
+    qw = quant.quantize_nf4(w, ref["blocksize"], double_quant=r["compress_statistics"])
+    assert qw.packed.numpy().tobytes().hex() == r["packed_hex"]
+    stored_order = qw.scales.t().contiguous()  # ours (block, row), bitsandbytes' row by row
+    if qw.double_quant:
+        assert stored_order.numpy().tobytes().hex() == r["absmax_codes_hex"]
+        assert qw.dq_block_size == r["nested_blocksize"] and qw.absmax2.numel() == 2
+        assert torch.equal(qw.absmax2, torch.tensor(r["nested_absmax"], dtype=torch.float32))
+        assert qw.offset.item() == r["offset"]
+    else:
+        assert torch.equal(stored_order.view(-1), torch.tensor(r["absmax"], dtype=torch.float32))
+    d = quant.dequantize(qw, torch.float32).contiguous()
+    assert d.view(-1)[:64].tolist() == r["dequantized_first"]
+    assert hashlib.sha256(d.numpy().tobytes()).hexdigest() == r["dequantized_sha256"]
 
 
 def max_distance_to_code(code):
