@@ -118,6 +118,16 @@ def test_dropout_only_in_training():
     x = torch.randn(4, 16)
     layer.train()
     assert not torch.equal(layer(x), layer(x))
+    # training: base(x) + scale * B A drop(x), the draws of F.dropout from the same seed, which
+    # keeps each entry of x doubled (1 / (1 - p)) or zeroes it; the base path sees all of x
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    h = F.dropout(x, 0.5, training=True)
+    kept = h != 0
+    assert torch.equal(h[kept], 2 * x[kept]) and 0.3 < kept.float().mean() < 0.7
+    ref = layer.base(x) + layer.scale * (h @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    torch.testing.assert_close(y, ref)
     layer.eval()
     ref = layer.base(x) + x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
     torch.testing.assert_close(layer(x), ref)
