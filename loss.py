@@ -16,7 +16,6 @@ This is the idea behind fused linear cross-entropy kernels (e.g. Liger), written
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from data import IGNORE_INDEX  # label of positions that are not targets (the prompt, padding)
 
@@ -63,11 +62,3 @@ def causal_lm_loss_sum(hidden: torch.Tensor, lm_head_weight: torch.Tensor, label
     if n == 0:
         return hidden.sum() * 0.0, 0  # keeps the graph connected (DDP needs every rank to backward)
     return ChunkedLinearCrossEntropy.apply(h, lm_head_weight, y, chunk), n
-
-
-def reference_loss_sum(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The plain version: full logits, then F.cross_entropy (used by the tests as a reference)."""
-    logits = hidden[:, :-1] @ lm_head_weight.T
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
