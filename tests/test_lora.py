@@ -441,6 +441,39 @@ def test_peft_loads_our_adapter(tmp_path):
     _peft_matches_ours(tmp_path, "cpu")
 
 
+PEFT_ADAPTER = os.path.join(ROOT, "tests", "data", "peft_stories260K")
+
+
+def test_stored_peft_adapter_gives_peft_logits(tmp_path):
+    """An adapter that PEFT itself saved, with the logits transformers + PEFT gave with it
+    (tests/data/README.md; runs without either installed): ours load it and give the same logits;
+    saved again by us, it holds the same tensors under the same keys, with the same r, alpha and
+    target modules."""
+    with open(PEFT_ADAPTER + "_reference.json") as f:
+        ref = json.load(f)
+    m = tiny()
+    load_adapter(m, PEFT_ADAPTER)
+    m.eval()
+    with torch.no_grad():
+        logits = m(torch.tensor([ref["tokens"]]))[0, ref["positions"]]
+    theirs = torch.tensor(ref["logits_with_adapter"])
+    assert (theirs - torch.tensor(ref["logits_base"])).abs().max() > 0.5  # the adapter matters
+    torch.testing.assert_close(logits, theirs, rtol=1e-4, atol=1e-4)
+    save_adapter(m, str(tmp_path), base_model_path=TINY)
+    from safetensors.torch import load_file
+    peft_tensors = load_file(os.path.join(PEFT_ADAPTER, "adapter_model.safetensors"))
+    ours = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    assert ours.keys() == peft_tensors.keys()
+    assert all(torch.equal(ours[k], peft_tensors[k]) for k in ours)
+    with open(os.path.join(PEFT_ADAPTER, "adapter_config.json")) as f:
+        peft_cfg = json.load(f)
+    with open(os.path.join(tmp_path, "adapter_config.json")) as f:
+        our_cfg = json.load(f)
+    for key in ("peft_type", "task_type", "r", "lora_alpha", "bias", "fan_in_fan_out"):
+        assert our_cfg[key] == peft_cfg[key], key
+    assert sorted(our_cfg["target_modules"]) == sorted(peft_cfg["target_modules"])
+
+
 def test_we_load_a_peft_adapter(tmp_path):
     peft = pytest.importorskip("peft")
     hf = _hf_model(TINY)
