@@ -84,8 +84,10 @@ def bench_rounds(fns, rounds, label=""):
     return {name: statistics.median(v) if v else None for name, v in times.items()}
 
 
-def bench_graph(fn, calls=GRAPH_CALLS, replays=30):
-    """Microseconds per call of fn() inside a CUDA graph of `calls` calls (median of replays)."""
+def bench_graph(fn, calls=GRAPH_CALLS, replays=30, back_to_back=1):
+    """Microseconds per call of fn() inside a CUDA graph of `calls` calls (median of replays).
+    back_to_back > 1: each timing replays the graph that many times in a row, so the graph's own
+    start is paid once for all of them (stream_floor.py's measure)."""
     fn()  # compile / choose the config outside the capture
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
@@ -103,10 +105,11 @@ def bench_graph(fn, calls=GRAPH_CALLS, replays=30):
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        for _ in range(back_to_back):
+            graph.replay()
         end.record()
         end.synchronize()
-        times.append(1000.0 * start.elapsed_time(end) / calls)
+        times.append(1000.0 * start.elapsed_time(end) / (calls * back_to_back))
     times.sort()
     return times[len(times) // 2]
 

@@ -27,7 +27,6 @@ BENCHMARKS.md has the numbers.
 """
 
 import os
-import statistics
 import sys
 
 import torch
@@ -36,7 +35,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_kernels import COPIES, SHAPES, copy_gbps  # noqa: E402 (beside this file)
+from bench_kernels import COPIES, SHAPES, bench_graph, copy_gbps, cycling  # noqa: E402 (beside this file)
 
 
 @triton.jit
@@ -55,27 +54,12 @@ def read_kernel(w_ptr, x_ptr, y_ptr, n_words, BLOCK: tl.constexpr, MODE: tl.cons
     tl.store(y_ptr + pid, total + tl.load(x_ptr + pid))
 
 
-def time_graph(call, copies: int = COPIES, calls: int = 16, reps: int = 20, rounds: int = 7) -> float:
-    """Microseconds per call: `calls` calls over `copies` copies in a CUDA graph, median of rounds."""
-    for i in range(copies):
-        call(i)  # compile, and keep compiling out of the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            call(i % copies)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(1e3 * start.elapsed_time(end) / (reps * calls))
-    return statistics.median(times)
+def time_graph(call) -> float:
+    """Microseconds per call: 16 calls cycling over the COPIES copies in a CUDA graph, the graph
+    replayed 20 times back to back, median of 7 such timings (bench_kernels.bench_graph)."""
+    for i in range(COPIES):
+        call(i)  # each copy once before the capture (a weight builds its decoder tables on first use)
+    return bench_graph(cycling(call), calls=16, replays=7, back_to_back=20)
 
 
 def ours_us(n: int, k: int, device) -> float:
