@@ -187,44 +187,43 @@ def time_decode(run, repeats: int) -> tuple[int, list[float]]:
 
 
 @torch.no_grad()
-def replay_ms(model, prompt: list[int], new: int, replays: int = 50) -> float:
-    """Milliseconds per token of the captured decoding step alone (generate.DecodeStep's graph
-    replayed back to back): the GPU's share of a token, without the per-call setup (prefill,
-    warm-up steps and capture, eager passes that the host's CPU bounds)."""
-    from generate import DecodeStep
-    model.setup_cache(batch_size=1, max_seq_len=len(prompt) + new)
-    try:
-        model(torch.tensor([prompt], device="cuda"), input_pos=torch.arange(len(prompt), device="cuda"))
-        step = DecodeStep(model, use_graph=True, first_pos=len(prompt))
+def replay_ms(step, replays: int = 50) -> float:
+    """Milliseconds per token of a captured decoding step (generate.DecodeStep's graph) replayed
+    back to back: the GPU's share of a token, without the per-prompt prefill or the setup."""
+    step.graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(replays):
         step.graph.replay()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(replays):
-            step.graph.replay()
-        torch.cuda.synchronize()
-        return 1000 * (time.perf_counter() - t0) / replays
-    finally:
-        model.remove_cache()
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t0) / replays
 
 
 def ours_decode(a) -> list[dict]:
-    from generate import generate_tokens
+    """Two rows: generate_tokens, which sets a Decoder up for each call (cache, warm-up steps,
+    the graph's capture) as a one-shot `generate.py --prompt` does, and one Decoder kept across
+    the calls, as `generate.py --chat` does for every answer after its first."""
+    from generate import Decoder, generate_tokens
     model = build_random_model(a.shape, a.quant, "cuda").eval()
     if not a.no_compile:
         from model import compile_pointwise
         compile_pointwise()  # as generate.py does on cuda
     prompt = torch.randint(3, 32000, (16,), generator=torch.Generator().manual_seed(0)).tolist()
-
-    def run():
-        return len(list(generate_tokens(model, prompt, a.new)))
-    n, rates = time_decode(run, a.repeats)
-    stack = f"ours-generate-{a.quant}" + ("-eager" if a.no_compile else "")
-    row = dict(stack=stack, shape=a.shape, new_tokens=n, tok_s=round(statistics.median(rates), 1),
-               tok_s_runs=[round(r, 1) for r in rates],
-               replay_ms_per_token=round(replay_ms(model, prompt, a.new), 2),
-               peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GiB, 3))
-    print("RESULT " + json.dumps(row), flush=True)
-    return [row]
+    eager = "-eager" if a.no_compile else ""
+    rows = []
+    decoder = Decoder(model)
+    for stack, run in [(f"ours-generate-{a.quant}{eager}", lambda: len(list(generate_tokens(model, prompt, a.new)))),
+                       (f"ours-decoder-{a.quant}{eager}", lambda: len(list(decoder.generate(prompt, a.new))))]:
+        n, rates = time_decode(run, a.repeats)
+        row = dict(stack=stack, shape=a.shape, new_tokens=n, tok_s=round(statistics.median(rates), 1),
+                   tok_s_runs=[round(r, 1) for r in rates],
+                   peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GiB, 3))
+        if decoder.step is not None:
+            row["replay_ms_per_token"] = round(replay_ms(decoder.step), 2)
+        print("RESULT " + json.dumps(row), flush=True)
+        rows.append(row)
+    decoder.close()
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------

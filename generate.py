@@ -3,6 +3,7 @@
     python generate.py --prompt "Once upon a time" --temperature 0
     python generate.py --model path/to/Llama-2-7b-hf --quant nf4 --adapter out/ \\
         --instruction "Give three tips for staying healthy."
+    python generate.py --model path/to/Llama-2-7b-hf --quant nf4 --adapter out/ --chat
 
 Decoding, as in gpt-fast: one forward pass over the prompt fills the KV cache (prefill), then one
 token at a time reads the cache instead of recomputing the past. Sampling: temperature scales the
@@ -83,25 +84,72 @@ class DecodeStep:
         return self.logits
 
 
-@torch.no_grad()
-def generate_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                    top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = None,
-                    generator: Optional[torch.Generator] = None, cuda_graph: bool = True) -> Iterator[int]:
-    """Yield new token ids one by one (batch 1), using a KV cache; stop at `eos_id`.
-
-    On CUDA the per-token step is captured as a CUDA graph unless cuda_graph=False.
-    """
-    device = model.embed_tokens.weight.device
+def context_needed(model: Transformer, prompt_ids: list[int], max_new_tokens: int) -> int:
+    """Cache slots a prompt and its new tokens need (at most the model's context)."""
+    if not prompt_ids:
+        raise ValueError("empty prompt: give at least one token (the tokenizer's BOS)")
     total = min(len(prompt_ids) + max_new_tokens, model.args.max_seq_len)
     if len(prompt_ids) >= total:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context of "
                          f"{model.args.max_seq_len}")
-    model.setup_cache(batch_size=1, max_seq_len=total)
-    try:
+    return total
+
+
+class Decoder:
+    """A model set up for decoding, kept from one prompt to the next: its KV cache and its step.
+
+    Per prompt, `generate` runs the prefill (one pass over the prompt fills cache slots 0..T-1,
+    and gives the first new token), then one step per token. Setting up costs more than that on
+    a GPU: the cache's allocation, two warm-up steps and the CUDA graph's capture, three eager
+    passes that the host's CPU bounds (0.4-0.5 s of a 128-token call for a 7B model on an H100,
+    BENCHMARKS.md). A Decoder pays it once, at its first step; its later prompts only prefill.
+    They reuse the same cache slots: past a prompt's end they still hold an earlier prompt's keys
+    and values, which the mask hides (the query at position p sees slots 0..p, all written by
+    this prompt's prefill and steps).
+
+    max_seq_len: the cache's length. A prompt that needs more grows it, to a multiple of 256 and
+    at most the model's context, and the step is captured again for the new buffers (the attention
+    of every step reads all the slots, so the cache is kept no longer than the prompts need).
+    None: sized by the first prompt.
+    """
+
+    GROW = 256
+
+    def __init__(self, model: Transformer, max_seq_len: Optional[int] = None, cuda_graph: bool = True):
+        self.model, self.cuda_graph = model, cuda_graph
+        self.caches, self.step, self.cache_len = None, None, 0
+        if max_seq_len:
+            self._allocate(max_seq_len)
+
+    def _allocate(self, length: int):
+        self.close()
+        self.model.setup_cache(batch_size=1, max_seq_len=length)
+        self.caches = [layer.self_attn.kv_cache for layer in self.model.layers]
+        self.cache_len = length
+
+    def close(self):
+        """Free the cache (and the captured step that writes into it)."""
+        if self.caches is not None:
+            self.model.remove_cache()
+        self.caches, self.step, self.cache_len = None, None, 0
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> Iterator[int]:
+        """Yield new token ids one by one (batch 1); stop at `eos_id` or after max_new_tokens."""
+        model = self.model
+        total = context_needed(model, prompt_ids, max_new_tokens)
+        if total > self.cache_len:
+            self._allocate(min(-(-total // self.GROW) * self.GROW, model.args.max_seq_len))
+        # The captured step writes into these very buffers: put them back if something (another
+        # Decoder, model.remove_cache) took them off the model since.
+        for layer, cache in zip(model.layers, self.caches):
+            layer.self_attn.kv_cache = cache
+        device = model.embed_tokens.weight.device
         # Prefill: the whole prompt in one pass fills the cache and gives the first new token.
         logits = model(torch.tensor([prompt_ids], device=device),
                        input_pos=torch.arange(len(prompt_ids), device=device))[:, -1]
-        step = DecodeStep(model, cuda_graph, first_pos=len(prompt_ids))
         for pos in range(len(prompt_ids), total):
             next_id = sample(logits, temperature, top_k, top_p, generator)
             token = int(next_id)
@@ -109,9 +157,23 @@ def generate_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: i
                 return
             yield token
             if pos + 1 < total:
-                logits = step(next_id, pos)
+                if self.step is None:  # warm-up and capture write slot pos, which the step rewrites
+                    self.step = DecodeStep(model, self.cuda_graph, first_pos=pos)
+                logits = self.step(next_id, pos)
+
+
+def generate_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                    top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = None,
+                    generator: Optional[torch.Generator] = None, cuda_graph: bool = True) -> Iterator[int]:
+    """One prompt's new token ids (batch 1), through a Decoder that is set up for this prompt
+    alone and freed at the end. On CUDA the per-token step is captured as a CUDA graph unless
+    cuda_graph=False. To decode several prompts, keep one Decoder: it sets up once.
+    """
+    decoder = Decoder(model, context_needed(model, prompt_ids, max_new_tokens), cuda_graph)
+    try:
+        yield from decoder.generate(prompt_ids, max_new_tokens, temperature, top_k, top_p, eos_id, generator)
     finally:
-        model.remove_cache()
+        decoder.close()
 
 
 def build_model(model_dir: str, device: str, dtype: torch.dtype, quant: str = "none",
@@ -135,6 +197,11 @@ def parse_args(argv=None):
     p.add_argument("--prompt", help="raw text to continue")
     p.add_argument("--instruction", help="an instruction, wrapped in Stanford Alpaca's prompt template")
     p.add_argument("--input", default="", help="optional input/context for --instruction")
+    p.add_argument("--chat", action="store_true",
+                   help="answer instructions read from standard input, one per line, until its end "
+                        "(Ctrl-D). Each is wrapped in Alpaca's template and answered on its own (the "
+                        "template has no place for earlier turns); the model, its KV cache and its "
+                        "CUDA graph are set up once, at the first answer")
     p.add_argument("--adapter", help="folder of a trained LoRA adapter (adapter_model.safetensors)")
     p.add_argument("--quant", default="none", choices=["none", "nf4", "int4"], help="4-bit base weights")
     p.add_argument("--max-new-tokens", type=int, default=200, help="stop after this many new tokens")
@@ -152,8 +219,10 @@ def parse_args(argv=None):
                         "with cuda (a 7B NF4 model on an H100: 3.3 instead of 5.0 ms per new token, "
                         "BENCHMARKS.md); off on cpu")
     args = p.parse_args(argv)
-    if (args.prompt is None) == (args.instruction is None):
-        p.error("give exactly one of --prompt or --instruction")
+    if args.chat and (args.prompt is not None or args.instruction is not None):
+        p.error("--chat reads its instructions from standard input: give neither --prompt nor --instruction")
+    if not args.chat and (args.prompt is None) == (args.instruction is None):
+        p.error("give exactly one of --prompt, --instruction or --chat")
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
     if args.compile is None:
@@ -169,6 +238,36 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
 
 
+def stream(tokenizer, prompt_ids: list[int], tokens: Iterator[int]) -> int:
+    """Print the text of the new tokens as they come; return how many there were."""
+    new_ids, printed = [], ""
+    prefix = tokenizer.decode(prompt_ids)
+    for token in tokens:
+        new_ids.append(token)
+        # Decode everything so far and print the new suffix: sentencepiece drops a token's leading
+        # space when it is decoded alone, so the prompt is decoded with it and cut off again.
+        full = tokenizer.decode(prompt_ids + new_ids)[len(prefix):]
+        print(full[len(printed):], end="", flush=True)
+        printed = full
+    return len(new_ids)
+
+
+def read_lines() -> Iterator[str]:
+    """The lines typed (after a prompt) or piped in, stripped, until end of input."""
+    while True:
+        if sys.stdin.isatty():
+            try:
+                line = input("\n>>> ")
+            except EOFError:
+                return
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                return
+        if line.strip():
+            yield line.strip()
+
+
 def main(argv=None):
     args = parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.device)
@@ -176,24 +275,31 @@ def main(argv=None):
     model = build_model(args.model, args.device, dtype, args.quant, args.adapter)
     if args.compile:
         compile_pointwise()
-    text = args.prompt if args.prompt is not None else format_prompt(args.instruction, args.input)
-    prompt_ids = tokenizer.encode(text, bos=True)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    sampling = (args.temperature, args.top_k, args.top_p, tokenizer.eos_id, generator)
 
-    print(text, end="", flush=True)
-    new_ids, printed = [], ""
-    prefix = tokenizer.decode(prompt_ids)
-    t0 = time.perf_counter()
-    for token in generate_tokens(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
-                                 args.top_p, tokenizer.eos_id, generator):
-        new_ids.append(token)
-        # Decode everything so far and print the new suffix: sentencepiece drops a token's leading
-        # space when it is decoded alone, so the prompt is decoded with it and cut off again.
-        full = tokenizer.decode(prompt_ids + new_ids)[len(prefix):]
-        print(full[len(printed):], end="", flush=True)
-        printed = full
-    dt = time.perf_counter() - t0
-    print(f"\n\n[{len(new_ids)} tokens in {dt:.2f} s: {len(new_ids) / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    def answer(prompt_ids, decoder=None):
+        t0 = time.perf_counter()
+        tokens = (decoder.generate(prompt_ids, args.max_new_tokens, *sampling) if decoder else
+                  generate_tokens(model, prompt_ids, args.max_new_tokens, *sampling))
+        n = stream(tokenizer, prompt_ids, tokens)
+        dt = time.perf_counter() - t0
+        print(f"\n\n[{n} tokens in {dt:.2f} s: {n / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr, flush=True)
+
+    if not args.chat:
+        text = args.prompt if args.prompt is not None else format_prompt(args.instruction, args.input)
+        print(text, end="", flush=True)
+        answer(tokenizer.encode(text, bos=True))
+        return
+    print("One instruction per line (Ctrl-D ends).", file=sys.stderr, flush=True)
+    decoder = Decoder(model)  # set up at the first answer, kept for the others
+    for line in read_lines():
+        try:
+            answer(tokenizer.encode(format_prompt(line, ""), bos=True), decoder)
+            print(flush=True)  # (stdout holds the answers alone, one after another)
+        except ValueError as e:  # a line too long for the context: say so, keep the chat going
+            print(f"error: {e}", file=sys.stderr, flush=True)
+    decoder.close()
 
 
 if __name__ == "__main__":

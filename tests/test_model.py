@@ -57,12 +57,51 @@ def test_greedy_continuation_matches_transformers(tiny, p, use_cache):
     assert greedy(tiny, p["input_ids"], 60, use_cache) == p["greedy_new_ids"]
 
 
+def decode_in_turn(model, cuda_graph=True):
+    """The greedy continuations of the prompts, longest first, then the others and the longest
+    again, all through one Decoder whose cache starts too short for them."""
+    from generate import Decoder
+    order = sorted(range(len(PROMPTS)), key=lambda i: -len(PROMPTS[i]["input_ids"]))
+    order.append(order[0])
+    decoder = Decoder(model, max_seq_len=16, cuda_graph=cuda_graph)
+    try:
+        outs = [list(decoder.generate(PROMPTS[i]["input_ids"], 60)) for i in order]
+        assert decoder.cache_len == 256  # grown once: 8 + 60 tokens, to a multiple of 256
+    finally:
+        decoder.close()
+    assert model.layers[0].self_attn.kv_cache is None
+    return outs, [PROMPTS[i]["greedy_new_ids"] for i in order]
+
+
+def test_one_decoder_serves_many_prompts(tiny):
+    """A Decoder keeps its cache between prompts; the slots past a shorter prompt still hold the
+    longer one's keys and values. Each continuation must still be transformers' own."""
+    outs, expected = decode_in_turn(tiny)
+    assert outs == expected
+
+
 def test_generate_cli_prints_reference_continuation():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--prompt", "Once upon a time",
                           "--temperature", "0", "--max-new-tokens", "60", "--device", "cpu"],
                          capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == PROMPTS[0]["greedy_full_text"].strip()
     assert "tokens/s" in out.stderr
+
+
+def test_generate_chat_answers_each_line_as_alone():
+    """--chat: every line is answered as --instruction answers it alone; a line too long for the
+    context gets an error and the chat goes on."""
+    def run(*args, stdin=None):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--temperature", "0",
+                               "--max-new-tokens", "30", "--device", "cpu", *args], input=stdin,
+                              capture_output=True, text=True, check=True, cwd=ROOT)
+    from data import format_prompt
+    lines = ["Tell me a story about a cat.", "Write about a dog."]
+    alone = [run("--instruction", line).stdout[len(format_prompt(line, "")):] for line in lines]
+    chat = run("--chat", stdin=f"{lines[0]}\n\n{'word ' * 600}\n{lines[1]}\n")
+    assert chat.stdout == alone[0] + "\n" + alone[1] + "\n"
+    assert "leaves no room in the context of 512" in chat.stderr
+    assert chat.stderr.count("tokens/s") == 2
 
 
 def test_packed_rows_equal_separate_sequences(tiny):
@@ -250,3 +289,6 @@ def test_compiled_pointwise_on_gpu_matches_eager_and_reference(monkeypatch):
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(compiled[-1], torch.tensor(p["last_logits"]), atol=1e-4, rtol=0)
     assert greedy(m, p["input_ids"], 60, use_cache=True) == p["greedy_new_ids"]
+    # one Decoder, its step captured once and replayed for every prompt after the first
+    outs, expected = decode_in_turn(m)
+    assert outs == expected
