@@ -95,11 +95,11 @@ def time_steps(step, batches, warmup: int):
 
 
 def make_step(model, opt):
-    from train import forward_loss
+    from train import backward, forward_loss
 
     def step(batch):
         loss, n = forward_loss(model, batch)
-        (loss / n).backward()
+        backward(loss / n)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach() / n

@@ -457,22 +457,24 @@ def _matmul_dx(dy: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
 
 
 class _QuantLinearFunction(torch.autograd.Function):
-    """y = x @ W_hat.T; saves only the packed tensors, dequantizes again for dx = dy @ W_hat."""
+    """y = x @ W_hat.T; keeps only the 4-bit weight, dequantizes again for dx = dy @ W_hat.
+
+    The weight goes on ctx as it is, not through save_for_backward: its tensors are the module's
+    buffers, alive anyway, and saved-tensor hooks (checkpointing's, torch's save_on_cpu) have
+    nothing to do with them. (Saved, they would also be rebuilt into a QuantizedWeight at every
+    backward: Python time per layer that the host spends between kernels.)
+    """
 
     @staticmethod
     def forward(ctx, x, qw: QuantizedWeight):
-        names = [name for name, t in qw.tensors().items() if t is not None]
-        ctx.save_for_backward(*[getattr(qw, name) for name in names])
-        ctx.names = names
-        ctx.meta = {f.name: getattr(qw, f.name) for f in fields(qw) if f.name not in _TENSOR_FIELDS}
+        ctx.qw = qw
         return _matmul(x, qw)
 
     @staticmethod
     def backward(ctx, dy):
         if not ctx.needs_input_grad[0]:
             return None, None
-        qw = QuantizedWeight(**ctx.meta, **dict(zip(ctx.names, ctx.saved_tensors)))
-        return _matmul_dx(dy, qw), None
+        return _matmul_dx(dy, ctx.qw), None
 
 
 def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None):

@@ -183,6 +183,16 @@ def forward_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     return causal_lm_loss_sum(hidden, raw.lm_head.weight, batch["labels"])
 
 
+def backward(loss: torch.Tensor):
+    """loss.backward(), run by this thread. On CUDA, autograd otherwise runs the backward in a
+    thread of its own, and every Python step of it (the 4-bit layers' backward, the launchers of
+    their kernels) then costs more: a 7B layer's forward and backward took 820 us of host time
+    that way on the H100, 500 us this way (BENCHMARKS.md). At small batches the host sets the
+    pace of a step."""
+    with torch.autograd.set_multithreading_enabled(False):
+        loss.backward()
+
+
 @torch.no_grad()
 def evaluate(model, batches: data.Batches, device) -> float:
     """Mean loss per target token over the held-out batches."""
@@ -302,7 +312,7 @@ def train(argv=None):
                 with ddp_model.no_sync() if world > 1 and i < len(window) - 1 else contextlib.nullcontext():
                     loss, _ = forward_loss(ddp_model, batch)
                     # DDP averages gradients over ranks; the factor world turns that into a sum.
-                    (loss * (world / max(n_target, 1))).backward()
+                    backward(loss * (world / max(n_target, 1)))
                 loss_sum += loss.item()
             loss_sum, stop_asked = all_sum([loss_sum, float(stop.asked)], world, device)  # ranks stop together
             loss_val = loss_sum / max(n_target, 1)
