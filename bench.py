@@ -188,7 +188,7 @@ def time_decode(run, repeats: int) -> tuple[int, list[float]]:
 
 @torch.no_grad()
 def replay_ms(step, replays: int = 50) -> float:
-    """Milliseconds per token of a captured decoding step (generate.DecodeStep's graph) replayed
+    """Milliseconds per token of a captured decoding step (a generate.CapturedForward) replayed
     back to back: the GPU's share of a token, without the per-prompt prefill or the setup."""
     step.graph.replay()
     torch.cuda.synchronize()

@@ -46,40 +46,45 @@ def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-class DecodeStep:
-    """One decoding step, model(token at position p) -> logits, optionally replayed as a CUDA graph.
+class CapturedForward:
+    """model(T tokens at positions p .. p + T - 1) -> logits (1, T, vocab), replayed as a CUDA graph.
 
     Decoding one token of a 7B model launches ~1,000 small kernels; on a GPU their launch overhead,
     not the 3.5 GB of 4-bit weights, would dominate. A CUDA graph records the launches once (into
     static input/output buffers) and replays them with one call. Shapes never change between
-    steps: the KV cache has a fixed length and the attention mask comes from `input_pos`. (Even
-    replayed, each kernel costs a microsecond or two: `--compile` fuses the pointwise ones.)
+    calls: T is fixed, the KV cache has a fixed length and the attention mask comes from
+    `input_pos`. (Even replayed, each kernel costs a microsecond or two: `--compile` fuses the
+    pointwise ones.) A Decoder keeps one for the decoding step (T = 1) and one per padded prompt
+    length for the prefill. Without a graph (use_graph False, or on the CPU) it runs the model.
     """
 
-    def __init__(self, model: Transformer, use_graph: bool, first_pos: int):
+    def __init__(self, model: Transformer, n_tokens: int, use_graph: bool, first_pos: int, pool=None):
         self.model = model
         device = model.embed_tokens.weight.device
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
-        # Warm-up and capture really run the model, writing the cache at `first_pos`; the first
-        # real step writes that same slot again, so nothing they leave behind is ever read.
-        self.pos = torch.full((1,), first_pos, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(1, n_tokens, dtype=torch.long, device=device)
+        # Warm-up and capture really run the model, writing the cache at these positions; the
+        # first real call writes the same slots again, so nothing they leave behind is ever read.
+        self.pos = torch.arange(first_pos, first_pos + n_tokens, device=device)
         self.graph = None
         if use_graph and device.type == "cuda":
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm up (compiles and autotunes kernels) off the graph
                 for _ in range(2):
-                    self.logits = model(self.token, input_pos=self.pos)[:, -1]
+                    model(self.tokens, input_pos=self.pos)
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = model(self.token, input_pos=self.pos)[:, -1]
+            # (graphs that share a pool are replayed one at a time, and each output is read
+            # before the next replay: they may reuse each other's intermediate buffers)
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.logits = model(self.tokens, input_pos=self.pos)
 
-    def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, first_pos: int) -> torch.Tensor:
+        n = self.tokens.shape[1]
         if self.graph is None:
-            return self.model(token.view(1, 1), input_pos=torch.tensor([pos], device=token.device))[:, -1]
-        self.token.copy_(token.view(1, 1))
-        self.pos.fill_(pos)
+            return self.model(tokens.view(1, n), input_pos=torch.arange(first_pos, first_pos + n, device=tokens.device))
+        self.tokens.copy_(tokens.view(1, n))
+        torch.arange(first_pos, first_pos + n, out=self.pos)
         self.graph.replay()
         return self.logits
 
@@ -99,25 +104,29 @@ class Decoder:
     """A model set up for decoding, kept from one prompt to the next: its KV cache and its step.
 
     Per prompt, `generate` runs the prefill (one pass over the prompt fills cache slots 0..T-1,
-    and gives the first new token), then one step per token. Setting up costs more than that on
-    a GPU: the cache's allocation, two warm-up steps and the CUDA graph's capture, three eager
-    passes that the host's CPU bounds (0.4-0.5 s of a 128-token call for a 7B model on an H100,
-    BENCHMARKS.md). A Decoder pays it once, at its first step; its later prompts only prefill.
-    They reuse the same cache slots: past a prompt's end they still hold an earlier prompt's keys
-    and values, which the mask hides (the query at position p sees slots 0..p, all written by
-    this prompt's prefill and steps).
+    and gives the first new token), then one step per token. On a GPU both are CUDA graphs
+    (CapturedForward), and setting them up costs more than running them: the cache's allocation,
+    two warm-up passes and the capture, eager passes that the host's CPU bounds (0.4-0.5 s of a
+    128-token call for a 7B model on an H100, BENCHMARKS.md). A Decoder pays it once: the step at
+    its first prompt, the prefill once per prompt length rounded up to PREFILL_STEP. Its prompts
+    reuse the same cache slots: past a prompt's end they still hold an earlier prompt's keys and
+    values, which the mask hides (the query at position p sees slots 0..p, all written by this
+    prompt's prefill and steps).
 
     max_seq_len: the cache's length. A prompt that needs more grows it, to a multiple of 256 and
-    at most the model's context, and the step is captured again for the new buffers (the attention
-    of every step reads all the slots, so the cache is kept no longer than the prompts need).
-    None: sized by the first prompt.
+    at most the model's context, and the graphs are captured again for the new buffers (the
+    attention of every step reads all the slots, so the cache is kept no longer than the prompts
+    need). None: sized by the first prompt.
     """
 
     GROW = 256
+    PREFILL_STEP = 64
 
     def __init__(self, model: Transformer, max_seq_len: Optional[int] = None, cuda_graph: bool = True):
-        self.model, self.cuda_graph = model, cuda_graph
-        self.caches, self.step, self.cache_len = None, None, 0
+        self.model = model
+        self.graphs = cuda_graph and model.embed_tokens.weight.device.type == "cuda"
+        self.caches, self.cache_len = None, 0
+        self.step, self.prefills, self.pool = None, {}, None
         if max_seq_len:
             self._allocate(max_seq_len)
 
@@ -126,12 +135,32 @@ class Decoder:
         self.model.setup_cache(batch_size=1, max_seq_len=length)
         self.caches = [layer.self_attn.kv_cache for layer in self.model.layers]
         self.cache_len = length
+        self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
 
     def close(self):
-        """Free the cache (and the captured step that writes into it)."""
+        """Free the cache (and the captured graphs that write into it)."""
         if self.caches is not None:
             self.model.remove_cache()
-        self.caches, self.step, self.cache_len = None, None, 0
+        self.caches, self.cache_len = None, 0
+        self.step, self.prefills, self.pool = None, {}, None
+
+    def _prefill(self, prompt_ids: list[int]) -> torch.Tensor:
+        """One pass over the prompt: fills cache slots 0..T-1; the logits of its last token.
+
+        With graphs, the prompt is padded to a multiple of PREFILL_STEP tokens and the pass of
+        that length is captured once (an eager pass of a 7B model costs the host about 0.1 s).
+        The padding writes slots past the prompt: hidden like any slot past the position being
+        computed, and written again by the tokens that follow.
+        """
+        model, n = self.model, len(prompt_ids)
+        device = model.embed_tokens.weight.device
+        if not self.graphs:
+            return model(torch.tensor([prompt_ids], device=device), input_pos=torch.arange(n, device=device))[:, -1]
+        size = min(-(-n // self.PREFILL_STEP) * self.PREFILL_STEP, self.cache_len)
+        if size not in self.prefills:
+            self.prefills[size] = CapturedForward(model, size, True, first_pos=0, pool=self.pool)
+        logits = self.prefills[size](torch.tensor(prompt_ids + [0] * (size - n), device=device), first_pos=0)
+        return logits[:, n - 1]
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
@@ -146,10 +175,7 @@ class Decoder:
         # Decoder, model.remove_cache) took them off the model since.
         for layer, cache in zip(model.layers, self.caches):
             layer.self_attn.kv_cache = cache
-        device = model.embed_tokens.weight.device
-        # Prefill: the whole prompt in one pass fills the cache and gives the first new token.
-        logits = model(torch.tensor([prompt_ids], device=device),
-                       input_pos=torch.arange(len(prompt_ids), device=device))[:, -1]
+        logits = self._prefill(prompt_ids)  # the whole prompt in one pass, and the first new token
         for pos in range(len(prompt_ids), total):
             next_id = sample(logits, temperature, top_k, top_p, generator)
             token = int(next_id)
@@ -158,8 +184,8 @@ class Decoder:
             yield token
             if pos + 1 < total:
                 if self.step is None:  # warm-up and capture write slot pos, which the step rewrites
-                    self.step = DecodeStep(model, self.cuda_graph, first_pos=pos)
-                logits = self.step(next_id, pos)
+                    self.step = CapturedForward(model, 1, self.graphs, first_pos=pos, pool=self.pool)
+                logits = self.step(next_id, pos)[:, -1]
 
 
 def generate_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
