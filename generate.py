@@ -108,7 +108,7 @@ class Decoder:
     (CapturedForward), and setting them up costs more than running them: the cache's allocation,
     two warm-up passes and the capture, eager passes that the host's CPU bounds (0.4-0.5 s of a
     128-token call for a 7B model on an H100, BENCHMARKS.md). A Decoder pays it once: the step at
-    its first prompt, the prefill once per prompt length rounded up to PREFILL_STEP. Its prompts
+    its first prompt, the prefill at the second prompt of a length (rounded up to PREFILL_STEP). Its prompts
     reuse the same cache slots: past a prompt's end they still hold an earlier prompt's keys and
     values, which the mask hides (the query at position p sees slots 0..p, all written by this
     prompt's prefill and steps).
@@ -126,7 +126,7 @@ class Decoder:
         self.model = model
         self.graphs = cuda_graph and model.embed_tokens.weight.device.type == "cuda"
         self.caches, self.cache_len = None, 0
-        self.step, self.prefills, self.pool = None, {}, None
+        self.step, self.prefills, self.seen, self.pool = None, {}, set(), None
         if max_seq_len:
             self._allocate(max_seq_len)
 
@@ -142,21 +142,23 @@ class Decoder:
         if self.caches is not None:
             self.model.remove_cache()
         self.caches, self.cache_len = None, 0
-        self.step, self.prefills, self.pool = None, {}, None
+        self.step, self.prefills, self.seen, self.pool = None, {}, set(), None
 
     def _prefill(self, prompt_ids: list[int]) -> torch.Tensor:
         """One pass over the prompt: fills cache slots 0..T-1; the logits of its last token.
 
-        With graphs, the prompt is padded to a multiple of PREFILL_STEP tokens and the pass of
-        that length is captured once (an eager pass of a 7B model costs the host about 0.1 s).
-        The padding writes slots past the prompt: hidden like any slot past the position being
-        computed, and written again by the tokens that follow.
+        With graphs, a prompt whose length, rounded up to a multiple of PREFILL_STEP, has come
+        before is padded to that size and the pass of that size is captured, once (an eager pass
+        of a 7B model costs the host about 0.1 s; the capture, three passes: a prompt seen once
+        does not pay it). The padding writes slots past the prompt: hidden like any slot past the
+        position being computed, and written again by the tokens that follow.
         """
         model, n = self.model, len(prompt_ids)
         device = model.embed_tokens.weight.device
-        if not self.graphs:
-            return model(torch.tensor([prompt_ids], device=device), input_pos=torch.arange(n, device=device))[:, -1]
         size = min(-(-n // self.PREFILL_STEP) * self.PREFILL_STEP, self.cache_len)
+        if not self.graphs or size not in self.seen:
+            self.seen.add(size)
+            return model(torch.tensor([prompt_ids], device=device), input_pos=torch.arange(n, device=device))[:, -1]
         if size not in self.prefills:
             self.prefills[size] = CapturedForward(model, size, True, first_pos=0, pool=self.pool)
         logits = self.prefills[size](torch.tensor(prompt_ids + [0] * (size - n), device=device), first_pos=0)
