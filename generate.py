@@ -120,7 +120,7 @@ class Decoder:
     """
 
     GROW = 256
-    PREFILL_STEP = 64
+    PREFILL_STEP = 32  # a short prompt stays under quant.DEQUANT_MATMUL_MIN_M: no dequantized copies
 
     def __init__(self, model: Transformer, max_seq_len: Optional[int] = None, cuda_graph: bool = True):
         self.model = model
