@@ -120,7 +120,7 @@ class Decoder:
     """
 
     GROW = 256
-    PREFILL_STEP = 32  # a short prompt stays under quant.DEQUANT_MATMUL_MIN_M: no dequantized copies
+    PREFILL_STEP = 64  # (a 16-token prompt of a 7B model on the H100: 13.3 ms padded to 64, 20.9 to 32)
 
     def __init__(self, model: Transformer, max_seq_len: Optional[int] = None, cuda_graph: bool = True):
         self.model = model
