@@ -101,17 +101,17 @@ def context_needed(model: Transformer, prompt_ids: list[int], max_new_tokens: in
 
 
 class Decoder:
-    """A model set up for decoding, kept from one prompt to the next: its KV cache and its step.
+    """A model set up for decoding, kept from one prompt to the next: its KV cache and its graphs.
 
     Per prompt, `generate` runs the prefill (one pass over the prompt fills cache slots 0..T-1,
     and gives the first new token), then one step per token. On a GPU both are CUDA graphs
     (CapturedForward), and setting them up costs more than running them: the cache's allocation,
     two warm-up passes and the capture, eager passes that the host's CPU bounds (0.4-0.5 s of a
     128-token call for a 7B model on an H100, BENCHMARKS.md). A Decoder pays it once: the step at
-    its first prompt, the prefill at the second prompt of a length (rounded up to PREFILL_STEP). Its prompts
-    reuse the same cache slots: past a prompt's end they still hold an earlier prompt's keys and
-    values, which the mask hides (the query at position p sees slots 0..p, all written by this
-    prompt's prefill and steps).
+    its first prompt, the prefill at the second prompt of a length (rounded up to PREFILL_STEP).
+    Its prompts reuse the same cache slots: past a prompt's end they still hold an earlier
+    prompt's keys and values, which the mask hides (the query at position p sees slots 0..p, all
+    written by this prompt's prefill and steps).
 
     max_seq_len: the cache's length. A prompt that needs more grows it, to a multiple of 256 and
     at most the model's context, and the graphs are captured again for the new buffers (the
@@ -229,7 +229,7 @@ def parse_args(argv=None):
                    help="answer instructions read from standard input, one per line, until its end "
                         "(Ctrl-D). Each is wrapped in Alpaca's template and answered on its own (the "
                         "template has no place for earlier turns); the model, its KV cache and its "
-                        "CUDA graph are set up once, at the first answer")
+                        "CUDA graphs are set up once, not at every answer")
     p.add_argument("--adapter", help="folder of a trained LoRA adapter (adapter_model.safetensors)")
     p.add_argument("--quant", default="none", choices=["none", "nf4", "int4"], help="4-bit base weights")
     p.add_argument("--max-new-tokens", type=int, default=200, help="stop after this many new tokens")
