@@ -422,6 +422,7 @@ def test_autotuned_launch_path_in_interpreter(monkeypatch):
 
     monkeypatch.setattr(skinny, "_tune", run_all)
     monkeypatch.setattr(skinny, "_chosen", {})
+    monkeypatch.setattr(importlib.import_module("kernels.dequantize"), "_chosen", {})
     qw = make_weight("int4g128", 40, 256, seed=20)
     w = quant.dequantize(qw, torch.float32)
     for m in (1, 3, 130):
@@ -433,6 +434,11 @@ def test_autotuned_launch_path_in_interpreter(monkeypatch):
             assert skinny.chosen_config(x, qw) is not None
             assert_matmul_close(kernels.skinny_matmul(x, qw), x, w.t(), torch.float32)  # cached
     assert len(tried) == len(skinny.CANDIDATES_M1) + len(skinny.CANDIDATES_M16)
+    # dequantize: the autotuner at the first call, then the plain kernel with the config it chose
+    deq = importlib.import_module("kernels.dequantize")
+    assert torch.equal(kernels.dequantize(qw, torch.float32), w)
+    assert len(deq._chosen) == 1
+    assert torch.equal(kernels.dequantize(qw, torch.float32), w)
 
 
 def test_skinny_tuned_config_key_sees_the_ring():
