@@ -47,7 +47,8 @@ def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p
 
 
 class CapturedForward:
-    """model(T tokens at positions p .. p + T - 1) -> logits (1, T, vocab), replayed as a CUDA graph.
+    """model(T tokens at positions p .. p + T - 1) -> the logits of one of them (1, vocab), replayed
+    as a CUDA graph.
 
     Decoding one token of a 7B model launches ~1,000 small kernels; on a GPU their launch overhead,
     not the 3.5 GB of 4-bit weights, would dominate. A CUDA graph records the launches once (into
@@ -55,7 +56,9 @@ class CapturedForward:
     calls: T is fixed, the KV cache has a fixed length and the attention mask comes from
     `input_pos`. (Even replayed, each kernel costs a microsecond or two: `--compile` fuses the
     pointwise ones.) A Decoder keeps one for the decoding step (T = 1) and one per padded prompt
-    length for the prefill. Without a graph (use_graph False, or on the CPU) it runs the model.
+    length for the prefill. Only the wanted token goes through the LM head: a graph's output
+    stays allocated as long as the graph, and (T, vocab) logits of long prompts would add up.
+    Without a graph (use_graph False, or on the CPU) the same buffers run the model eagerly.
     """
 
     def __init__(self, model: Transformer, n_tokens: int, use_graph: bool, first_pos: int, pool=None):
@@ -65,26 +68,33 @@ class CapturedForward:
         # Warm-up and capture really run the model, writing the cache at these positions; the
         # first real call writes the same slots again, so nothing they leave behind is ever read.
         self.pos = torch.arange(first_pos, first_pos + n_tokens, device=device)
+        self.last = torch.full((1,), n_tokens - 1, dtype=torch.long, device=device)  # the token wanted
         self.graph = None
         if use_graph and device.type == "cuda":
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm up (compiles and autotunes kernels) off the graph
                 for _ in range(2):
-                    model(self.tokens, input_pos=self.pos)
+                    self._forward()
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             # (graphs that share a pool are replayed one at a time, and each output is read
             # before the next replay: they may reuse each other's intermediate buffers)
             with torch.cuda.graph(self.graph, pool=pool):
-                self.logits = model(self.tokens, input_pos=self.pos)
+                self.logits = self._forward()
 
-    def __call__(self, tokens: torch.Tensor, first_pos: int) -> torch.Tensor:
+    def _forward(self) -> torch.Tensor:
+        hidden = self.model(self.tokens, input_pos=self.pos, return_hidden=True)
+        return self.model.lm_head(hidden.index_select(1, self.last))[:, 0]
+
+    def __call__(self, tokens: torch.Tensor, first_pos: int, last: Optional[int] = None) -> torch.Tensor:
+        """The logits of token `last` (default: the final one) of `tokens` at first_pos onwards."""
         n = self.tokens.shape[1]
-        if self.graph is None:
-            return self.model(tokens.view(1, n), input_pos=torch.arange(first_pos, first_pos + n, device=tokens.device))
         self.tokens.copy_(tokens.view(1, n))
         torch.arange(first_pos, first_pos + n, out=self.pos)
+        self.last.fill_(n - 1 if last is None else last)
+        if self.graph is None:
+            return self._forward()
         self.graph.replay()
         return self.logits
 
@@ -127,6 +137,7 @@ class Decoder:
         self.graphs = cuda_graph and model.embed_tokens.weight.device.type == "cuda"
         self.caches, self.cache_len = None, 0
         self.step, self.prefills, self.seen, self.pool = None, {}, set(), None
+        self.turns = 0  # prompts begun: only the latest one's generator may go on (one cache)
         if max_seq_len:
             self._allocate(max_seq_len)
 
@@ -139,10 +150,19 @@ class Decoder:
 
     def close(self):
         """Free the cache (and the captured graphs that write into it)."""
-        if self.caches is not None:
-            self.model.remove_cache()
+        if self.caches is not None and self.model.layers[0].self_attn.kv_cache is self.caches[0]:
+            self.model.remove_cache()  # (only if it is ours: another Decoder may have put its own)
         self.caches, self.cache_len = None, 0
         self.step, self.prefills, self.seen, self.pool = None, {}, set(), None
+
+    def _install(self):
+        """Put this Decoder's cache back on the model if something took it off since (another
+        Decoder, a generate_tokens call, model.remove_cache): the model reads its cache from its
+        layers, and the captured graphs write into these very buffers. Checked before every pass:
+        generators of two Decoders may take turns."""
+        if self.model.layers[0].self_attn.kv_cache is not self.caches[0]:
+            for layer, cache in zip(self.model.layers, self.caches):
+                layer.self_attn.kv_cache = cache
 
     def _prefill(self, prompt_ids: list[int]) -> torch.Tensor:
         """One pass over the prompt: fills cache slots 0..T-1; the logits of its last token.
@@ -158,11 +178,12 @@ class Decoder:
         size = min(-(-n // self.PREFILL_STEP) * self.PREFILL_STEP, self.cache_len)
         if not self.graphs or size not in self.seen:
             self.seen.add(size)
-            return model(torch.tensor([prompt_ids], device=device), input_pos=torch.arange(n, device=device))[:, -1]
+            hidden = model(torch.tensor([prompt_ids], device=device), input_pos=torch.arange(n, device=device),
+                           return_hidden=True)
+            return model.lm_head(hidden[:, -1])
         if size not in self.prefills:
             self.prefills[size] = CapturedForward(model, size, True, first_pos=0, pool=self.pool)
-        logits = self.prefills[size](torch.tensor(prompt_ids + [0] * (size - n), device=device), first_pos=0)
-        return logits[:, n - 1]
+        return self.prefills[size](torch.tensor(prompt_ids + [0] * (size - n), device=device), 0, last=n - 1)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
@@ -170,13 +191,12 @@ class Decoder:
                  generator: Optional[torch.Generator] = None) -> Iterator[int]:
         """Yield new token ids one by one (batch 1); stop at `eos_id` or after max_new_tokens."""
         model = self.model
+        self.turns += 1
+        turn = self.turns
         total = context_needed(model, prompt_ids, max_new_tokens)
         if total > self.cache_len:
             self._allocate(min(-(-total // self.GROW) * self.GROW, model.args.max_seq_len))
-        # The captured step writes into these very buffers: put them back if something (another
-        # Decoder, model.remove_cache) took them off the model since.
-        for layer, cache in zip(model.layers, self.caches):
-            layer.self_attn.kv_cache = cache
+        self._install()
         logits = self._prefill(prompt_ids)  # the whole prompt in one pass, and the first new token
         for pos in range(len(prompt_ids), total):
             next_id = sample(logits, temperature, top_k, top_p, generator)
@@ -185,9 +205,13 @@ class Decoder:
                 return
             yield token
             if pos + 1 < total:
+                if turn != self.turns or self.caches is None:
+                    raise RuntimeError("this Decoder began another prompt (or was closed) since: its "
+                                       "cache no longer holds this one's; finish a prompt's tokens first")
+                self._install()  # (another Decoder's generator may have run while this one waited)
                 if self.step is None:  # warm-up and capture write slot pos, which the step rewrites
                     self.step = CapturedForward(model, 1, self.graphs, first_pos=pos, pool=self.pool)
-                logits = self.step(next_id, pos)[:, -1]
+                logits = self.step(next_id, pos)
 
 
 def generate_tokens(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,

@@ -80,6 +80,30 @@ def test_one_decoder_serves_many_prompts(tiny):
     assert outs == expected
 
 
+def test_decoders_taking_turns_keep_their_own_caches(tiny):
+    """Generators of two Decoders (and a generate_tokens call) interleaved token by token on one
+    model: each still continues its prompt as transformers does. A Decoder's generator that a
+    later prompt of the same Decoder overtook stops with an error instead of reading that
+    prompt's cache."""
+    from generate import Decoder, generate_tokens
+    a, b = Decoder(tiny), Decoder(tiny)
+    pa, pb, pc = PROMPTS
+    ga, gb = a.generate(pa["input_ids"], 30), b.generate(pb["input_ids"], 30)
+    gc = generate_tokens(tiny, pc["input_ids"], 30)
+    outs = [list(t) for t in zip(*zip(ga, gb, gc))]
+    assert outs == [pa["greedy_new_ids"][:30], pb["greedy_new_ids"][:30], pc["greedy_new_ids"][:30]]
+    stale = a.generate(pa["input_ids"], 30)
+    next(stale)
+    assert list(a.generate(pb["input_ids"], 30)) == pb["greedy_new_ids"][:30]
+    with pytest.raises(RuntimeError, match="began another prompt"):
+        next(stale)
+    assert list(b.generate(pc["input_ids"], 10)) == pc["greedy_new_ids"][:10]  # b's cache on the model
+    a.close()
+    assert tiny.layers[0].self_attn.kv_cache is b.caches[0]  # a's close leaves b's cache alone
+    b.close()
+    assert tiny.layers[0].self_attn.kv_cache is None
+
+
 def test_generate_cli_prints_reference_continuation():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--prompt", "Once upon a time",
                           "--temperature", "0", "--max-new-tokens", "60", "--device", "cpu"],
