@@ -135,9 +135,9 @@ class Decoder:
     def __init__(self, model: Transformer, max_seq_len: Optional[int] = None, cuda_graph: bool = True):
         self.model = model
         self.graphs = cuda_graph and model.embed_tokens.weight.device.type == "cuda"
-        self.caches, self.cache_len = None, 0
-        self.step, self.prefills, self.seen, self.pool = None, {}, set(), None
         self.turns = 0  # prompts begun: only the latest one's generator may go on (one cache)
+        self.caches = None
+        self.close()  # (sets the empty state)
         if max_seq_len:
             self._allocate(max_seq_len)
 
@@ -178,9 +178,7 @@ class Decoder:
         size = min(-(-n // self.PREFILL_STEP) * self.PREFILL_STEP, self.cache_len)
         if not self.graphs or size not in self.seen:
             self.seen.add(size)
-            hidden = model(torch.tensor([prompt_ids], device=device), input_pos=torch.arange(n, device=device),
-                           return_hidden=True)
-            return model.lm_head(hidden[:, -1])
+            return CapturedForward(model, n, False, first_pos=0)(torch.tensor(prompt_ids, device=device), 0)
         if size not in self.prefills:
             self.prefills[size] = CapturedForward(model, size, True, first_pos=0, pool=self.pool)
         return self.prefills[size](torch.tensor(prompt_ids + [0] * (size - n), device=device), 0, last=n - 1)

@@ -153,11 +153,24 @@ def split_config(config: dict):
     return meta, opts
 
 
-def launch(kernel, tuned, grid, args, consts: dict, config: dict = None):
+_tuned_choice = {}  # (autotuned kernel, key) -> the config its autotuner chose at the first call
+
+
+def launch(kernel, tuned, grid, args, consts: dict, config: dict = None, key=None):
     """Run `tuned` (the autotuned kernel), or `kernel` with the fixed `config` when one is given.
-    grid: meta-parameters -> launch grid."""
+    grid: meta-parameters -> launch grid. key: what the autotuner's choice depends on (it must
+    cover the autotuner's own key). With a key the choice is kept after the first call, and later
+    calls launch `kernel` with it, without the autotuner's per-call work (25 us of host time a
+    call on the H100 machine, which training pays three times per layer and step: BENCHMARKS.md,
+    twenty-ninth session)."""
+    if config is None and key is not None:
+        config = _tuned_choice.get((tuned, key))
     if config is None:
         tuned[grid](*args, **consts, **FP_FUSION)
+        if key is not None:
+            best = tuned.best_config
+            _tuned_choice[(tuned, key)] = {**best.kwargs, "num_warps": best.num_warps,
+                                           "num_stages": best.num_stages}
     else:
         meta, opts = split_config(config)
         kernel[grid(meta)](*args, **consts, **meta, **opts, **FP_FUSION)

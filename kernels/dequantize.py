@@ -65,11 +65,6 @@ _dequantize_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "FORMAT", "
     dequantize_kernel)
 
 INTERPRETER_CONFIG = {"BLOCK_R": 16, "BLOCK_C": 128, "LOOKUP": 0}
-# (N, K, FORMAT, QBLOCK, DQ_BLOCK, dtype, device) -> the config the autotuner chose at its first
-# call: later calls launch the plain kernel with it, without the autotuner's own per-call work
-# (25 us of host time a call on the H100 machine; training dequantizes every layer three times a
-# step, and at small batches the host sets the pace: BENCHMARKS.md, twenty-ninth session)
-_chosen = {}
 
 
 def dequantize(w, dtype: torch.dtype = torch.bfloat16, config: dict = None) -> torch.Tensor:
@@ -90,13 +85,9 @@ def dequantize(w, dtype: torch.dtype = torch.bfloat16, config: dict = None) -> t
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_R"]), triton.cdiv(kp, meta["BLOCK_C"]))  # noqa: E731
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
-    key = (n, k, fmt, qb, dq_block, dtype, device)
-    if config is None and key not in _chosen:
-        launch(dequantize_kernel, _dequantize_tuned, grid, args, consts)  # tunes at the first call
-        best = _dequantize_tuned.best_config
-        _chosen[key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
-        return out
-    config = config or _chosen[key]
-    check_lookup(config.get("LOOKUP"), fmt, dtype)
-    launch(dequantize_kernel, _dequantize_tuned, grid, args, consts, config)
+    if config is not None:
+        check_lookup(config.get("LOOKUP"), fmt, dtype)
+    # (the autotuner's key, N K FORMAT QBLOCK and the tensors' dtypes, which FORMAT and dtype fix)
+    launch(dequantize_kernel, _dequantize_tuned, grid, args, consts, config,
+           key=(n, k, fmt, qb, dq_block, dtype, device))
     return out

@@ -422,7 +422,7 @@ def test_autotuned_launch_path_in_interpreter(monkeypatch):
 
     monkeypatch.setattr(skinny, "_tune", run_all)
     monkeypatch.setattr(skinny, "_chosen", {})
-    monkeypatch.setattr(importlib.import_module("kernels.dequantize"), "_chosen", {})
+    monkeypatch.setattr(importlib.import_module("kernels._launch"), "_tuned_choice", {})
     qw = make_weight("int4g128", 40, 256, seed=20)
     w = quant.dequantize(qw, torch.float32)
     for m in (1, 3, 130):
@@ -435,9 +435,9 @@ def test_autotuned_launch_path_in_interpreter(monkeypatch):
             assert_matmul_close(kernels.skinny_matmul(x, qw), x, w.t(), torch.float32)  # cached
     assert len(tried) == len(skinny.CANDIDATES_M1) + len(skinny.CANDIDATES_M16)
     # dequantize: the autotuner at the first call, then the plain kernel with the config it chose
-    deq = importlib.import_module("kernels.dequantize")
+    tuned_choice = importlib.import_module("kernels._launch")._tuned_choice
     assert torch.equal(kernels.dequantize(qw, torch.float32), w)
-    assert len(deq._chosen) == 1
+    assert len(tuned_choice) == 1
     assert torch.equal(kernels.dequantize(qw, torch.float32), w)
 
 
