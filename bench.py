@@ -94,22 +94,28 @@ def time_steps(step, batches, warmup: int):
     return time.perf_counter() - t0, float(loss)
 
 
-def make_step(model, opt):
-    from train import backward, forward_loss
+def make_step(model, opt, graphs: bool):
+    """train.py's step: one micro-batch through graph_step.TrainStep (replayed as a CUDA graph unless
+    graphs is False), AdamW, gradients zeroed in place. Returns the loss per target token."""
+    from data import IGNORE_INDEX
+    from graph_step import TrainStep
+    from train import forward_loss
+    micro = TrainStep(model, forward_loss, graphs=graphs)
 
     def step(batch):
-        loss, n = forward_loss(model, batch)
-        backward(loss / n)
+        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        micro(batch, 1.0 / n)
         opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach() / n
+        opt.zero_grad(set_to_none=False)
+        return micro.take_loss_sum() / n
     return step
 
 
 def ours_train(a) -> list[dict]:
     model = build_random_model(a.shape, a.quant, "cuda")
     params, opt = prepare_training(model, a.rank, grad_ckpt=not a.no_grad_ckpt)
-    return time_configs(f"ours-{a.quant}", make_step(model, opt), params, a)
+    return time_configs(f"ours-{a.quant}" + ("-eager" if a.no_cuda_graphs else ""),
+                        make_step(model, opt, graphs=not a.no_cuda_graphs), params, a)
 
 
 def time_configs(stack: str, step, params, a) -> list[dict]:
@@ -149,7 +155,9 @@ def ours_alpaca(a) -> list[dict]:
                for b in make_batches(train_set, a.batch_size, a.max_len, pack=not a.no_pack, seed=0, epoch=0)]
     model = build_random_model(a.shape, a.quant, "cuda")
     _, opt = prepare_training(model, a.rank, grad_ckpt=not a.no_grad_ckpt)
-    return [time_pass(f"ours-{a.quant}", make_step(model, opt), batches, train_set, packed=int(not a.no_pack))]
+    return [time_pass(f"ours-{a.quant}" + ("-eager" if a.no_cuda_graphs else ""),
+                      make_step(model, opt, graphs=not a.no_cuda_graphs), batches, train_set,
+                      packed=int(not a.no_pack))]
 
 
 def time_pass(stack: str, step, batches: list[dict], train_set, packed: int) -> dict:
@@ -363,6 +371,8 @@ def main():
     p.add_argument("--configs", default="1x512,8x512,16x512,4x2048", help="train: comma-separated BATCHxSEQ")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank, dropout 0)")
     p.add_argument("--no-grad-ckpt", action="store_true", help="train without gradient checkpointing")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="train, alpaca: run each micro-batch eagerly, not replayed as a CUDA graph (graph_step.py)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--batch-size", type=int, default=8, help="alpaca: rows (packed) or examples per batch")

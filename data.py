@@ -430,6 +430,31 @@ def random_batches(n: int, batch_size: int, seed: int, epoch: int, drop_last: bo
     return [b for b in batches if len(b) == batch_size] if drop_last else batches
 
 
+def pad_batch(batch: dict[str, torch.Tensor], width: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad a collated batch's (B, T) tensors to (B, width), width >= T, as the collators pad:
+    input_ids pad_id (any id), labels IGNORE_INDEX (never a target), attention_mask False, and for
+    packed rows the new columns form a document of their own (doc_ids one more than the row's
+    largest, input_pos from 0), which no real token attends to. Used to give a CUDA graph the
+    fixed shapes it replays (graph_step.py)."""
+    T = batch["input_ids"].shape[1]
+    if width < T:
+        raise ValueError(f"cannot pad a batch of width {T} to {width}")
+    extra = width - T
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": False}
+    out = {}
+    for k, v in batch.items():
+        if k == "doc_ids":
+            tail = (v.max(dim=1, keepdim=True).values + 1).expand(-1, extra)
+        elif k == "input_pos":
+            tail = torch.arange(extra, dtype=v.dtype).expand(v.shape[0], -1)
+        elif k in fill:
+            tail = torch.full((v.shape[0], extra), fill[k], dtype=v.dtype)
+        else:
+            raise KeyError(f"pad_batch: no padding rule for {k!r}")
+        out[k] = torch.cat([v, tail.to(v.device)], dim=1)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Packing: several examples per row, each attending only to itself
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,10 @@ autograd would keep them (and their softmax) until the backward pass. Two saving
   2. The head runs over chunks of tokens, and since W is frozen the gradient with respect to h is
      computed right there, chunk by chunk: only dL/dh (N x dim, 16-bit) is kept for backward.
 This is the idea behind fused linear cross-entropy kernels (e.g. Liger), written in plain PyTorch.
+
+Saving 1 gives tensors whose size depends on the labels' values, which a CUDA graph cannot replay
+(graph_step.py): there every position goes through the head and the masked ones count zero
+(select=False): the same loss and gradient, a little more work in the head.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from data import IGNORE_INDEX  # label of positions that are not targets (the pr
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum_t CE(h_t @ W^T, y_t), computed in chunks of `chunk` tokens; W gets no gradient."""
+    """sum_t CE(h_t @ W^T, y_t), computed in chunks of `chunk` tokens; W gets no gradient.
+    Tokens whose target is IGNORE_INDEX add 0 to the sum and get a zero gradient."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
@@ -30,13 +35,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=h.device)
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start:start + chunk], targets[start:start + chunk]
+            keep = (yc != IGNORE_INDEX).to(acc)                # 1 for targets, 0 for masked tokens
+            yc = yc.clamp(min=0)                               # (any class: its terms are zeroed)
             logits = (hc @ weight.T).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            total += ((lse - logits.gather(1, yc[:, None]).squeeze(1)) * keep).sum()
             if grad_h is not None:
                 probs = torch.exp(logits - lse[:, None])          # softmax, in place of the logits
                 probs[torch.arange(len(yc), device=h.device), yc] -= 1.0
-                grad_h[start:start + chunk] = probs.to(h.dtype) @ weight
+                grad_h[start:start + chunk] = (probs * keep[:, None]).to(h.dtype) @ weight
         ctx.save_for_backward(grad_h)
         return total
 
@@ -47,14 +54,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def causal_lm_loss_sum(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                       chunk: int = 2048) -> tuple[torch.Tensor, int]:
+                       chunk: int = 2048, select: bool = True) -> tuple[torch.Tensor, int | None]:
     """(sum of next-token losses, number of target tokens) for hidden (B, T, dim), labels (B, T).
 
     labels are aligned with the inputs (HF convention): position t predicts labels[t + 1].
+    select=False: every position goes through the head, masked ones counting zero; no step waits
+    for the GPU (the count is then None: the caller counts on the host).
     """
     if lm_head_weight.requires_grad:
         raise ValueError("the chunked loss assumes a frozen LM head (it computes no gradient for it)")
     targets = labels[:, 1:]
+    if not select:
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        return ChunkedLinearCrossEntropy.apply(h, lm_head_weight, targets.reshape(-1), chunk), None
     keep = targets != IGNORE_INDEX
     h = hidden[:, :-1][keep]  # only target positions go through the head
     y = targets[keep]

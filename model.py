@@ -295,8 +295,10 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                # Keep only each block's input; recompute its insides during backward.
-                x = checkpoint(layer, x, cos, sin, mask, input_pos if cached else None, use_reentrant=False)
+                # Keep only each block's input; recompute its insides during backward. Saving the
+                # RNG state (for dropout) cannot be captured in a CUDA graph (graph_step.py).
+                x = checkpoint(layer, x, cos, sin, mask, input_pos if cached else None, use_reentrant=False,
+                               preserve_rng_state=not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
             else:
                 x = layer(x, cos, sin, mask, input_pos if cached else None)
         x = self.norm(x)

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import data
 from generate import DEFAULT_MODEL, build_model, default_dtype, generate_tokens
+from graph_step import TrainStep, backward, graphs_ok
 from lora import add_lora, lora_state_dict, save_adapter
 from loss import causal_lm_loss_sum
 from model import load_tokenizer, read_args
@@ -95,6 +96,7 @@ class TrainingArguments:
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt (same data/model/batch flags and number of processes; --lr, --max-steps... may change)"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh even if OUT already holds a checkpoint"})
     dist_timeout: int = field(default=1800, metadata={"help": "under torchrun: seconds a process waits for the others before failing (instead of hanging)"})
+    no_cuda_graphs: bool = field(default=False, metadata={"help": "run every micro-batch eagerly; by default one CUDA GPU replays each micro-batch's forward and backward as a CUDA graph (graph_step.py: rows padded to a multiple of 64 tokens; not under torchrun, nor with --grad-ckpt and dropout)"})
 
 
 def parse_args(argv=None):
@@ -176,21 +178,12 @@ class StopRequest:
         self.asked = True
 
 
-def forward_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Sum of target-token losses of one micro-batch, and its number of target tokens."""
+def forward_loss(model, batch: dict, select: bool = True) -> tuple[torch.Tensor, int | None]:
+    """Sum of target-token losses of one micro-batch, and its number of target tokens (None with
+    select=False: every position through the head, masked ones zeroed, as a CUDA graph needs)."""
     raw = model.module if hasattr(model, "module") else model
     hidden = model(batch["input_ids"], input_pos=batch.get("input_pos"), doc_ids=batch.get("doc_ids"), return_hidden=True)
-    return causal_lm_loss_sum(hidden, raw.lm_head.weight, batch["labels"])
-
-
-def backward(loss: torch.Tensor):
-    """loss.backward(), run by this thread. On CUDA, autograd otherwise runs the backward in a
-    thread of its own, and every Python step of it (the 4-bit layers' backward, the launchers of
-    their kernels) then costs more: a 7B layer's forward and backward took 820 us of host time
-    that way on the H100, 500 us this way (BENCHMARKS.md). At small batches the host sets the
-    pace of a step."""
-    with torch.autograd.set_multithreading_enabled(False):
-        loss.backward()
+    return causal_lm_loss_sum(hidden, raw.lm_head.weight, batch["labels"], select=select)
 
 
 @torch.no_grad()
@@ -278,6 +271,11 @@ def train(argv=None):
         print(f"trainable LoRA parameters: {sum(p.numel() for p in params):,}; steps {step} -> {total_steps} of "
               f"{args.batch_size} x {args.grad_accum} x {world} sequences; writing to {args.out}")
     metrics = open_metrics(args.out, step if args.resume else None) if main else None
+    use_graphs, why_not = graphs_ok(model, device, world)
+    use_graphs = use_graphs and not args.no_cuda_graphs
+    if main and device.startswith("cuda"):
+        print("CUDA graphs: " + ("on (graph_step.py)" if use_graphs else f"off ({why_not or '--no-cuda-graphs'})"))
+    micro_step = TrainStep(ddp_model, forward_loss, graphs=use_graphs, max_width=data_args.max_len)
 
     def log(record: dict):
         metrics.write(json.dumps(record) + "\n")
@@ -297,24 +295,21 @@ def train(argv=None):
                 epoch = step // steps_per_epoch
                 batches = epoch_batches(epoch)
             first = (step % steps_per_epoch) * args.grad_accum
-            # This rank's share of each global batch in the accumulation window.
-            window = [{k: v.to(device) for k, v in data.shard_batch(b, rank, world).items()}
-                      for b in batches[first:first + args.grad_accum]]
+            # This rank's share of each global batch in the accumulation window (counted on the host).
+            window = [data.shard_batch(b, rank, world) for b in batches[first:first + args.grad_accum]]
             n_target, n_tokens = all_sum([sum(float((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in window),
                                           sum(float(b["attention_mask"].sum()) for b in window)], world, device)
             lr = lr_at(step, args, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             seed_step(args.seed, step, rank)
-            loss_sum = 0.0
             for i, batch in enumerate(window):
                 # DDP all-reduces the gradients once per step, in the backward of the last micro-batch.
                 with ddp_model.no_sync() if world > 1 and i < len(window) - 1 else contextlib.nullcontext():
-                    loss, _ = forward_loss(ddp_model, batch)
                     # DDP averages gradients over ranks; the factor world turns that into a sum.
-                    backward(loss * (world / max(n_target, 1)))
-                loss_sum += loss.item()
-            loss_sum, stop_asked = all_sum([loss_sum, float(stop.asked)], world, device)  # ranks stop together
+                    micro_step(batch, world / max(n_target, 1))
+            # (the step's one wait for the GPU); ranks stop together
+            loss_sum, stop_asked = all_sum([micro_step.take_loss_sum(), float(stop.asked)], world, device)
             loss_val = loss_sum / max(n_target, 1)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf))
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
@@ -322,7 +317,7 @@ def train(argv=None):
                 raise FloatingPointError(f"loss {loss_val}, gradient norm {grad_norm} at step {step + 1}: stopped before "
                                          f"updating the adapters; {kept} (resume it with a lower --lr)")
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=False)  # in place: a CUDA graph adds into these tensors
             step += 1
 
             dt = time.perf_counter() - t0

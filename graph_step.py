@@ -1,0 +1,121 @@
+"""A training micro-batch's forward and backward, replayed as one CUDA graph.
+
+Why: at small batches a QLoRA step is bound by the host, not the GPU. On an H100 a 7B step of 1 x 512
+tokens took 434 ms of Python and kernel launches against 89 ms of GPU kernels (BENCHMARKS.md): each of
+the thousands of small launches of a forward and backward costs the CPU more than the GPU. A CUDA graph
+records the kernels of one micro-batch once; a replay launches all of them with one call.
+
+What a replay needs (PyTorch's `torch.cuda.graph`, its "whole-network capture"):
+- Fixed shapes and addresses. The batch is copied into input tensors that the graph owns. Rows are
+  padded on the right to a multiple of PAD tokens (`data.pad_batch`: padding is never a target, and in
+  a causal model no real token sees it), so one graph serves every batch of a width. The graphs of all
+  widths share one memory pool: they never run at the same time.
+- No value read back by the host inside the pass. The loss goes over every position with the masked
+  ones counting zero (`loss.causal_lm_loss_sum(select=False)`: selecting the targets gives tensors of
+  data-dependent size). The step's scale (1 / its target tokens) is a device scalar written before each
+  replay, and the loss is added to a device sum that the step reads once (`take_loss_sum`).
+- Gradients added in place. The capture runs with every trainable parameter's .grad already there, so
+  autograd's accumulation writes into those tensors; train.py zeroes them in place, never sets them to
+  None (a capture would allocate new ones from its own pool, which later replays would overwrite).
+- Warm kernels. A width's first micro-batch runs eagerly: the Triton autotuners time their kernels
+  then, which a capture cannot. Its second is captured and replayed; later ones are replayed.
+- Random numbers. Dropout in a graph draws from the generator's seed and offset at each replay, so
+  train.seed_step still decides the masks, and an eager pass and a replay from the same state draw the
+  same ones. Gradient checkpointing would save the RNG state to draw the same masks again when it
+  recomputes a block, which a capture cannot do: with checkpointing, graphs need dropout 0 (graphs_ok).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import data
+
+PAD = 64  # rows are padded to a multiple of this many tokens: one graph per width
+
+
+def graphs_ok(model: nn.Module, device: str, world: int) -> tuple[bool, str]:
+    """Whether train.py can replay this model's micro-batches as CUDA graphs, and if not, why."""
+    if not str(device).startswith("cuda"):
+        return False, "CUDA graphs need a CUDA device"
+    if world > 1:
+        return False, "CUDA graphs are not used under torchrun (DDP's gradient hooks run eagerly)"
+    dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+    if getattr(model, "gradient_checkpointing", False) and dropout:
+        return False, ("CUDA graphs cannot replay gradient checkpointing with dropout (the recomputation "
+                       "must redraw the forward's masks): use --lora-dropout 0 to get them")
+    return True, ""
+
+
+class TrainStep:
+    """step(batch, scale): forward and backward of one micro-batch, its gradients times `scale` added to
+    the parameters' .grad and its loss sum to a device total (`take_loss_sum`).
+
+    loss_fn(model, batch, select=...) -> (loss sum, target count) is train.forward_loss. graphs=False
+    runs every micro-batch eagerly as given (CPU, torchrun, or by choice); graphs=True pads it to a
+    multiple of PAD tokens (at most max_width unless longer) and replays one CUDA graph per shape.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn, graphs: bool, max_width: int = 0):
+        self.model, self.loss_fn, self.use_graphs, self.max_width = model, loss_fn, graphs, max_width
+        device = next(model.parameters()).device
+        self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        self.scale = torch.ones((), dtype=torch.float32, device=device)
+        self.inputs: dict[tuple, dict[str, torch.Tensor]] = {}  # shape -> the graph's input tensors
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph | None] = {}  # None: seen once, run eagerly
+        self.pool = None  # the memory pool all graphs share
+
+    def __call__(self, batch: dict[str, torch.Tensor], scale: float):
+        if not self.use_graphs:
+            loss, _ = self.loss_fn(self.model, {k: v.to(self.loss_sum.device) for k, v in batch.items()})
+            backward(loss * scale)
+            self.loss_sum += loss.detach()
+            return
+        batch = {k: v for k, v in batch.items() if k != "attention_mask"}  # (not a model input)
+        T = batch["input_ids"].shape[1]
+        width = max(T, min(-(-T // PAD) * PAD, self.max_width or T + PAD))
+        batch = data.pad_batch(batch, width)
+        key = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
+        if key not in self.inputs:
+            self.inputs[key] = {k: torch.empty_like(v, device=self.loss_sum.device) for k, v in batch.items()}
+        inputs = self.inputs[key]
+        for k, v in batch.items():  # from pinned memory the copies run in the stream's order, async
+            inputs[k].copy_(v.pin_memory() if v.device.type == "cpu" else v, non_blocking=True)
+        self.scale.fill_(scale)
+        if key not in self.graphs:  # first of its shape: eagerly (the autotuners time their kernels)
+            self._pass(inputs)
+            self.graphs[key] = None
+        elif self.graphs[key] is None:  # second: capture, then replay to run it
+            for p in self.model.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self._pass(inputs)
+            self.pool = graph.pool()
+            self.graphs[key] = graph
+            graph.replay()
+        else:
+            self.graphs[key].replay()
+
+    def _pass(self, inputs: dict[str, torch.Tensor]):
+        """What a graph holds: the loss over every position, the backward, the loss added to the sum."""
+        loss, _ = self.loss_fn(self.model, inputs, select=False)
+        backward(loss * self.scale)
+        self.loss_sum += loss.detach()
+
+    def take_loss_sum(self) -> float:
+        """The loss summed since the last call (waits for the GPU), and the sum reset."""
+        total = self.loss_sum.item()
+        self.loss_sum.zero_()
+        return total
+
+
+def backward(loss: torch.Tensor):
+    """loss.backward(), run by this thread. On CUDA, autograd otherwise runs the backward in a thread of
+    its own, and every Python step of it (the 4-bit layers' backward, the launchers of their kernels)
+    then costs more: a 7B layer's forward and backward took 820 us of host time that way on the H100,
+    500 us this way (BENCHMARKS.md). At small batches the host sets the pace of a step."""
+    with torch.autograd.set_multithreading_enabled(False):
+        loss.backward()
