@@ -37,13 +37,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             hc, yc = h[start:start + chunk], targets[start:start + chunk]
             keep = (yc != IGNORE_INDEX).to(acc)                # 1 for targets, 0 for masked tokens
             yc = yc.clamp(min=0)                               # (any class: its terms are zeroed)
+            # logsumexp(z) = m + log sum_v exp(z_v - m), m = max_v z_v, written out so that every
+            # step after the first works in place: one (chunk, vocab) float32 tensor at a time
+            # (torch.logsumexp and an out-of-place softmax would hold three: 0.8 GB at 2048 tokens)
             logits = (hc @ weight.T).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, yc[:, None]).squeeze(1)) * keep).sum()
+            picked = logits.gather(1, yc[:, None]).squeeze(1)  # the target's logit
+            m = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(m).exp_()                      # exp(z - m), in place of the logits
+            sums = probs.sum(dim=-1)
+            total += ((m.squeeze(1) + sums.log() - picked) * keep).sum()
             if grad_h is not None:
-                probs = torch.exp(logits - lse[:, None])          # softmax, in place of the logits
+                probs.div_(sums[:, None])                      # the softmax
                 probs[torch.arange(len(yc), device=h.device), yc] -= 1.0
-                grad_h[start:start + chunk] = (probs * keep[:, None]).to(h.dtype) @ weight
+                grad_h[start:start + chunk] = probs.mul_(keep[:, None]).to(h.dtype) @ weight
         ctx.save_for_backward(grad_h)
         return total
 

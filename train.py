@@ -317,7 +317,8 @@ def train(argv=None):
                 raise FloatingPointError(f"loss {loss_val}, gradient norm {grad_norm} at step {step + 1}: stopped before "
                                          f"updating the adapters; {kept} (resume it with a lower --lr)")
             optimizer.step()
-            optimizer.zero_grad(set_to_none=False)  # in place: a CUDA graph adds into these tensors
+            # In place under CUDA graphs (a graph adds into these tensors); else freed until the next backward.
+            optimizer.zero_grad(set_to_none=not use_graphs)
             step += 1
 
             dt = time.perf_counter() - t0
