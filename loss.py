@@ -35,8 +35,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=h.device)
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start:start + chunk], targets[start:start + chunk]
-            keep = (yc != IGNORE_INDEX).to(acc)                # 1 for targets, 0 for masked tokens
-            yc = yc.clamp(min=0)                               # (any class: its terms are zeroed)
+            keep = yc != IGNORE_INDEX                          # targets (masked tokens count zero)
+            yc = yc.clamp(min=0)                               # (any class: its terms are dropped)
             # logsumexp(z) = m + log sum_v exp(z_v - m), m = max_v z_v, written out so that every
             # step after the first works in place: one (chunk, vocab) float32 tensor at a time
             # (torch.logsumexp and an out-of-place softmax would hold three: 0.8 GB at 2048 tokens)
@@ -45,11 +45,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             m = logits.amax(dim=-1, keepdim=True)
             probs = logits.sub_(m).exp_()                      # exp(z - m), in place of the logits
             sums = probs.sum(dim=-1)
-            total += ((m.squeeze(1) + sums.log() - picked) * keep).sum()
+            # (torch.where, not a product with 0/1: a masked token's inf or NaN must not count)
+            total += torch.where(keep, m.squeeze(1) + sums.log() - picked, 0.0).sum()
             if grad_h is not None:
                 probs.div_(sums[:, None])                      # the softmax
                 probs[torch.arange(len(yc), device=h.device), yc] -= 1.0
-                grad_h[start:start + chunk] = probs.mul_(keep[:, None]).to(h.dtype) @ weight
+                grad_h[start:start + chunk] = probs.masked_fill_(~keep[:, None], 0.0).to(h.dtype) @ weight
         ctx.save_for_backward(grad_h)
         return total
 

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 import data
 from generate import DEFAULT_MODEL, build_model, default_dtype, generate_tokens
-from graph_step import TrainStep, backward, graphs_ok
+from graph_step import TrainStep, graphs_ok
 from lora import add_lora, lora_state_dict, save_adapter
 from loss import causal_lm_loss_sum
 from model import load_tokenizer, read_args
@@ -96,7 +96,7 @@ class TrainingArguments:
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt (same data/model/batch flags and number of processes; --lr, --max-steps... may change)"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh even if OUT already holds a checkpoint"})
     dist_timeout: int = field(default=1800, metadata={"help": "under torchrun: seconds a process waits for the others before failing (instead of hanging)"})
-    no_cuda_graphs: bool = field(default=False, metadata={"help": "run every micro-batch eagerly; by default one CUDA GPU replays each micro-batch's forward and backward as a CUDA graph (graph_step.py: rows padded to a multiple of 64 tokens; not under torchrun, nor with --grad-ckpt and dropout)"})
+    no_cuda_graphs: bool = field(default=False, metadata={"help": "run every micro-batch eagerly; by default one CUDA GPU replays each micro-batch's forward and backward as a CUDA graph (graph_step.py: much faster at small batches; rows padded to a multiple of 64 tokens; up to one more pass's activations in memory; not under torchrun, nor with --grad-ckpt and dropout)"})
 
 
 def parse_args(argv=None):
@@ -308,7 +308,7 @@ def train(argv=None):
                 with ddp_model.no_sync() if world > 1 and i < len(window) - 1 else contextlib.nullcontext():
                     # DDP averages gradients over ranks; the factor world turns that into a sum.
                     micro_step(batch, world / max(n_target, 1))
-            # (the step's one wait for the GPU); ranks stop together
+            # (waits for the GPU: the micro-batches' work was only queued); ranks stop together
             loss_sum, stop_asked = all_sum([micro_step.take_loss_sum(), float(stop.asked)], world, device)
             loss_val = loss_sum / max(n_target, 1)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf))

@@ -92,6 +92,8 @@ def test_graphs_ok_says_why_not():
     assert not ok and "--lora-dropout 0" in why
     model.gradient_checkpointing = False
     assert graphs_ok(model, "cuda", 1) == (True, "")
+    with pytest.raises(ValueError, match="need a CUDA device"):  # TrainStep asks too
+        TrainStep(model, train.forward_loss, graphs=True)
 
 
 @pytest.mark.cuda
@@ -113,6 +115,9 @@ def test_gpu_eager_capture_and_replay_agree(quant, dropout, grad_ckpt):
         step(batch, 1.0 / n)
         runs.append((step.take_loss_sum(), grads(model), [p.grad.data_ptr() for p in params]))
     assert len(step.graphs) >= 1 and step.pool is not None
+    model.zero_grad(set_to_none=True)  # what a replay cannot add into: refused, not silently lost
+    with pytest.raises(RuntimeError, match="set_to_none=False"):
+        step(batch, 1.0 / n)
     loss0, g0, ptrs0 = runs[0]
     for loss, g, ptrs in runs[1:]:
         assert loss == loss0 and ptrs == ptrs0  # the replay wrote into the same .grad tensors

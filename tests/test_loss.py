@@ -83,3 +83,21 @@ def test_no_target_tokens_gives_zero_connected_loss(select):
 def test_trainable_head_is_refused():
     with pytest.raises(ValueError, match="frozen LM head"):
         causal_lm_loss_sum(torch.randn(1, 3, 4), torch.randn(5, 4, requires_grad=True), torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_a_masked_tokens_inf_does_not_reach_the_loss():
+    """select=False sends masked positions through the head too; their values must not count, even
+    when they are not finite (a product with 0 would give NaN)."""
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(1, 6, 8, generator=g, requires_grad=True)
+    weight = torch.randn(10, 8, generator=g)
+    labels = torch.randint(0, 10, (1, 6), generator=g)
+    labels[0, :3] = IGNORE_INDEX  # positions 0 and 1 predict masked labels
+    with torch.no_grad():
+        hidden[0, 1] = float("inf")
+    ref, _ = causal_lm_loss_sum(hidden, weight, labels, select=True)
+    (ref_grad,) = torch.autograd.grad(ref, hidden)
+    loss, _ = causal_lm_loss_sum(hidden, weight, labels, select=False)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(grad, ref_grad)
