@@ -8,7 +8,8 @@
 Our side runs the code paths train.py and generate.py run: the model is built layer by layer with
 random weights (each block quantized as soon as it is made, so even the 70B shape never holds its
 16-bit weights), LoRA r=16 alpha=32 on all seven linears, train.forward_loss, AdamW, gradient
-checkpointing. `--vs-hf` runs, in a subprocess of the same invocation, transformers + PEFT +
+checkpointing, each micro-batch replayed as a CUDA graph as train.py does (graph_step.py;
+--no-cuda-graphs: eagerly). `--vs-hf` runs, in a subprocess of the same invocation, transformers + PEFT +
 bitsandbytes NF4 configured as in the anchor measurements (random checkpoint saved once under
 --hf-dir, from_pretrained with BitsAndBytesConfig nf4 + double quant + bf16 compute, sdpa,
 non-reentrant gradient checkpointing, fused AdamW). Prints a markdown table; --out appends JSON lines.

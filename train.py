@@ -15,6 +15,9 @@ micro-batch it fell in (not a mean of per-batch means), so the same rows train t
 is a function of (seed, epoch), the learning rate of the step, and dropout draws from a generator
 reseeded every step from (seed, step, rank); a checkpoint holds the step, the adapters, AdamW's moments.
 
+On one GPU each micro-batch's forward and backward is captured once as a CUDA graph and replayed
+(graph_step.py): at small batches the step would otherwise wait for Python's kernel launches.
+
 Left out: paged optimizers, FSDP (the trainable state is small: see README), torch.compile, resuming
 with another number of processes, evaluation metrics other than the held-out loss.
 """
