@@ -79,10 +79,9 @@ class TrainStep:
         self.pool = None  # the memory pool all graphs share
 
     def __call__(self, batch: dict[str, torch.Tensor], scale: float):
+        self.scale.fill_(scale)
         if not self.use_graphs:
-            loss, _ = self.loss_fn(self.model, {k: v.to(self.loss_sum.device) for k, v in batch.items()})
-            backward(loss * scale)
-            self.loss_sum += loss.detach()
+            self._pass({k: v.to(self.loss_sum.device) for k, v in batch.items()}, select=True)
             return
         batch = {k: v for k, v in batch.items() if k != "attention_mask"}  # (not a model input)
         T = batch["input_ids"].shape[1]
@@ -94,10 +93,9 @@ class TrainStep:
         inputs = self.inputs[key]
         for k, v in batch.items():  # from pinned memory the copies run in the stream's order, async
             inputs[k].copy_(v.pin_memory() if v.device.type == "cpu" else v, non_blocking=True)
-        self.scale.fill_(scale)
         with torch.cuda.device(self.loss_sum.device):  # (capture and replay on the model's GPU)
             if key not in self.graphs:  # first of its shape: eagerly (the autotuners time their kernels)
-                self._pass(inputs)
+                self._pass(inputs, select=False)
                 self.graphs[key] = None
                 return
             if not self.grads:  # the first capture: from now on these tensors take the gradients
@@ -111,14 +109,15 @@ class TrainStep:
             if self.graphs[key] is None:  # second of its shape: capture, then replay to run it
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    self._pass(inputs)
+                    self._pass(inputs, select=False)
                 self.pool = graph.pool()
                 self.graphs[key] = graph
             self.graphs[key].replay()
 
-    def _pass(self, inputs: dict[str, torch.Tensor]):
-        """What a graph holds: the loss over every position, the backward, the loss added to the sum."""
-        loss, _ = self.loss_fn(self.model, inputs, select=False)
+    def _pass(self, inputs: dict[str, torch.Tensor], select: bool):
+        """The loss, the backward of loss x scale, the loss added to the sum: what a graph holds (with
+        select=False: the loss over every position, no size that depends on the data)."""
+        loss, _ = self.loss_fn(self.model, inputs, select=select)
         backward(loss * self.scale)
         self.loss_sum += loss.detach()
 

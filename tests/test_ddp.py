@@ -34,12 +34,12 @@ sys.path.insert(0, {root!r})
 import train
 real, seen = train.forward_loss, {{"n": 0}}
 
-def forward_loss(model, batch):
+def forward_loss(model, batch, **kw):
     if model.training:
         seen["n"] += 1
         if os.environ["RANK"] == "1" and seen["n"] == {fail_at}:
             raise RuntimeError("injected failure")
-    return real(model, batch)
+    return real(model, batch, **kw)
 
 train.forward_loss = forward_loss
 train.main(sys.argv[1:])
