@@ -73,9 +73,9 @@ def build_random_model(shape: str, quant: str, device: str, dtype=torch.bfloat16
     return model
 
 
-def prepare_training(model, rank: int, grad_ckpt: bool):
+def prepare_training(model, rank: int, grad_ckpt: bool, dropout: float = 0.0):
     from lora import add_lora
-    add_lora(model, r=rank, alpha=2 * rank, dropout=0.0, targets=LORA_TARGETS)
+    add_lora(model, r=rank, alpha=2 * rank, dropout=dropout, targets=LORA_TARGETS)
     model.gradient_checkpointing = grad_ckpt
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -114,7 +114,7 @@ def make_step(model, opt, graphs: bool):
 
 def ours_train(a) -> list[dict]:
     model = build_random_model(a.shape, a.quant, "cuda")
-    params, opt = prepare_training(model, a.rank, grad_ckpt=not a.no_grad_ckpt)
+    params, opt = prepare_training(model, a.rank, grad_ckpt=not a.no_grad_ckpt, dropout=a.lora_dropout)
     return time_configs(f"ours-{a.quant}" + ("-eager" if a.no_cuda_graphs else ""),
                         make_step(model, opt, graphs=not a.no_cuda_graphs), params, a)
 
@@ -155,7 +155,7 @@ def ours_alpaca(a) -> list[dict]:
     batches = [{k: v.cuda() for k, v in b.items() if k != "attention_mask"}
                for b in make_batches(train_set, a.batch_size, a.max_len, pack=not a.no_pack, seed=0, epoch=0)]
     model = build_random_model(a.shape, a.quant, "cuda")
-    _, opt = prepare_training(model, a.rank, grad_ckpt=not a.no_grad_ckpt)
+    _, opt = prepare_training(model, a.rank, grad_ckpt=not a.no_grad_ckpt, dropout=a.lora_dropout)
     return [time_pass(f"ours-{a.quant}" + ("-eager" if a.no_cuda_graphs else ""),
                       make_step(model, opt, graphs=not a.no_cuda_graphs), batches, train_set,
                       packed=int(not a.no_pack))]
@@ -279,7 +279,7 @@ def hf_training_model(a):
     if not a.no_grad_ckpt:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.enable_input_require_grads()
-    m = get_peft_model(m, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
+    m = get_peft_model(m, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=a.lora_dropout,
                                      target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
@@ -370,7 +370,9 @@ def main():
     p.add_argument("--shape", default="7b", choices=list(SHAPES), help="model shape (random weights)")
     p.add_argument("--quant", default="nf4", choices=["nf4", "int4", "none"], help="base weight format")
     p.add_argument("--configs", default="1x512,8x512,16x512,4x2048", help="train: comma-separated BATCHxSEQ")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank, dropout 0)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="train, alpaca: dropout on the adapters' input (train.py's default is 0.05), both stacks")
     p.add_argument("--no-grad-ckpt", action="store_true", help="train without gradient checkpointing")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="train, alpaca: run each micro-batch eagerly, not replayed as a CUDA graph (graph_step.py)")

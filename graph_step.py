@@ -20,10 +20,12 @@ What a replay needs (PyTorch's `torch.cuda.graph`, its "whole-network capture"):
   memory and the optimizer would see no gradient: TrainStep checks and refuses).
 - Warm kernels. A width's first micro-batch runs eagerly: the Triton autotuners time their kernels
   then, which a capture cannot. Its second is captured and replayed; later ones are replayed.
-- Random numbers. Dropout in a graph draws from the generator's seed and offset at each replay, so
-  train.seed_step still decides the masks, and an eager pass and a replay from the same state draw the
-  same ones. Gradient checkpointing would save the RNG state to draw the same masks again when it
-  recomputes a block, which a capture cannot do: with checkpointing, graphs need dropout 0 (graphs_ok).
+- Random numbers. A random op in a graph draws from the generator's seed and offset at each replay, so
+  train.seed_step still decides them, and an eager pass and a replay from the same state draw the same.
+  LoRA's dropout draws one seed per forward and hashes its masks from it (dropout.py), so gradient
+  checkpointing makes the same masks again when it recomputes a block. A module's own nn.Dropout would
+  need checkpointing to save and restore the generator's state, which a capture cannot do: graphs_ok
+  refuses that combination.
 
 Memory: the shared pool keeps the activations of the largest captured pass for good, and a new width's
 first (eager) pass needs its own on top: up to one more pass's activations at the peak, against eager
@@ -47,10 +49,11 @@ def graphs_ok(model: nn.Module, device: str, world: int) -> tuple[bool, str]:
         return False, "CUDA graphs need a CUDA device"
     if world > 1:
         return False, "CUDA graphs are not used under torchrun (DDP's gradient hooks run eagerly)"
+    # (LoRA's dropout is not an nn.Dropout: its masks come from a seed, dropout.py)
     dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
     if getattr(model, "gradient_checkpointing", False) and dropout:
-        return False, ("CUDA graphs cannot replay gradient checkpointing with dropout (the recomputation "
-                       "must redraw the forward's masks): use --lora-dropout 0 to get them")
+        return False, ("CUDA graphs cannot replay gradient checkpointing of a model with nn.Dropout (the "
+                       "recomputation must redraw the forward's masks from the generator's saved state)")
     return True, ""
 
 

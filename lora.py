@@ -46,6 +46,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dropout import Seed, dropout_down
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -76,8 +78,11 @@ class LoRALinear(nn.Module):
         device = _module_device(base)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=lora_dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=lora_dtype)
-        # With p = 0 there is no dropout module at all: no identity call, no copy of x.
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
+        # Dropout on the adapter's input, with masks hashed from a seed (dropout.py): add_lora gives all
+        # adapters of a model one Seed, drawn once per forward of the model, and each its own salt.
+        # A LoRALinear made alone draws its own seed at each of its forwards.
+        self.dropout, self.salt = dropout, 0
+        self.seed = Seed(self, device) if dropout > 0 else None
         self.reset_lora_parameters()
 
     @torch.no_grad()
@@ -90,11 +95,13 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if out.dtype != x.dtype:  # a base that computes in another dtype: hand back x's dtype
             out = out.to(x.dtype)
-        h = self.lora_dropout(x) if self.lora_dropout is not None else x
         # Compute in x's dtype: cast the small adapter matrices, not the activations.
         a = self.lora_A.weight.to(x.dtype)
         b = self.lora_B.weight.to(x.dtype)
-        low = F.linear(h, a)  # (..., r): A x
+        if self.training and self.dropout > 0:
+            low = dropout_down(x, a, self.seed.value, self.salt, self.dropout)  # (..., r): A drop(x)
+        else:
+            low = F.linear(x, a)  # (..., r): A x
         # out + scale * (A x) B^T as one fused GEMM-with-accumulate (addmm) on 2-D views.
         y = torch.addmm(out.reshape(-1, self.out_features), low.reshape(-1, self.r), b.t(), alpha=self.scale)
         return y.view(out.shape)
@@ -116,8 +123,7 @@ class LoRALinear(nn.Module):
         return (w.float() + self.scale * delta.to(w.device)).to(dtype or w.dtype)
 
     def extra_repr(self) -> str:
-        p = self.lora_dropout.p if self.lora_dropout is not None else 0.0
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, dropout={p}"
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, dropout={self.dropout}"
 
 
 def _module_device(m: nn.Module) -> torch.device:
@@ -168,9 +174,13 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
             raise TypeError(f"add_lora: target {name!r} is a {type(child).__name__}, not a linear layer")
     for p in model.parameters():
         p.requires_grad_(False)
-    for parent, name, child in sites:
+    seed = Seed(model, _module_device(model)) if dropout > 0 else None
+    for salt, (parent, name, child) in enumerate(sites):
         adapter = LoRALinear(child, r, alpha, dropout, lora_dtype)
         adapter.train(child.training)  # follow the model's train/eval mode (dropout)
+        if seed is not None:  # one seed per forward of the model, a salt per adapter (dropout.py)
+            adapter.seed.remove()
+            adapter.seed, adapter.salt = seed, salt
         setattr(parent, name, adapter)
     trainable = {n: p for n, p in model.named_parameters() if is_lora_param(n)}
     for p in trainable.values():
@@ -186,6 +196,8 @@ def merge_lora(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Modu
     the dtype `dequantize()` returns). The merged linears are frozen like the rest of the base.
     """
     for name, m in list(lora_modules(model).items()):
+        if m.seed is not None:
+            m.seed.remove()  # no adapters, no dropout: stop drawing seeds (removing twice is harmless)
         w = m.merged_weight(dtype)
         bias = _base_bias(m.base)
         merged = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
@@ -233,7 +245,7 @@ def _lora_hparams(model: nn.Module) -> tuple[int, float, float, list[str]]:
     alphas = {m.alpha for m in mods.values()}
     if len(rs) != 1 or len(alphas) != 1:
         raise ValueError(f"adapters with mixed rank/alpha ({sorted(rs)}, {sorted(alphas)}) are not supported")
-    dropouts = {m.lora_dropout.p if m.lora_dropout is not None else 0.0 for m in mods.values()}
+    dropouts = {m.dropout for m in mods.values()}
     targets = sorted({n.rsplit(".", 1)[-1] for n in mods})
     return rs.pop(), alphas.pop(), max(dropouts), targets
 

@@ -65,7 +65,7 @@ class ModelArguments:
     quant: str = field(default="nf4", metadata={"help": "frozen base weights: nf4 (QLoRA), int4, or none (16-bit on GPU, 32-bit on CPU)", "choices": ["nf4", "int4", "none"]})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank r (A is r x in, B is out x r)"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha: the update B A x is scaled by alpha / r"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the adapters' input"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the adapters' input (masks hashed from a seed per forward: dropout.py)"})
     lora_targets: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={"help": "comma-separated names of the linears that get adapters"})
     grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing: recompute each block in backward (much less activation memory, ~30%% slower)"})
 
@@ -99,7 +99,7 @@ class TrainingArguments:
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt (same data/model/batch flags and number of processes; --lr, --max-steps... may change)"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh even if OUT already holds a checkpoint"})
     dist_timeout: int = field(default=1800, metadata={"help": "under torchrun: seconds a process waits for the others before failing (instead of hanging)"})
-    no_cuda_graphs: bool = field(default=False, metadata={"help": "run every micro-batch eagerly; by default one CUDA GPU replays each micro-batch's forward and backward as a CUDA graph (graph_step.py: much faster at small batches; rows padded to a multiple of 64 tokens; up to one more pass's activations in memory; not under torchrun, nor with --grad-ckpt and dropout)"})
+    no_cuda_graphs: bool = field(default=False, metadata={"help": "run every micro-batch eagerly; by default one CUDA GPU replays each micro-batch's forward and backward as a CUDA graph (graph_step.py: much faster at small batches; rows padded to a multiple of 64 tokens; up to one more pass's activations in memory; not under torchrun)"})
 
 
 def parse_args(argv=None):

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
+from dropout import keep_mask
 import model as M
 from lora import LoRALinear, add_lora, load_adapter, lora_state_dict, merge_lora, save_adapter
 
@@ -78,7 +79,7 @@ def test_lora_linear_is_the_formula_in_float64_with_gradients():
     want = torch.autograd.grad(ref, (x, A, B), g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert layer.scale == 2.0 and layer.lora_dropout is None  # no dropout module when p = 0
+    assert layer.scale == 2.0 and layer.seed is None  # no seed drawn when p = 0
 
 
 def test_init_is_peft_init_and_identity():
@@ -112,22 +113,25 @@ def test_16bit_activations_with_float32_adapters():
 
 def test_dropout_only_in_training():
     torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(16, 16), r=4, alpha=4, dropout=0.5)
+    layer = LoRALinear(nn.Linear(16, 16, dtype=torch.float64), r=4, alpha=4, dropout=0.5, lora_dtype=torch.float64)
     with torch.no_grad():
         layer.lora_B.weight.normal_()
-    x = torch.randn(4, 16)
+    x = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
     layer.train()
-    assert not torch.equal(layer(x), layer(x))
-    # training: base(x) + scale * B A drop(x), the draws of F.dropout from the same seed, which
-    # keeps each entry of x doubled (1 / (1 - p)) or zeroes it; the base path sees all of x
-    torch.manual_seed(1)
+    assert not torch.equal(layer(x), layer(x))  # a LoRALinear alone draws a new seed at each call
+    # training: base(x) + scale * B A drop(x), drop(x) = x * m / (1 - p) with the mask hashed from the
+    # seed this call drew (dropout.py; the hash itself is checked in test_dropout.py); the base path
+    # sees all of x, and the gradients are autograd's through the written-out formula
     y = layer(x)
-    torch.manual_seed(1)
-    h = F.dropout(x, 0.5, training=True)
-    kept = h != 0
-    assert torch.equal(h[kept], 2 * x[kept]) and 0.3 < kept.float().mean() < 0.7
+    kept = keep_mask(layer.seed.value, layer.salt, x.shape, 0.5)
+    assert 0.3 < kept.double().mean() < 0.7
+    h = x * kept * 2.0
     ref = layer.base(x) + layer.scale * (h @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
-    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    params = (x, layer.lora_A.weight, layer.lora_B.weight)
+    for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     layer.eval()
     ref = layer.base(x) + x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
     torch.testing.assert_close(layer(x), ref)

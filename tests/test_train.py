@@ -332,14 +332,16 @@ def test_help_explains_every_flag(capsys):
 # ---------------------------------------------------------------------------------- GPU
 
 @pytest.mark.cuda
-def test_gpu_bf16_qlora_learns_and_resumes(tmp_path, monkeypatch):
-    """On CUDA: bf16 compute, the NF4 base through the Triton kernels, gradient checkpointing. It learns, and a
-    crash + resume ends where the uninterrupted run does (bitwise if the GPU kernels are deterministic; the
-    tolerances leave room for atomics in backward kernels)."""
+def test_gpu_bf16_qlora_learns_and_resumes(tmp_path, monkeypatch, capsys):
+    """On CUDA: bf16 compute, the NF4 base through the Triton kernels, gradient checkpointing with the default
+    dropout, under CUDA graphs (dropout.py). It learns, and a crash + resume ends where the uninterrupted run
+    does (bitwise if the GPU kernels are deterministic; the tolerances leave room for atomics in backward
+    kernels)."""
     gpu = ["--device", "cuda", "--max-len", "128", "--batch-size", "8", "--lr", "2e-3", "--max-steps", "30",
            "--save-every", "10", "--eval-every", "10", "--grad-ckpt"]
     whole = str(tmp_path / "whole")
     train.train(gpu + ["--out", whole, "--samples", "1"])
+    assert "CUDA graphs: on" in capsys.readouterr().out
     losses = [r["loss"] for r in steps(whole)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
     ev = dict(evals(whole))

@@ -1,0 +1,132 @@
+"""Dropout whose mask is a function of (seed, salt, element index): nothing kept, nothing redrawn.
+
+LoRA drops out the adapter's input (lora.py): y = W x + (alpha / r) B A drop(x), with
+drop(x) = x * m / (1 - p) and m_i ~ Bernoulli(1 - p). nn.Dropout draws m from the generator's stream,
+so three things cost: autograd keeps m (a byte per element) and the dropped copy of x (which A's
+gradient needs), once per adapter, 7 copies of a block's activations; gradient checkpointing has to
+save and restore the generator to draw the same m when it recomputes a block; and a CUDA graph cannot
+do that (graph_step.py). Here m is a pure function of three numbers, as in counter-based generators
+(Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"; Triton's tl.rand works this way):
+
+    mix(z) = lowbias32(z), on 32-bit unsigned z (C. Wellons' hash prospector): a bijection whose every
+             output bit flips with probability about 1/2 when any input bit flips
+    key    = mix(seed XOR mix(salt))
+    m_i    = 1  if  mix(i XOR key) >> 8  >=  ceil(p * 2^24),  else 0     (i: index in x, flat, row-major)
+
+so P(m_i = 1) = 1 - ceil(p 2^24) / 2^24, which is 1 - p to within 2^-24. Then:
+  - The backward computes m again from (seed, salt): the down-projection A drop(x) keeps only x, which
+    the adapters on q, k and v share (one tensor): the memory of dropout 0 (`dropout_down`).
+  - Checkpointing and CUDA graphs get the forward's masks without any generator state: the seed is a
+    device tensor drawn from torch's generator (train.seed_step decides it) once per forward of the
+    model (`Seed`, a forward pre-hook), not per adapter call, so a recomputed block reads the seed of
+    its forward. In a graph the draw is replayed with the rest. The salt (each adapter's index) gives
+    two adapters on the same x different masks.
+
+On CUDA the mask is made inside a Triton kernel (kernels/dropout.py), which must equal this file's
+PyTorch version bit for bit (tests/test_dropout.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MASK32 = 0xFFFFFFFF
+
+
+def _mul32(z: torch.Tensor, c: int) -> torch.Tensor:
+    """z * c mod 2^32 for int64 tensors holding values below 2^32, without int64 overflow: the low
+    16 bits of c times z (< 2^48), plus the high 16 bits' product, of which only 16 bits survive."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (z * lo + (((z * hi) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32(z: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int64 tensors holding 32-bit unsigned values."""
+    z = z ^ (z >> 16)
+    z = _mul32(z, 0x7FEB352D)
+    z = z ^ (z >> 15)
+    z = _mul32(z, 0x846CA68B)
+    return z ^ (z >> 16)
+
+
+def threshold(p: float) -> int:
+    """ceil(p * 2^24): an element is kept when the top 24 bits of its hash are at least this."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    return math.ceil(p * 2**24)
+
+
+def keep_mask(seed: torch.Tensor, salt: int, shape, p: float) -> torch.Tensor:
+    """The bool mask m of the module docstring for a tensor of `shape` (True: kept), on seed's device."""
+    n = math.prod(shape)
+    key = mix32(seed.reshape(()) ^ mix32(torch.tensor(salt, dtype=torch.int64, device=seed.device)))
+    u = mix32(torch.arange(n, dtype=torch.int64, device=seed.device) ^ key)
+    return ((u >> 8) >= threshold(p)).reshape(shape)
+
+
+def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
+    """x * m / (1 - p) (a new tensor; no autograd of its own: dropout_down's backward calls it)."""
+    t = threshold(p)  # (checks p)
+    scale = 1.0 / (1.0 - p)
+    if x.is_cuda:
+        from kernels.dropout import seeded_dropout as kernel
+        return kernel(x, seed, salt, t, scale)
+    # a float32 product rounded once for 16-bit x, as the kernel (and F.dropout) do
+    y = torch.where(keep_mask(seed, salt, x.shape, p), x.to(torch.promote_types(x.dtype, torch.float32)) * scale, 0.0)
+    return y.to(x.dtype)
+
+
+class DropoutDown(torch.autograd.Function):
+    """low = drop(x) @ a^T, with drop's mask made again in the backward instead of kept:
+        d a = dlow^T drop(x)          dx = drop(dlow a)   (the same m, the same 1 / (1 - p))
+    Saves x, a and the seed: x is the tensor the other adapters on the same input save anyway."""
+
+    @staticmethod
+    def forward(ctx, x, a, seed, salt: int, p: float):
+        ctx.save_for_backward(x, a, seed)
+        ctx.salt, ctx.p = salt, p
+        return F.linear(seeded_dropout(x, seed, salt, p), a)
+
+    @staticmethod
+    def backward(ctx, dlow):
+        x, a, seed = ctx.saved_tensors
+        dx = da = None
+        if ctx.needs_input_grad[0]:
+            dx = seeded_dropout(dlow @ a, seed, ctx.salt, ctx.p)
+        if ctx.needs_input_grad[1]:
+            h = seeded_dropout(x, seed, ctx.salt, ctx.p)
+            da = dlow.reshape(-1, dlow.shape[-1]).T @ h.reshape(-1, h.shape[-1])
+        return dx, da, None, None, None
+
+
+def dropout_down(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
+    """drop(x) @ a^T, x (..., in), a (r, in), as DropoutDown."""
+    return DropoutDown.apply(x, a, seed, salt, p)
+
+
+class Seed:
+    """The seed of the masks: a one-element int64 device tensor, drawn anew at each forward of `module`
+    in training mode (a forward pre-hook on it), from torch's generator for that device.
+
+    lora.add_lora hooks the whole model, and its adapters share one Seed: a checkpointed block, when the
+    backward recomputes it, reads the seed of its own forward. (So forward and backward must alternate,
+    as in any training loop: a second forward before the backward would give the recomputation new masks.)
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device):
+        self.value = torch.zeros(1, dtype=torch.int64, device=device)
+        self.handle = module.register_forward_pre_hook(self._draw)
+
+    def _draw(self, module: nn.Module, args):
+        if module.training:
+            # on the input's device (the model may have moved since); a new tensor, not an in-place
+            # write: a backward still to come keeps the one it saved
+            device = next((a.device for a in args if isinstance(a, torch.Tensor)), self.value.device)
+            self.value = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+
+    def remove(self):
+        self.handle.remove()

@@ -1,0 +1,73 @@
+"""Seeded dropout: y = x * m / (1 - p), with the mask m a hash of (seed, salt, element index).
+
+Math (dropout.py at the top level is the reference, in PyTorch; this kernel must equal it bit for bit):
+    mix(z)  = lowbias32: z ^= z >> 16; z *= 0x7FEB352D; z ^= z >> 15; z *= 0x846CA68B; z ^= z >> 16
+              (32-bit unsigned arithmetic, products modulo 2^32)
+    key     = mix(seed XOR mix(salt))
+    m_i     = 1 if (mix(i XOR key) >> 8) >= threshold else 0,   threshold = ceil(p * 2^24)
+    y_i     = m_i ? x_i * scale : 0,  scale = 1 / (1 - p), computed in float32, rounded once to x's dtype
+
+The seed is read from a one-element int64 device tensor, so a CUDA graph that draws it before this
+kernel gets new masks at every replay, and the backward gets the forward's masks by reading it again.
+
+Memory layout: x contiguous, seen as flat (n,); i is the flat index (so n < 2^32). One program handles
+BLOCK consecutive elements: a streaming, memory-bound kernel (n elements read, n written).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import check_device
+
+MAX_NUMEL = 2**32  # the index is hashed as a 32-bit number
+
+
+@triton.jit
+def _mix32(z):
+    """lowbias32 on uint32 (Wellons' hash prospector): a bijection whose output bits each flip with
+    probability close to 1/2 when any input bit flips."""
+    z ^= z >> 16
+    z *= tl.full([], 0x7FEB352D, tl.uint32)
+    z ^= z >> 15
+    z *= tl.full([], 0x846CA68B, tl.uint32)
+    z ^= z >> 16
+    return z
+
+
+@triton.jit
+def seeded_dropout_kernel(x_ptr, out_ptr, seed_ptr, n, salt, threshold, scale, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    seed = tl.load(seed_ptr).to(tl.uint32)
+    key = _mix32(seed ^ _mix32(tl.full([], salt, tl.uint32)))
+    u = _mix32(offs.to(tl.uint32) ^ key)
+    keep = (u >> 8).to(tl.int32) >= threshold
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+    y = tl.where(keep, x.to(tl.float32) * scale, 0.0)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, threshold: int, scale: float) -> torch.Tensor:
+    """x * m * scale with m as above, as a new contiguous tensor of x's shape and dtype.
+
+    seed: int64 tensor of one element on x's device; salt: 0 <= salt < 2^31; threshold: ceil(p 2^24).
+    """
+    check_device(x.device)
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"seeded_dropout: unsupported dtype {x.dtype}")
+    if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
+        raise ValueError(f"seeded_dropout: seed must be one int64 on {x.device}, got {seed.dtype} "
+                         f"{tuple(seed.shape)} on {seed.device}")
+    if not 0 <= salt < 2**31 or not 0 <= threshold <= 2**24:
+        raise ValueError(f"seeded_dropout: salt {salt} or threshold {threshold} out of range")
+    if x.numel() >= MAX_NUMEL:
+        raise ValueError(f"seeded_dropout: {x.numel()} elements; the index is 32-bit (at most {MAX_NUMEL - 1})")
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    n = x.numel()
+    if n:
+        block = 1024
+        seeded_dropout_kernel[(triton.cdiv(n, block),)](x, out, seed, n, salt, threshold, scale,
+                                                       BLOCK=block, num_warps=4)
+    return out

@@ -1,0 +1,173 @@
+"""dropout.py: masks hashed from (seed, salt, index), and the down-projection that makes them again.
+
+References: lowbias32 written with Python integers (not torch), the module docstring's formula
+element by element, binomial statistics, numerical derivatives (gradcheck), and the same model run
+without gradient checkpointing. The Triton kernel (kernels/dropout.py) must equal the PyTorch version
+bit for bit: in the interpreter on the CPU, compiled on the GPU.
+"""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import dropout as D  # noqa: E402
+import model as M  # noqa: E402
+from generate import DEFAULT_MODEL, build_model  # noqa: E402
+from lora import add_lora  # noqa: E402
+
+M32 = 2**32 - 1
+
+
+def lowbias32(z: int) -> int:
+    """C. Wellons' lowbias32 on a Python int (uint32 semantics by masking)."""
+    z ^= z >> 16
+    z = (z * 0x7FEB352D) & M32
+    z ^= z >> 15
+    z = (z * 0x846CA68B) & M32
+    return z ^ (z >> 16)
+
+
+def test_mix32_is_lowbias32():
+    g = torch.Generator().manual_seed(0)
+    values = [0, 1, 2, 0xFFFF, 0x10000, 2**31 - 1, 2**31, M32, 0xDEADBEEF]
+    values += torch.randint(0, 2**32, (500,), generator=g, dtype=torch.int64).tolist()
+    got = D.mix32(torch.tensor(values, dtype=torch.int64)).tolist()
+    assert got == [lowbias32(v) for v in values]
+    assert lowbias32(1) != 1 and lowbias32(0) == 0  # a bijection with 0 as its fixed point
+
+
+def test_keep_mask_is_the_docstring_formula():
+    seed, salt, p = 1_234_567_891, 5, 0.3
+    shape = (3, 7, 11)
+    got = D.keep_mask(torch.tensor([seed]), salt, shape, p).flatten().tolist()
+    key = lowbias32(seed ^ lowbias32(salt))
+    want = [(lowbias32(i ^ key) >> 8) >= math.ceil(p * 2**24) for i in range(math.prod(shape))]
+    assert got == want
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_masks_look_like_independent_bernoulli_draws(p):
+    n = 1 << 20
+    q = 1 - math.ceil(p * 2**24) / 2**24  # P(kept), 1 - p to within 2^-24
+    sd = math.sqrt(q * (1 - q) / n)
+    seeds = [torch.tensor([s]) for s in (7, 8)]
+    m = {(s, salt): D.keep_mask(seeds[s], salt, (n,), p).double() for s in (0, 1) for salt in (0, 1)}
+    for mask in m.values():
+        assert abs(mask.mean().item() - q) < 5 * sd
+    # neighbours, and masks of another salt or another seed at the same index: products average q^2
+    # (independent), not q (the same draw) - within 5 standard deviations of a product of two draws
+    sd2 = math.sqrt(q * q * (1 - q * q) / n)
+    a = m[0, 0]
+    for b in (a.roll(1), a.roll(64), m[0, 1], m[1, 0], m[1, 1]):
+        assert abs((a * b).mean().item() - q * q) < 5 * sd2
+
+
+def test_seeded_dropout_scales_the_kept_and_zeroes_the_rest():
+    x = torch.randn(300, 70)
+    seed = torch.tensor([99])
+    y = D.seeded_dropout(x, seed, 3, 0.25)
+    kept = D.keep_mask(seed, 3, x.shape, 0.25)
+    assert torch.equal(y[kept], x[kept] * (1 / 0.75)) and not y[~kept].any()
+    assert torch.equal(D.seeded_dropout(x, seed, 3, 0.25), y)  # a function of its arguments
+    assert not torch.equal(D.seeded_dropout(x, seed, 4, 0.25), y)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        D.seeded_dropout(x, seed, 3, 1.0)
+
+
+def test_dropout_down_gradients_are_numerical_derivatives():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 9, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    seed = torch.tensor([2024])
+    assert torch.autograd.gradcheck(lambda x, a: D.dropout_down(x, a, seed, 1, 0.4), (x, a))
+    h = x * D.keep_mask(seed, 1, x.shape, 0.4) / 0.6
+    torch.testing.assert_close(D.dropout_down(x, a, seed, 1, 0.4), h @ a.T, rtol=1e-12, atol=1e-12)
+
+
+def saved_activation_bytes(model, tokens):
+    """Bytes of the distinct storages, other than the model's parameters, that autograd saves for
+    the backward of model(tokens)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens)
+    return sum(storages.values())
+
+
+def tiny_lora_model(dropout, grad_ckpt=False):
+    torch.manual_seed(0)
+    model = build_model(DEFAULT_MODEL, "cpu", torch.float32, "none")
+    add_lora(model, r=4, alpha=8, dropout=dropout)
+    for m in model.modules():  # B = 0 at init would give A no gradient: make both matter
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+    model.gradient_checkpointing = grad_ckpt
+    return model.train()
+
+
+def test_dropout_saves_what_dropout_0_saves():
+    """Seven adapters, one seed: the masks and dropped copies are made again in the backward, so a
+    forward keeps the same tensors as without dropout (nn.Dropout would add a mask and a copy each)."""
+    tokens = torch.randint(0, 512, (2, 48))  # (the bundled model's vocabulary: 512)
+    sizes = [saved_activation_bytes(tiny_lora_model(p), tokens) for p in (0.0, 0.1)]
+    assert sizes[1] == sizes[0] + 8 and sizes[0] > 0  # + the seed, one int64
+
+
+def test_checkpointing_recomputes_the_forwards_masks(monkeypatch):
+    """The gradients with checkpointing (each block recomputed in the backward) equal those without,
+    dropout on, with the generator's state not restored for the recomputation (as in a CUDA graph
+    capture, model.py): it reads the forward's seed. A second seed changes them (the masks matter)."""
+    def checkpoint_without_rng_state(*args, **kw):
+        return checkpoint(*args, **{**kw, "preserve_rng_state": False})
+    monkeypatch.setattr(M, "checkpoint", checkpoint_without_rng_state)
+    tokens = torch.randint(0, 512, (2, 40))
+    runs = []
+    for grad_ckpt, seed in ((False, 1), (True, 1), (True, 2)):
+        model = tiny_lora_model(0.2, grad_ckpt)
+        torch.manual_seed(seed)
+        model(tokens).float().square().mean().backward()
+        runs.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for n, g in runs[0].items():
+        torch.testing.assert_close(runs[1][n], g, rtol=1e-5, atol=1e-8)
+    assert any(not torch.allclose(runs[2][n], g) for n, g in runs[0].items())
+
+
+def kernel_vs_reference(x, seed, salt, p):
+    from kernels.dropout import seeded_dropout as kernel
+    got = kernel(x, seed, salt, D.threshold(p), 1.0 / (1.0 - p))
+    assert got.shape == x.shape and got.dtype == x.dtype
+    want = torch.where(D.keep_mask(seed.cpu(), salt, x.shape, p).to(x.device),
+                       x.float() * (1.0 / (1.0 - p)), 0.0).to(x.dtype)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernel is compiled: test_gpu_kernel_equals_reference")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_equals_reference_in_interpreter(dtype):
+    g = torch.Generator().manual_seed(0)
+    seed = torch.tensor([123_456_789])
+    for shape in [(1,), (1023,), (3, 1025), (0, 5)]:  # ragged ends, an empty tensor
+        kernel_vs_reference(torch.randn(shape, generator=g).to(dtype), seed, 11, 0.1)
+    x = torch.randn(40, 64, generator=g).to(dtype)
+    kernel_vs_reference(x.T, seed, 2**31 - 1, 0.5)  # non-contiguous: masked as the contiguous copy
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_kernel_equals_reference(dtype):
+    g = torch.Generator().manual_seed(0)
+    seed = torch.randint(0, 2**31 - 1, (1,), generator=g).cuda()
+    for shape, p in [((4096, 4096), 0.05), ((8, 511, 11008), 0.1), ((3, 1000), 0.5)]:
+        kernel_vs_reference(torch.randn(shape, generator=g).to(dtype).cuda(), seed, 6, p)
