@@ -68,16 +68,19 @@ def keep_mask(seed: torch.Tensor, salt: int, shape, p: float) -> torch.Tensor:
     return ((u >> 8) >= threshold(p)).reshape(shape)
 
 
-def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
-    """x * m / (1 - p) (a new tensor; no autograd of its own: dropout_down's backward calls it)."""
+def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float, x2: torch.Tensor = None):
+    """x * m / (1 - p), a new tensor (no autograd of its own: dropout_down's backward calls it). With x2,
+    of x's shape: the pair (x * m / (1 - p), x2 * m / (1 - p)), the same mask for both."""
     t = threshold(p)  # (checks p)
     scale = 1.0 / (1.0 - p)
     if x.is_cuda:
         from kernels.dropout import seeded_dropout as kernel
-        return kernel(x, seed, salt, t, scale)
-    # a float32 product rounded once for 16-bit x, as the kernel (and F.dropout) do
-    y = torch.where(keep_mask(seed, salt, x.shape, p), x.to(torch.promote_types(x.dtype, torch.float32)) * scale, 0.0)
-    return y.to(x.dtype)
+        return kernel(x, seed, salt, t, scale, x2)
+    keep = keep_mask(seed, salt, x.shape, p)
+
+    def drop(v):  # a float32 product rounded once for 16-bit v, as the kernel (and F.dropout) do
+        return torch.where(keep, v.to(torch.promote_types(v.dtype, torch.float32)) * scale, 0.0).to(v.dtype)
+    return drop(x) if x2 is None else (drop(x), drop(x2))
 
 
 class DropoutDown(torch.autograd.Function):
@@ -95,10 +98,13 @@ class DropoutDown(torch.autograd.Function):
     def backward(ctx, dlow):
         x, a, seed = ctx.saved_tensors
         dx = da = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:  # one pass makes both: drop(x), drop(dlow a)
+            h, dx = seeded_dropout(x, seed, ctx.salt, ctx.p, x2=dlow @ a)
+        elif ctx.needs_input_grad[0]:
             dx = seeded_dropout(dlow @ a, seed, ctx.salt, ctx.p)
-        if ctx.needs_input_grad[1]:
+        elif ctx.needs_input_grad[1]:
             h = seeded_dropout(x, seed, ctx.salt, ctx.p)
+        if ctx.needs_input_grad[1]:
             da = dlow.reshape(-1, dlow.shape[-1]).T @ h.reshape(-1, h.shape[-1])
         return dx, da, None, None, None
 

@@ -36,7 +36,8 @@ def _mix32(z):
 
 
 @triton.jit
-def seeded_dropout_kernel(x_ptr, out_ptr, seed_ptr, n, salt, threshold, scale, BLOCK: tl.constexpr):
+def seeded_dropout_kernel(x_ptr, out_ptr, x2_ptr, out2_ptr, seed_ptr, n, salt, threshold, scale,
+                          TWO: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     seed = tl.load(seed_ptr).to(tl.uint32)
@@ -44,18 +45,32 @@ def seeded_dropout_kernel(x_ptr, out_ptr, seed_ptr, n, salt, threshold, scale, B
     u = _mix32(offs.to(tl.uint32) ^ key)
     keep = (u >> 8).to(tl.int32) >= threshold
     x = tl.load(x_ptr + offs, mask=ok, other=0.0)
-    y = tl.where(keep, x.to(tl.float32) * scale, 0.0)
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + offs, tl.where(keep, x.to(tl.float32) * scale, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
+    if TWO:  # a second tensor of the same shape, the same mask (LoRA's backward: x and the gradient)
+        x2 = tl.load(x2_ptr + offs, mask=ok, other=0.0)
+        tl.store(out2_ptr + offs, tl.where(keep, x2.to(tl.float32) * scale, 0.0).to(out2_ptr.dtype.element_ty),
+                 mask=ok)
 
 
-def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, threshold: int, scale: float) -> torch.Tensor:
-    """x * m * scale with m as above, as a new contiguous tensor of x's shape and dtype.
+def _check(x: torch.Tensor, like: torch.Tensor = None):
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"seeded_dropout: unsupported dtype {x.dtype}")
+    if like is not None and (x.shape != like.shape or x.device != like.device):
+        raise ValueError(f"seeded_dropout: the second tensor {tuple(x.shape)} on {x.device} must have the "
+                         f"first's shape {tuple(like.shape)} and device {like.device}")
+
+
+def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, threshold: int, scale: float,
+                   x2: torch.Tensor = None):
+    """x * m * scale with m as above, as a new contiguous tensor of x's shape and dtype; with x2 (the
+    same shape), the pair (x * m * scale, x2 * m * scale) from one launch and one hash per element.
 
     seed: int64 tensor of one element on x's device; salt: 0 <= salt < 2^31; threshold: ceil(p 2^24).
     """
     check_device(x.device)
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"seeded_dropout: unsupported dtype {x.dtype}")
+    _check(x)
+    if x2 is not None:
+        _check(x2, like=x)
     if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
         raise ValueError(f"seeded_dropout: seed must be one int64 on {x.device}, got {seed.dtype} "
                          f"{tuple(seed.shape)} on {seed.device}")
@@ -65,9 +80,12 @@ def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, threshold: in
         raise ValueError(f"seeded_dropout: {x.numel()} elements; the index is 32-bit (at most {MAX_NUMEL - 1})")
     x = x.contiguous()
     out = torch.empty_like(x)
+    x2 = x2.contiguous() if x2 is not None else None
+    out2 = torch.empty_like(x2) if x2 is not None else None
     n = x.numel()
     if n:
         block = 1024
-        seeded_dropout_kernel[(triton.cdiv(n, block),)](x, out, seed, n, salt, threshold, scale,
-                                                       BLOCK=block, num_warps=4)
-    return out
+        seeded_dropout_kernel[(triton.cdiv(n, block),)](
+            x, out, x if x2 is None else x2, out if x2 is None else out2, seed, n, salt, threshold, scale,
+            TWO=x2 is not None, BLOCK=block, num_warps=4)
+    return out if x2 is None else (out, out2)

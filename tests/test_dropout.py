@@ -76,6 +76,8 @@ def test_seeded_dropout_scales_the_kept_and_zeroes_the_rest():
     kept = D.keep_mask(seed, 3, x.shape, 0.25)
     assert torch.equal(y[kept], x[kept] * (1 / 0.75)) and not y[~kept].any()
     assert torch.equal(D.seeded_dropout(x, seed, 3, 0.25), y)  # a function of its arguments
+    y1, y2 = D.seeded_dropout(x, seed, 3, 0.25, x2=2 * x)  # a second tensor: the same mask
+    assert torch.equal(y1, y) and torch.equal(y2, 2 * y)
     assert not torch.equal(D.seeded_dropout(x, seed, 4, 0.25), y)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         D.seeded_dropout(x, seed, 3, 1.0)
@@ -87,6 +89,8 @@ def test_dropout_down_gradients_are_numerical_derivatives():
     a = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
     seed = torch.tensor([2024])
     assert torch.autograd.gradcheck(lambda x, a: D.dropout_down(x, a, seed, 1, 0.4), (x, a))
+    assert torch.autograd.gradcheck(lambda x: D.dropout_down(x, a.detach(), seed, 1, 0.4), (x,))  # dx only
+    assert torch.autograd.gradcheck(lambda a: D.dropout_down(x.detach(), a, seed, 1, 0.4), (a,))  # da only
     h = x * D.keep_mask(seed, 1, x.shape, 0.4) / 0.6
     torch.testing.assert_close(D.dropout_down(x, a, seed, 1, 0.4), h @ a.T, rtol=1e-12, atol=1e-12)
 
@@ -145,12 +149,14 @@ def test_checkpointing_recomputes_the_forwards_masks(monkeypatch):
 
 
 def kernel_vs_reference(x, seed, salt, p):
+    """The kernel on x, and on the pair (x, x2) with x2 another tensor of x's shape, against keep_mask."""
     from kernels.dropout import seeded_dropout as kernel
-    got = kernel(x, seed, salt, D.threshold(p), 1.0 / (1.0 - p))
-    assert got.shape == x.shape and got.dtype == x.dtype
-    want = torch.where(D.keep_mask(seed.cpu(), salt, x.shape, p).to(x.device),
-                       x.float() * (1.0 / (1.0 - p)), 0.0).to(x.dtype)
-    assert torch.equal(got, want)
+    keep = D.keep_mask(seed.cpu(), salt, x.shape, p).to(x.device)
+    x2 = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype).to(x.device)
+    got, (got1, got2) = [kernel(x, seed, salt, D.threshold(p), 1.0 / (1.0 - p), *extra) for extra in ((), (x2,))]
+    for out, inp in ((got, x), (got1, x), (got2, x2)):
+        assert out.shape == inp.shape and out.dtype == inp.dtype
+        assert torch.equal(out, torch.where(keep, inp.float() * (1.0 / (1.0 - p)), 0.0).to(inp.dtype))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernel is compiled: test_gpu_kernel_equals_reference")

@@ -348,16 +348,25 @@ def test_gpu_bf16_qlora_learns_and_resumes(tmp_path, monkeypatch, capsys):
     assert ev[30] < ev[0] - 0.3, ev
     assert all(0 < r["max_mem_gib"] < 2 for r in metrics(whole) if "loss" in r)
 
-    def crash():
-        raise RuntimeError("simulated crash")
-
     out = str(tmp_path / "resumed")
-    patch_training_forward(monkeypatch, 15, crash)
+    crash_at_step(monkeypatch, 14)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train.train(gpu + ["--out", out, "--samples", "0"])
     monkeypatch.undo()
     train.train(gpu + ["--out", out, "--samples", "0", "--resume"])
     assert_gpu_resume_matches(out, whole, "GPU resume")
+
+
+def crash_at_step(monkeypatch, at_step):
+    """Raise inside training step `at_step` (0-based), on the host: a replayed CUDA graph calls no Python
+    of the forward (patch_training_forward would never fire)."""
+    real_lr_at = train.lr_at
+
+    def lr_at(step, args, total):
+        if step == at_step:
+            raise RuntimeError("simulated crash")
+        return real_lr_at(step, args, total)
+    monkeypatch.setattr(train, "lr_at", lr_at)
 
 
 def assert_gpu_resume_matches(out, whole, what):
@@ -388,15 +397,8 @@ def test_gpu_cuda_graphs_train_like_eager_and_resume(tmp_path, monkeypatch, caps
     print(f"graphs against eager: largest relative step-loss difference {worst:.2e}")
     assert worst < 1e-2
 
-    real_lr_at = train.lr_at
-
-    def lr_at(step, args, total):
-        if step == 14:
-            raise RuntimeError("simulated crash")
-        return real_lr_at(step, args, total)
-
     out = str(tmp_path / "resumed")
-    monkeypatch.setattr(train, "lr_at", lr_at)
+    crash_at_step(monkeypatch, 14)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train.train(gpu + ["--out", out])
     monkeypatch.undo()
