@@ -38,10 +38,9 @@ MASK32 = 0xFFFFFFFF
 
 
 def _mul32(z: torch.Tensor, c: int) -> torch.Tensor:
-    """z * c mod 2^32 for int64 tensors holding values below 2^32, without int64 overflow: the low
-    16 bits of c times z (< 2^48), plus the high 16 bits' product, of which only 16 bits survive."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (z * lo + (((z * hi) & 0xFFFF) << 16)) & MASK32
+    """z * c mod 2^32 for int64 tensors holding values below 2^32, without int64 overflow: for c < 2^31
+    the product is below 2^63; otherwise z * c = -(z * (2^32 - c)) mod 2^32, with 2^32 - c < 2^31."""
+    return (z * c) & MASK32 if c < 2**31 else (-(z * (2**32 - c))) & MASK32
 
 
 def mix32(z: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@
     fused_matmul_dx(dy, w)      kernels/fused_matmul_dx.py dx = dy @ W (backward), same idea
     skinny_matmul(x, w)         kernels/skinny_matmul.py   y = x @ W.T for M <= 16 (decoding)
                                 kernels/decode_sm90.py     M = 1 on Hopper (Gluon), a tuner candidate
+    dropout.seeded_dropout(...)  kernels/dropout.py         LoRA's dropout, masks hashed from a seed (../dropout.py)
 
 `w` is a quant.QuantizedWeight, or anything with its attribute names (kernels/_launch.py); the
 packed layout is documented in quant.py and kernels/_tile.py. This package imports only torch and
