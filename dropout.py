@@ -18,9 +18,14 @@ so P(m_i = 1) = 1 - ceil(p 2^24) / 2^24, which is 1 - p to within 2^-24. Then:
     the adapters on q, k and v share (one tensor): the memory of dropout 0 (`dropout_down`).
   - Checkpointing and CUDA graphs get the forward's masks without any generator state: the seed is a
     device tensor drawn from torch's generator (train.seed_step decides it) once per forward of the
-    model (`Seed`, a forward pre-hook), not per adapter call, so a recomputed block reads the seed of
-    its forward. In a graph the draw is replayed with the rest. The salt (each adapter's index) gives
-    two adapters on the same x different masks.
+    model (`Seed`, a forward pre-hook), not per adapter call, and a recomputed block is handed the
+    seed of its own forward (`Seed.checkpoint_contexts`). In a graph the draw is replayed with the
+    rest. The salt (each adapter's index) gives two adapters on the same x different masks.
+
+A hash, not a cryptographic generator: the masks of two keys k1, k2 are the same sequence with the
+indices XOR-permuted (m(k1)_i = m(k2)_(i XOR k1 XOR k2)), which does not matter for dropout; what
+matters, that each mask looks like independent draws with the right rate and that two masks do not
+agree more than chance, is tested (tests/test_dropout.py).
 
 On CUDA the mask is made inside a Triton kernel (kernels/dropout.py), which must equal this file's
 PyTorch version bit for bit (tests/test_dropout.py).
@@ -28,7 +33,9 @@ PyTorch version bit for bit (tests/test_dropout.py).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 
 import torch
 import torch.nn as nn
@@ -62,7 +69,7 @@ def threshold(p: float) -> int:
 def keep_mask(seed: torch.Tensor, salt: int, shape, p: float) -> torch.Tensor:
     """The bool mask m of the module docstring for a tensor of `shape` (True: kept), on seed's device."""
     n = math.prod(shape)
-    key = mix32(seed.reshape(()) ^ mix32(torch.tensor(salt, dtype=torch.int64, device=seed.device)))
+    key = mix32((seed.reshape(()) & MASK32) ^ mix32(torch.tensor(salt, dtype=torch.int64, device=seed.device)))
     u = mix32(torch.arange(n, dtype=torch.int64, device=seed.device) ^ key)
     return ((u >> 8) >= threshold(p)).reshape(shape)
 
@@ -114,24 +121,40 @@ def dropout_down(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, salt: int
 
 
 class Seed:
-    """The seed of the masks: a one-element int64 device tensor, drawn anew at each forward of `module`
-    in training mode (a forward pre-hook on it), from torch's generator for that device.
+    """The seed of the masks: a one-element int64 device tensor, drawn anew (32 random bits) at each
+    forward of `module` in training mode (a forward pre-hook on it), from torch's generator.
 
-    lora.add_lora hooks the whole model, and its adapters share one Seed: a checkpointed block, when the
-    backward recomputes it, reads the seed of its own forward. (So forward and backward must alternate,
-    as in any training loop: a second forward before the backward would give the recomputation new masks.)
+    lora.add_lora hooks the whole model, and its adapters share one Seed. Code that calls the model's
+    blocks directly, not the model, never draws: its masks stay those of the last draw.
     """
 
     def __init__(self, module: nn.Module, device: torch.device):
         self.value = torch.zeros(1, dtype=torch.int64, device=device)
-        self.handle = module.register_forward_pre_hook(self._draw)
+        self.owner = weakref.ref(module)  # the module whose forwards draw (graph_step.graphs_ok asks)
+        self.handle = module.register_forward_pre_hook(self._draw, with_kwargs=True)
 
-    def _draw(self, module: nn.Module, args):
+    def _draw(self, module: nn.Module, args, kwargs):
         if module.training:
             # on the input's device (the model may have moved since); a new tensor, not an in-place
             # write: a backward still to come keeps the one it saved
-            device = next((a.device for a in args if isinstance(a, torch.Tensor)), self.value.device)
-            self.value = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            device = tensors[0].device if tensors else self.value.device
+            self.value = torch.randint(0, 2**32, (1,), dtype=torch.int64, device=device)
+
+    def checkpoint_contexts(self):
+        """torch.utils.checkpoint's context_fn, called at each checkpointed block's forward: its
+        recomputation in the backward runs with the seed that forward saw, even if later forwards
+        (two before one backward, as in preference pairs) have drawn new ones."""
+        seen = self.value
+
+        @contextlib.contextmanager
+        def recompute():
+            now, self.value = self.value, seen
+            try:
+                yield
+            finally:
+                self.value = now
+        return contextlib.nullcontext(), recompute()
 
     def remove(self):
         self.handle.remove()

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 import data
+from dropout import Seed
 
 PAD = 64  # rows are padded to a multiple of this many tokens: one graph per width
 
@@ -54,6 +55,12 @@ def graphs_ok(model: nn.Module, device: str, world: int) -> tuple[bool, str]:
     if getattr(model, "gradient_checkpointing", False) and dropout:
         return False, ("CUDA graphs cannot replay gradient checkpointing of a model with nn.Dropout (the "
                        "recomputation must redraw the forward's masks from the generator's saved state)")
+    # An adapter made alone (not by lora.add_lora) draws its seed at each of its own calls, so a
+    # recomputed block would draw a new one; outside a graph the restored generator state hides that.
+    own_seed = any(isinstance(getattr(m, "seed", None), Seed) and m.seed.owner() is not model for m in model.modules())
+    if getattr(model, "gradient_checkpointing", False) and own_seed:
+        return False, ("CUDA graphs cannot replay gradient checkpointing of LoRA adapters that draw their own "
+                       "dropout seed (use lora.add_lora on the whole model)")
     return True, ""
 
 

@@ -45,6 +45,7 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import noop_context_fn
 
 from dropout import Seed, dropout_down
 
@@ -175,6 +176,8 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
     for p in model.parameters():
         p.requires_grad_(False)
     seed = Seed(model, _module_device(model)) if dropout > 0 else None
+    if seed is not None and hasattr(model, "checkpoint_contexts"):  # model.Transformer's checkpointing
+        model.checkpoint_contexts = seed.checkpoint_contexts
     for salt, (parent, name, child) in enumerate(sites):
         adapter = LoRALinear(child, r, alpha, dropout, lora_dtype)
         adapter.train(child.training)  # follow the model's train/eval mode (dropout)
@@ -195,6 +198,8 @@ def merge_lora(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Modu
     W is dequantized first when the base is 4-bit; `dtype` defaults to W's dtype (for a 4-bit base:
     the dtype `dequantize()` returns). The merged linears are frozen like the rest of the base.
     """
+    if hasattr(model, "checkpoint_contexts"):
+        model.checkpoint_contexts = noop_context_fn
     for name, m in list(lora_modules(model).items()):
         if m.seed is not None:
             m.seed.remove()  # no adapters, no dropout: stop drawing seeds (removing twice is harmless)

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 
 @dataclass
@@ -255,6 +255,10 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
+        # torch.utils.checkpoint's context_fn: (forward, recomputation) context managers for each
+        # checkpointed block. lora.add_lora sets it so that a block's recomputation sees the dropout
+        # seed of its own forward (dropout.Seed.checkpoint_contexts).
+        self.checkpoint_contexts = noop_context_fn
 
     def setup_cache(self, batch_size: int, max_seq_len: int):
         """Allocate a KV cache in every block (for decoding); `remove_cache` frees it."""
@@ -298,7 +302,8 @@ class Transformer(nn.Module):
                 # Keep only each block's input; recompute its insides during backward. Saving the
                 # RNG state (for dropout) cannot be captured in a CUDA graph (graph_step.py).
                 x = checkpoint(layer, x, cos, sin, mask, input_pos if cached else None, use_reentrant=False,
-                               preserve_rng_state=not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+                               preserve_rng_state=not (x.is_cuda and torch.cuda.is_current_stream_capturing()),
+                               context_fn=self.checkpoint_contexts)
             else:
                 x = layer(x, cos, sin, mask, input_pos if cached else None)
         x = self.norm(x)

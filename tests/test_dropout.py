@@ -50,6 +50,8 @@ def test_keep_mask_is_the_docstring_formula():
     key = lowbias32(seed ^ lowbias32(salt))
     want = [(lowbias32(i ^ key) >> 8) >= math.ceil(p * 2**24) for i in range(math.prod(shape))]
     assert got == want
+    for wide in (seed + 2**32, seed - 2**32):  # only the seed's low 32 bits count, as in the kernel
+        assert D.keep_mask(torch.tensor([wide]), salt, shape, p).flatten().tolist() == want
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
@@ -129,23 +131,41 @@ def test_dropout_saves_what_dropout_0_saves():
     assert sizes[1] == sizes[0] + 8 and sizes[0] > 0  # + the seed, one int64
 
 
-def test_checkpointing_recomputes_the_forwards_masks(monkeypatch):
+@pytest.mark.parametrize("forwards", [1, 2])
+def test_checkpointing_recomputes_the_forwards_masks(monkeypatch, forwards):
     """The gradients with checkpointing (each block recomputed in the backward) equal those without,
     dropout on, with the generator's state not restored for the recomputation (as in a CUDA graph
-    capture, model.py): it reads the forward's seed. A second seed changes them (the masks matter)."""
+    capture, model.py): a recomputed block gets its forward's seed, also when a second forward drew
+    another before the backward. A second torch seed changes them (the masks matter)."""
     def checkpoint_without_rng_state(*args, **kw):
         return checkpoint(*args, **{**kw, "preserve_rng_state": False})
     monkeypatch.setattr(M, "checkpoint", checkpoint_without_rng_state)
-    tokens = torch.randint(0, 512, (2, 40))
+    tokens = torch.randint(0, 512, (forwards, 2, 40))
     runs = []
     for grad_ckpt, seed in ((False, 1), (True, 1), (True, 2)):
         model = tiny_lora_model(0.2, grad_ckpt)
         torch.manual_seed(seed)
-        model(tokens).float().square().mean().backward()
+        sum(model(t).float().square().mean() for t in tokens).backward()
         runs.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     for n, g in runs[0].items():
         torch.testing.assert_close(runs[1][n], g, rtol=1e-5, atol=1e-8)
     assert any(not torch.allclose(runs[2][n], g) for n, g in runs[0].items())
+
+
+def test_seed_is_drawn_per_forward_in_training_only():
+    model = tiny_lora_model(0.1)
+    seed = model.layers[0].self_attn.q_proj.seed
+    assert all(m.seed is seed for m in model.modules() if hasattr(m, "lora_A"))  # one Seed, a salt each
+    assert len({m.salt for m in model.modules() if hasattr(m, "lora_A")}) == 7 * len(model.layers)
+    tokens = torch.randint(0, 512, (1, 8))
+    drawn = []
+    for call in (lambda: model(tokens), lambda: model(tokens=tokens)):  # positional or keyword input
+        call()
+        drawn.append(seed.value)
+    assert drawn[0] is not drawn[1] and 0 <= int(drawn[1]) < 2**32
+    with torch.no_grad():
+        model.eval()(tokens)
+    assert seed.value is drawn[1]  # evaluation draws nothing (and drops nothing)
 
 
 def kernel_vs_reference(x, seed, salt, p):
@@ -177,3 +197,7 @@ def test_gpu_kernel_equals_reference(dtype):
     seed = torch.randint(0, 2**31 - 1, (1,), generator=g).cuda()
     for shape, p in [((4096, 4096), 0.05), ((8, 511, 11008), 0.1), ((3, 1000), 0.5)]:
         kernel_vs_reference(torch.randn(shape, generator=g).to(dtype).cuda(), seed, 6, p)
+    # salt 1 and threshold 1 (p = 1e-9), which Triton compiles as constants; seeds beyond 32 bits
+    x = torch.randn(3, 1000, generator=g).to(dtype).cuda()
+    for s, salt, p in [(seed, 1, 1e-9), (seed + 2**32, 0, 0.3), (torch.full_like(seed, -1), 2, 0.3)]:
+        kernel_vs_reference(x, s, salt, p)

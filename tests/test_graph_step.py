@@ -21,7 +21,7 @@ import data  # noqa: E402
 import train  # noqa: E402
 from generate import DEFAULT_MODEL, build_model  # noqa: E402
 from graph_step import TrainStep, graphs_ok  # noqa: E402
-from lora import add_lora  # noqa: E402
+from lora import LoRALinear, add_lora  # noqa: E402
 from model import load_tokenizer  # noqa: E402
 
 
@@ -94,6 +94,12 @@ def test_graphs_ok_says_why_not():
     model.layers[0].drop = torch.nn.Dropout(0.1)  # a module's own nn.Dropout would need the RNG state
     ok, why = graphs_ok(model, "cuda", 1)
     assert not ok and "nn.Dropout" in why
+    del model.layers[0].drop
+    # an adapter made alone draws its own seed at each call: a recomputed block would draw anew
+    q = model.layers[0].self_attn.q_proj
+    model.layers[0].self_attn.q_proj = LoRALinear(q.base, r=4, alpha=8, dropout=0.1)
+    ok, why = graphs_ok(model, "cuda", 1)
+    assert not ok and "add_lora" in why
     model.gradient_checkpointing = False
     assert graphs_ok(model, "cuda", 1) == (True, "")
     with pytest.raises(ValueError, match="need a CUDA device"):  # TrainStep asks too
