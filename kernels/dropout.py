@@ -11,7 +11,8 @@ The seed is read from a one-element int64 device tensor, so a CUDA graph that dr
 kernel gets new masks at every replay, and the backward gets the forward's masks by reading it again.
 
 Memory layout: x contiguous, seen as flat (n,); i is the flat index (so n < 2^32). One program handles
-BLOCK consecutive elements: a streaming, memory-bound kernel (n elements read, n written).
+BLOCK consecutive elements: a streaming, memory-bound kernel (n elements read, n written; twice
+that with a second tensor, x2, under the same mask).
 """
 
 import torch
