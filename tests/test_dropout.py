@@ -19,8 +19,7 @@ sys.path.insert(0, ROOT)
 
 import dropout as D  # noqa: E402
 import model as M  # noqa: E402
-from generate import DEFAULT_MODEL, build_model  # noqa: E402
-from lora import add_lora  # noqa: E402
+from test_graph_step import lora_model  # noqa: E402  (tests/ is on sys.path: pytest puts it there)
 
 M32 = 2**32 - 1
 
@@ -113,14 +112,8 @@ def saved_activation_bytes(model, tokens):
 
 
 def tiny_lora_model(dropout, grad_ckpt=False):
-    torch.manual_seed(0)
-    model = build_model(DEFAULT_MODEL, "cpu", torch.float32, "none")
-    add_lora(model, r=4, alpha=8, dropout=dropout)
-    for m in model.modules():  # B = 0 at init would give A no gradient: make both matter
-        if hasattr(m, "lora_B"):
-            torch.nn.init.normal_(m.lora_B.weight, std=0.02)
-    model.gradient_checkpointing = grad_ckpt
-    return model.train()
+    """The bundled model in float32 on the CPU, LoRA on all seven linears, B nonzero, training mode."""
+    return lora_model("cpu", torch.float32, dropout=dropout, grad_ckpt=grad_ckpt)
 
 
 def test_dropout_saves_what_dropout_0_saves():
