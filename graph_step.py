@@ -50,17 +50,18 @@ def graphs_ok(model: nn.Module, device: str, world: int) -> tuple[bool, str]:
         return False, "CUDA graphs need a CUDA device"
     if world > 1:
         return False, "CUDA graphs are not used under torchrun (DDP's gradient hooks run eagerly)"
-    # (LoRA's dropout is not an nn.Dropout: its masks come from a seed, dropout.py)
-    dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
-    if getattr(model, "gradient_checkpointing", False) and dropout:
-        return False, ("CUDA graphs cannot replay gradient checkpointing of a model with nn.Dropout (the "
-                       "recomputation must redraw the forward's masks from the generator's saved state)")
-    # An adapter made alone (not by lora.add_lora) draws its seed at each of its own calls, so a
-    # recomputed block would draw a new one; outside a graph the restored generator state hides that.
-    own_seed = any(isinstance(getattr(m, "seed", None), Seed) and m.seed.owner() is not model for m in model.modules())
-    if getattr(model, "gradient_checkpointing", False) and own_seed:
-        return False, ("CUDA graphs cannot replay gradient checkpointing of LoRA adapters that draw their own "
-                       "dropout seed (use lora.add_lora on the whole model)")
+    if getattr(model, "gradient_checkpointing", False):
+        # A recomputed block must draw the forward's masks again. LoRA's dropout hashes them from the
+        # model's seed (dropout.py); an nn.Dropout would need the generator's saved state, and an
+        # adapter made alone (not by lora.add_lora) draws a new seed at each of its own calls.
+        # (Outside a graph, checkpoint's restored generator state covers both.)
+        for m in model.modules():
+            if isinstance(m, nn.Dropout) and m.p > 0:
+                return False, ("CUDA graphs cannot replay gradient checkpointing of a model with nn.Dropout (the "
+                               "recomputation must redraw the forward's masks from the generator's saved state)")
+            if isinstance(getattr(m, "seed", None), Seed) and m.seed.owner() is not model:
+                return False, ("CUDA graphs cannot replay gradient checkpointing of LoRA adapters that draw "
+                               "their own dropout seed (use lora.add_lora on the whole model)")
     return True, ""
 
 

@@ -64,7 +64,7 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-                 lora_dtype: torch.dtype = torch.float32):
+                 lora_dtype: torch.dtype = torch.float32, seed: Optional[Seed] = None, salt: int = 0):
         super().__init__()
         if not (hasattr(base, "in_features") and hasattr(base, "out_features")):
             raise TypeError(f"LoRA needs a linear-like module with in_features/out_features, got {type(base).__name__}")
@@ -81,9 +81,9 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=lora_dtype)
         # Dropout on the adapter's input, with masks hashed from a seed (dropout.py): add_lora gives all
         # adapters of a model one Seed, drawn once per forward of the model, and each its own salt.
-        # A LoRALinear made alone draws its own seed at each of its forwards.
-        self.dropout, self.salt = dropout, 0
-        self.seed = Seed(self, device) if dropout > 0 else None
+        # A LoRALinear made alone (seed None) draws its own seed at each of its forwards.
+        self.dropout, self.salt = dropout, salt
+        self.seed = (seed or Seed(self, device)) if dropout > 0 else None
         self.reset_lora_parameters()
 
     @torch.no_grad()
@@ -179,11 +179,9 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 
     if seed is not None and hasattr(model, "checkpoint_contexts"):  # model.Transformer's checkpointing
         model.checkpoint_contexts = seed.checkpoint_contexts
     for salt, (parent, name, child) in enumerate(sites):
-        adapter = LoRALinear(child, r, alpha, dropout, lora_dtype)
+        # one seed per forward of the model, a salt per adapter (dropout.py)
+        adapter = LoRALinear(child, r, alpha, dropout, lora_dtype, seed=seed, salt=salt)
         adapter.train(child.training)  # follow the model's train/eval mode (dropout)
-        if seed is not None:  # one seed per forward of the model, a salt per adapter (dropout.py)
-            adapter.seed.remove()
-            adapter.seed, adapter.salt = seed, salt
         setattr(parent, name, adapter)
     trainable = {n: p for n, p in model.named_parameters() if is_lora_param(n)}
     for p in trainable.values():
