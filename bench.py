@@ -112,11 +112,18 @@ def make_step(model, opt, graphs: bool):
     return step
 
 
+def ours_stack(a) -> str:
+    """The stack's name in the results; as train.py, compile the pointwise functions under graphs."""
+    from model import compile_pointwise
+    compiled = not a.no_cuda_graphs and not a.no_compile
+    compile_pointwise(compiled)
+    return f"ours-{a.quant}" + ("-eager" if a.no_cuda_graphs else "") + ("" if compiled else "-nocompile")
+
+
 def ours_train(a) -> list[dict]:
     model = build_random_model(a.shape, a.quant, "cuda")
     params, opt = prepare_training(model, a.rank, grad_ckpt=not a.no_grad_ckpt, dropout=a.lora_dropout)
-    return time_configs(f"ours-{a.quant}" + ("-eager" if a.no_cuda_graphs else ""),
-                        make_step(model, opt, graphs=not a.no_cuda_graphs), params, a)
+    return time_configs(ours_stack(a), make_step(model, opt, graphs=not a.no_cuda_graphs), params, a)
 
 
 def time_configs(stack: str, step, params, a) -> list[dict]:
@@ -156,8 +163,7 @@ def ours_alpaca(a) -> list[dict]:
                for b in make_batches(train_set, a.batch_size, a.max_len, pack=not a.no_pack, seed=0, epoch=0)]
     model = build_random_model(a.shape, a.quant, "cuda")
     _, opt = prepare_training(model, a.rank, grad_ckpt=not a.no_grad_ckpt, dropout=a.lora_dropout)
-    return [time_pass(f"ours-{a.quant}" + ("-eager" if a.no_cuda_graphs else ""),
-                      make_step(model, opt, graphs=not a.no_cuda_graphs), batches, train_set,
+    return [time_pass(ours_stack(a), make_step(model, opt, graphs=not a.no_cuda_graphs), batches, train_set,
                       packed=int(not a.no_pack))]
 
 
@@ -384,8 +390,9 @@ def main():
     p.add_argument("--new", type=int, default=128, help="decode: new tokens")
     p.add_argument("--repeats", type=int, default=3, help="decode: timed runs (the table gives the median)")
     p.add_argument("--no-compile", action="store_true",
-                   help="decode: keep the pointwise functions eager (generate.py --no-compile); by default "
-                        "they are compiled, as generate.py does on cuda")
+                   help="keep the pointwise functions (RMSNorm, rotary, SwiGLU) eager: decode as generate.py "
+                        "--no-compile, train and alpaca as train.py --no-compile; by default they are compiled, "
+                        "as generate.py does on cuda and train.py under CUDA graphs")
     p.add_argument("--vs-hf", action="store_true", help="also run transformers + PEFT + bitsandbytes, same machine")
     p.add_argument("--hf-dir", default=None, help="where the HF side's random checkpoint is saved (default: /tmp/bench_hf_ckpt_SHAPE)")
     p.add_argument("--out", default=None, help="append the result rows as JSON lines to this file")

@@ -23,6 +23,7 @@ window of 4096 only matters beyond 4096 tokens), biases in linears, tensor paral
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -197,24 +198,39 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # The model's pointwise functions, looked up here at every call so that `compile_pointwise` can
 # swap in fused versions. Eager PyTorch runs RMSNorm as ~6 kernels and rotary as ~5, each reading
 # and writing the whole activation; on a GPU torch.compile fuses each function into one kernel.
-POINTWISE = {"rms_norm": rms_norm, "apply_rope": apply_rope, "swiglu": swiglu}
+EAGER_POINTWISE = {"rms_norm": rms_norm, "apply_rope": apply_rope, "swiglu": swiglu}
+POINTWISE = dict(EAGER_POINTWISE)
 
 
-def compile_pointwise():
-    """Replace the pointwise functions by torch.compile'd ones (same math, fewer kernels). Off in
-    training: on an H200 it sped a 7B step up at 4 x 2048 and slowed it down at 8 x 512, on an
-    H100 it was no faster at 1 or 8 x 512. On in generate.py with CUDA: batch-1 decoding of a 7B
-    NF4 model went from 5.0 to 3.3 ms per token on an H100 (BENCHMARKS.md).
+@functools.lru_cache(maxsize=None)
+def _compiled_pointwise() -> dict:
+    """The pointwise functions through torch.compile, made once per process (each compiles at its
+    first call, and again for a new kind of call: with autograd, without)."""
+    import torch._inductor.config as inductor_config
+    options = {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else {}
+    return {name: torch.compile(fn, dynamic=True, options=options) for name, fn in EAGER_POINTWISE.items()}
+
+
+def compile_pointwise(on: bool = True) -> dict:
+    """Swap in the torch.compile'd pointwise functions (on) or the eager ones (off): the same math in
+    one fused kernel each instead of ~5 (rounding aside: the fused kernel keeps its float32
+    intermediates in registers). Returns the functions in place before, for restoring.
+
+    Where it pays: wherever launches cost nothing, so that the step's time is its kernels' time.
+      - generate.py on CUDA: batch-1 decoding of a 7B NF4 model went from 5.0 to 3.3 ms per token
+        on an H100 (BENCHMARKS.md).
+      - train.py under CUDA graphs: a 7B NF4 LoRA step at 8 x 512 with checkpointing and dropout
+        0.05 went from 7,929 to 9,873 tok/s on an H100 (BENCHMARKS.md, thirty-second session).
+    Eager training leaves it off: there the compiled functions' host time per call costs about what
+    they save (7B, 8 x 512, in one process: 4,968 tok/s compiled against 5,857 eager).
 
     On Hopper the compiled kernels use programmatic dependent launch where this torch has it
     (Inductor's triton.enable_pdl): each lets the kernel after it start before it ends, so a
     4-bit decoding kernel that follows a norm or SwiGLU (kernels/decode_sm90.py) fills its tables
     and brings its first weights meanwhile: 3.28 -> 3.19 ms per token on an H100."""
-    import torch._inductor.config as inductor_config
-    options = {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else {}
-    POINTWISE.update({name: torch.compile(fn, dynamic=True, options=options)
-                      for name, fn in (("rms_norm", rms_norm), ("apply_rope", apply_rope),
-                                       ("swiglu", swiglu))})
+    before = dict(POINTWISE)
+    POINTWISE.update(_compiled_pointwise() if on else EAGER_POINTWISE)
+    return before
 
 
 class MLP(nn.Module):

@@ -16,10 +16,12 @@ is a function of (seed, epoch), the learning rate of the step, and dropout draws
 reseeded every step from (seed, step, rank); a checkpoint holds the step, the adapters, AdamW's moments.
 
 On one GPU each micro-batch's forward and backward is captured once as a CUDA graph and replayed
-(graph_step.py): at small batches the step would otherwise wait for Python's kernel launches.
+(graph_step.py): at small batches the step would otherwise wait for Python's kernel launches. There,
+torch.compile fuses the pointwise functions (RMSNorm, rotary, SwiGLU: model.compile_pointwise); the rest
+of the model stays plain PyTorch and our kernels.
 
-Left out: paged optimizers, FSDP (the trainable state is small: see README), torch.compile, resuming
-with another number of processes, evaluation metrics other than the held-out loss.
+Left out: paged optimizers, FSDP (the trainable state is small: see README), compiling the whole model,
+resuming with another number of processes, evaluation metrics other than the held-out loss.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from generate import DEFAULT_MODEL, build_model, default_dtype, generate_tokens
 from graph_step import TrainStep, graphs_ok
 from lora import add_lora, lora_state_dict, save_adapter
 from loss import causal_lm_loss_sum
-from model import load_tokenizer, read_args
+from model import POINTWISE, compile_pointwise, load_tokenizer, read_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(HERE, "data", "alpaca_sample.json")
@@ -100,6 +102,7 @@ class TrainingArguments:
     overwrite: bool = field(default=False, metadata={"help": "start afresh even if OUT already holds a checkpoint"})
     dist_timeout: int = field(default=1800, metadata={"help": "under torchrun: seconds a process waits for the others before failing (instead of hanging)"})
     no_cuda_graphs: bool = field(default=False, metadata={"help": "run every micro-batch eagerly; by default one CUDA GPU replays each micro-batch's forward and backward as a CUDA graph (graph_step.py: much faster at small batches; rows padded to a multiple of 64 tokens; up to one more pass's activations in memory; not under torchrun)"})
+    no_compile: bool = field(default=False, metadata={"help": "keep RMSNorm, rotary and SwiGLU as eager PyTorch; by default, under CUDA graphs, torch.compile fuses each into one kernel (model.compile_pointwise: a 7B step 1.2x faster on an H100; the first micro-batches of a run compile them, 10-20 s)"})
 
 
 def parse_args(argv=None):
@@ -276,8 +279,13 @@ def train(argv=None):
     metrics = open_metrics(args.out, step if args.resume else None) if main else None
     use_graphs, why_not = graphs_ok(model, device, world)
     use_graphs = use_graphs and not args.no_cuda_graphs
+    # Under graphs the step's time is its kernels' time, and eager RMSNorm, rotary and SwiGLU run as ~15
+    # elementwise kernels a block that each read and write a whole activation: fuse them. (Eager, the
+    # compiled functions' host time costs about what they save: BENCHMARKS.md, thirty-second session.)
+    compiled = use_graphs and not args.no_compile
     if main and device.startswith("cuda"):
-        print("CUDA graphs: " + ("on (graph_step.py)" if use_graphs else f"off ({why_not or '--no-cuda-graphs'})"))
+        print("CUDA graphs: " + ("on (graph_step.py)" if use_graphs else f"off ({why_not or '--no-cuda-graphs'})")
+              + ("; pointwise compiled" if compiled else ""))
     micro_step = TrainStep(ddp_model, forward_loss, graphs=use_graphs, max_width=data_args.max_len)
 
     def log(record: dict):
@@ -291,6 +299,7 @@ def train(argv=None):
     bar = tqdm(total=total_steps, initial=step, disable=not main, dynamic_ncols=True)
     stop = StopRequest(verbose=main, second_aborts=world == 1)
     epoch, batches = -1, None
+    pointwise_before = compile_pointwise(compiled)  # (put back at the end: train() may be called again)
     try:
         while step < total_steps:
             t0 = time.perf_counter()
@@ -343,6 +352,7 @@ def train(argv=None):
             if stop_asked:
                 raise Interrupted(f"interrupted: saved step {step} to {args.out}; continue with --resume")
     finally:
+        POINTWISE.update(pointwise_before)
         signal.signal(signal.SIGINT, stop.previous)
         bar.close()
         if metrics:

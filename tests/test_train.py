@@ -383,16 +383,20 @@ def assert_gpu_resume_matches(out, whole, what):
 
 @pytest.mark.cuda
 def test_gpu_cuda_graphs_train_like_eager_and_resume(tmp_path, monkeypatch, capsys):
-    """The default on one GPU: each micro-batch replayed as a CUDA graph (dropout on, no checkpointing).
-    It trains as the eager run does (rows padded, the loss over every position: rounding apart, the same
-    numbers), and a crash + resume ends where the uninterrupted graph run does."""
+    """The default on one GPU: each micro-batch replayed as a CUDA graph, RMSNorm, rotary and SwiGLU
+    compiled (dropout on, no checkpointing). It trains as the eager run does (rows padded, the loss over
+    every position, the fused pointwise kernels: rounding apart, the same numbers), and a crash + resume
+    ends where the uninterrupted graph run does."""
+    import model as M
     gpu = ["--device", "cuda", "--max-len", "128", "--batch-size", "8", "--lr", "2e-3", "--max-steps", "20",
            "--save-every", "10", "--eval-every", "10", "--samples", "0", "--lora-dropout", "0.1"]
     graphs, eager = str(tmp_path / "graphs"), str(tmp_path / "eager")
     train.train(gpu + ["--out", graphs])
-    assert "CUDA graphs: on" in capsys.readouterr().out
+    assert "CUDA graphs: on (graph_step.py); pointwise compiled" in capsys.readouterr().out
+    assert M.POINTWISE == M.EAGER_POINTWISE  # put back for whatever runs next in this process
     train.train(gpu + ["--out", eager, "--no-cuda-graphs"])
-    assert "CUDA graphs: off (--no-cuda-graphs)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "CUDA graphs: off (--no-cuda-graphs)" in out and "compiled" not in out
     worst = max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(steps(graphs), steps(eager), strict=True))
     print(f"graphs against eager: largest relative step-loss difference {worst:.2e}")
     assert worst < 1e-2
