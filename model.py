@@ -177,9 +177,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask: Optional[torch.Tensor], input_pos: Optional[torch.Tensor]):
         B, T, _ = x.shape
-        q = POINTWISE["apply_rope"](self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = POINTWISE["apply_rope"](self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # (the three projections back to back: when decoding, each 4-bit matmul kernel lets the next
+        # one start early, kernels/decode_sm90.py; rotary between them cost 4% per token)
+        q, k = POINTWISE["apply_rope"](q, cos, sin), POINTWISE["apply_rope"](k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
