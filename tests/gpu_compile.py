@@ -7,7 +7,7 @@ Triton compiles for the GPU its active driver reports. This script makes that a 
 sm_<arch> GPU (StandInGPU: its compute capability and shared memory per block; it launches
 nothing) and calls the launchers with CPU tensors and each config of the tuners' lists:
 dequantize, fused_matmul, fused_matmul_dx and skinny_matmul, for NF4 with double quantization and
-INT4 weights and bf16 activations (or fp16: generate.py's default on GPUs without bf16, such as
+INT4 weights, and the seeded dropout (kernels/dropout.py, one tensor and two), with bf16 activations (or fp16: generate.py's default on GPUs without bf16, such as
 a T4, sm_75; the byte-permute and tensor-core decoders are bf16 only, so their lists are left
 out); with bf16 on sm_90 also the Gluon kernels (decode_sm90 and fused_matmul_sm90, which it
 compiles with a 4096x4096 weight's arguments).
@@ -126,6 +126,24 @@ def compile_gluon(out: str = None):
                 fh.write(kernel.asm["cubin"])
 
 
+def compile_dropout(dtype: torch.dtype) -> list:
+    """The seeded dropout kernel (LoRA's dropout in training), one tensor and two; returns the errors."""
+    from kernels.dropout import seeded_dropout
+    x, seed = torch.randn(3, 1000).to(dtype), torch.zeros(1, dtype=torch.int64)
+    results = []
+    for x2 in (None, torch.randn(3, 1000).to(dtype)):
+        try:
+            seeded_dropout(x, seed, 1, 838861, 1 / 0.95, x2)
+            results.append("")
+        except Exception as e:  # noqa: BLE001 (any compile failure is the finding)
+            results.append(f"seeded_dropout ({'two tensors' if x2 is not None else 'one tensor'}): "
+                           f"{type(e).__name__}: {str(e).splitlines()[-1][:600] if str(e) else ''}")
+    errors = [r for r in results if r]
+    print(f"seeded_dropout: {len(results) - len(errors)} compiled, 0 too large for its shared memory "
+          f"(the tuner skips them), {len(errors)} failed")
+    return errors
+
+
 def configs(module, list_name: str):
     """The config dicts of a launcher's list (Triton's autotune Configs or skinny_matmul's dicts)."""
     out = []
@@ -224,7 +242,7 @@ def compile_lists(arch: int, dtype: torch.dtype, workers: int) -> list:
 def lift_device_checks(arch: int):
     """The launchers refuse CPU tensors outside the interpreter, and programmatic dependent
     launch needs a CUDA device: here they compile for the stand-in GPU instead."""
-    for name in ("_launch", "dequantize", "skinny_matmul"):
+    for name in ("_launch", "dequantize", "skinny_matmul", "dropout"):
         module = importlib.import_module(f"kernels.{name}")
         if hasattr(module, "check_device"):
             module.check_device = lambda device: None
@@ -252,7 +270,7 @@ def main():
     print(f"Triton {triton.__version__}, sm_{a.arch}, {a.dtype}: {SHARED[a.arch]} bytes of shared "
           "memory per block", flush=True)
     set_up(a.arch)
-    errors = compile_lists(a.arch, dtype, max(1, a.jobs))
+    errors = compile_lists(a.arch, dtype, max(1, a.jobs)) + compile_dropout(dtype)
     if a.arch == 90 and dtype == torch.bfloat16:  # the Hopper kernels take bf16 only
         if HAVE_GLUON:
             compile_gluon(a.out)
