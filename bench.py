@@ -117,7 +117,7 @@ def ours_stack(a) -> str:
     from model import compile_pointwise
     compiled = not a.no_cuda_graphs and not a.no_compile
     compile_pointwise(compiled)
-    return f"ours-{a.quant}" + ("-eager" if a.no_cuda_graphs else "") + ("" if compiled else "-nocompile")
+    return f"ours-{a.quant}" + ("-eager" if a.no_cuda_graphs else "-nocompile" if a.no_compile else "")
 
 
 def ours_train(a) -> list[dict]:

@@ -148,6 +148,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def apply_rope_k(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope for the keys: the same math as a function of its own, so that compiled, q and k
+    each keep their number of heads as a constant (with grouped-query attention they differ, and
+    one function seeing both would turn the number into a symbol: compile_pointwise)."""
+    return apply_rope(k, cos, sin)
+
+
 class KVCache(nn.Module):
     """Keys and values of past positions, written in place at `input_pos` (for decoding)."""
 
@@ -182,7 +189,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         # (the three projections back to back: when decoding, each 4-bit matmul kernel lets the next
         # one start early, kernels/decode_sm90.py; rotary between them cost 4% per token)
-        q, k = POINTWISE["apply_rope"](q, cos, sin), POINTWISE["apply_rope"](k, cos, sin)
+        q, k = POINTWISE["apply_rope"](q, cos, sin), POINTWISE["apply_rope_k"](k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
@@ -203,7 +210,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # The model's pointwise functions, looked up here at every call so that `compile_pointwise` can
 # swap in fused versions. Eager PyTorch runs RMSNorm as ~6 kernels and rotary as ~5, each reading
 # and writing the whole activation; on a GPU torch.compile fuses each function into one kernel.
-EAGER_POINTWISE = {"rms_norm": rms_norm, "apply_rope": apply_rope, "swiglu": swiglu}
+EAGER_POINTWISE = {"rms_norm": rms_norm, "apply_rope": apply_rope, "apply_rope_k": apply_rope_k, "swiglu": swiglu}
 POINTWISE = dict(EAGER_POINTWISE)
 
 
@@ -220,8 +227,9 @@ def _compiled_pointwise(dynamic=None) -> dict:
     # Training meets more kinds of call than torch's default of 8 compiled versions per function, after
     # which it would run the function eagerly: inputs that need a gradient or not (the first block's
     # input, from the frozen embedding, does not), grad mode on and off (the held-out loss, samples),
-    # the first shapes and then symbolic ones, q and k with their own numbers of heads.
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    # the first shapes and then symbolic ones.
+    # (cache_size_limit: torch 2.7 renamed it recompile_limit and kept this name as an alias)
+    dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
     options = {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else {}
     return {name: torch.compile(fn, dynamic=dynamic, options=options) for name, fn in EAGER_POINTWISE.items()}
 
@@ -243,8 +251,14 @@ def compile_pointwise(on: bool = True) -> dict:
     (Inductor's triton.enable_pdl): each lets the kernel after it start before it ends, so a
     4-bit decoding kernel that follows a norm or SwiGLU (kernels/decode_sm90.py) fills its tables
     and brings its first weights meanwhile: 3.28 -> 3.19 ms per token on an H100."""
+    return set_pointwise(_compiled_pointwise() if on else EAGER_POINTWISE)
+
+
+def set_pointwise(table: dict) -> dict:
+    """Put these pointwise functions in place (compile_pointwise's tables, or what it returned);
+    returns the ones in place before."""
     before = dict(POINTWISE)
-    POINTWISE.update(_compiled_pointwise() if on else EAGER_POINTWISE)
+    POINTWISE.update(table)
     return before
 
 

@@ -50,7 +50,7 @@ from generate import DEFAULT_MODEL, build_model, default_dtype, generate_tokens
 from graph_step import TrainStep, graphs_ok
 from lora import add_lora, lora_state_dict, save_adapter
 from loss import causal_lm_loss_sum
-from model import POINTWISE, compile_pointwise, load_tokenizer, read_args
+from model import compile_pointwise, load_tokenizer, read_args, set_pointwise
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(HERE, "data", "alpaca_sample.json")
@@ -299,8 +299,9 @@ def train(argv=None):
     bar = tqdm(total=total_steps, initial=step, disable=not main, dynamic_ncols=True)
     stop = StopRequest(verbose=main, second_aborts=world == 1)
     epoch, batches = -1, None
-    pointwise_before = compile_pointwise(compiled)  # (put back at the end: train() may be called again)
+    pointwise_before = None
     try:
+        pointwise_before = compile_pointwise(compiled)  # (put back at the end: train() may be called again)
         while step < total_steps:
             t0 = time.perf_counter()
             if step // steps_per_epoch != epoch:
@@ -352,7 +353,8 @@ def train(argv=None):
             if stop_asked:
                 raise Interrupted(f"interrupted: saved step {step} to {args.out}; continue with --resume")
     finally:
-        POINTWISE.update(pointwise_before)
+        if pointwise_before is not None:
+            set_pointwise(pointwise_before)
         signal.signal(signal.SIGINT, stop.previous)
         bar.close()
         if metrics:
