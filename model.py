@@ -243,7 +243,8 @@ def compile_pointwise(on: bool = True) -> dict:
       - generate.py on CUDA: batch-1 decoding of a 7B NF4 model went from 5.0 to 3.3 ms per token
         on an H100 (BENCHMARKS.md).
       - train.py under CUDA graphs: a 7B NF4 LoRA step at 8 x 512 with checkpointing and dropout
-        0.05 went from 7,929 to 9,873 tok/s on an H100 (BENCHMARKS.md, thirty-second session).
+        0.05 went from 7,845 to 9,687 tok/s on an H100, then to 10,457 with the sizes that never
+        change compiled as constants (BENCHMARKS.md, thirty-second session).
     Eager training leaves it off: there the compiled functions' host time per call costs about what
     they save (7B, 8 x 512, in one process: 4,968 tok/s compiled against 5,857 eager).
 
