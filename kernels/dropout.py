@@ -88,5 +88,6 @@ def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, threshold: in
         block = 1024
         seeded_dropout_kernel[(triton.cdiv(n, block),)](
             x, out, x if x2 is None else x2, out if x2 is None else out2, seed, n, salt, threshold, scale,
-            TWO=x2 is not None, BLOCK=block, num_warps=4)
+            TWO=x2 is not None, BLOCK=block, num_warps=4,
+            enable_fp_fusion=False)  # (one product per element, nothing to fuse; said, so Triton 3.9 does not warn)
     return out if x2 is None else (out, out2)
