@@ -103,8 +103,9 @@ class LoRALinear(nn.Module):
             low = dropout_down(x, a, self.seed.value, self.salt, self.dropout)  # (..., r): A drop(x)
         else:
             low = F.linear(x, a)  # (..., r): A x
-        # out + scale * (A x) B^T as one fused GEMM-with-accumulate (addmm) on 2-D views.
-        y = torch.addmm(out.reshape(-1, self.out_features), low.reshape(-1, self.r), b.t(), alpha=self.scale)
+        # out + scale * (A x) B^T as one GEMM that accumulates into the base's output, in place (addmm_
+        # on 2-D views): no backward keeps that output, and addmm would first copy it to a new tensor.
+        y = out.reshape(-1, self.out_features).addmm_(low.reshape(-1, self.r), b.t(), alpha=self.scale)
         return y.view(out.shape)
 
     @torch.no_grad()
