@@ -215,7 +215,7 @@ POINTWISE = dict(EAGER_POINTWISE)
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_pointwise(dynamic=None) -> dict:
+def _compiled_pointwise() -> dict:
     """The pointwise functions through torch.compile, made once per process. Each compiles at its first
     call for that call's exact shapes, and once more at the first call with other shapes, then with only
     the sizes that changed as symbols (torch's automatic dynamic shapes; again for a new kind of call:
@@ -231,7 +231,7 @@ def _compiled_pointwise(dynamic=None) -> dict:
     # (cache_size_limit: torch 2.7 renamed it recompile_limit and kept this name as an alias)
     dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
     options = {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else {}
-    return {name: torch.compile(fn, dynamic=dynamic, options=options) for name, fn in EAGER_POINTWISE.items()}
+    return {name: torch.compile(fn, options=options) for name, fn in EAGER_POINTWISE.items()}
 
 
 def compile_pointwise(on: bool = True) -> dict:

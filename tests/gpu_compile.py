@@ -7,8 +7,8 @@ Triton compiles for the GPU its active driver reports. This script makes that a 
 sm_<arch> GPU (StandInGPU: its compute capability and shared memory per block; it launches
 nothing) and calls the launchers with CPU tensors and each config of the tuners' lists:
 dequantize, fused_matmul, fused_matmul_dx and skinny_matmul, for NF4 with double quantization and
-INT4 weights, and the seeded dropout (kernels/dropout.py, one tensor and two), with bf16 activations (or fp16: generate.py's default on GPUs without bf16, such as
-a T4, sm_75; the byte-permute and tensor-core decoders are bf16 only, so their lists are left
+INT4 weights, and the seeded dropout (kernels/dropout.py, one tensor and two), with bf16
+activations (or fp16: generate.py's default on GPUs without bf16, such as a T4, sm_75; the byte-permute and tensor-core decoders are bf16 only, so their lists are left
 out); with bf16 on sm_90 also the Gluon kernels (decode_sm90 and fused_matmul_sm90, which it
 compiles with a 4096x4096 weight's arguments).
 
@@ -130,18 +130,21 @@ def compile_dropout(dtype: torch.dtype) -> list:
     """The seeded dropout kernel (LoRA's dropout in training), one tensor and two; returns the errors."""
     from kernels.dropout import seeded_dropout
     x, seed = torch.randn(3, 1000).to(dtype), torch.zeros(1, dtype=torch.int64)
-    results = []
+    errors = []
     for x2 in (None, torch.randn(3, 1000).to(dtype)):
         try:
             seeded_dropout(x, seed, 1, 838861, 1 / 0.95, x2)
-            results.append("")
         except Exception as e:  # noqa: BLE001 (any compile failure is the finding)
-            results.append(f"seeded_dropout ({'two tensors' if x2 is not None else 'one tensor'}): "
-                           f"{type(e).__name__}: {str(e).splitlines()[-1][:600] if str(e) else ''}")
-    errors = [r for r in results if r]
-    print(f"seeded_dropout: {len(results) - len(errors)} compiled, 0 too large for its shared memory "
+            errors.append(f"seeded_dropout ({'two tensors' if x2 is not None else 'one tensor'}): {failure(e)}")
+    print(f"seeded_dropout: {2 - len(errors)} compiled, 0 too large for its shared memory "
           f"(the tuner skips them), {len(errors)} failed")
     return errors
+
+
+def failure(e: Exception) -> str:
+    """A compile failure in one line: its type and the last lines of its message."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {' | '.join(lines[-3:])[:600]}"
 
 
 def configs(module, list_name: str):
@@ -208,8 +211,7 @@ def compile_one(arch: int, dtype: torch.dtype, job) -> tuple:
     except OutOfResources as e:
         return "too large", f"{cfg} ({e.required} bytes)"
     except Exception as e:  # noqa: BLE001 (any compile failure is the finding)
-        lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        return "failed", f"{cfg}: {type(e).__name__}: {' | '.join(lines[-3:])[:600]}"
+        return "failed", f"{cfg}: {failure(e)}"
 
 
 def compile_lists(arch: int, dtype: torch.dtype, workers: int) -> list:

@@ -175,7 +175,7 @@ def eager_step(model, batch, n):
 
 
 def relative_difference(g, ref):
-    """|g - ref| / |ref| over all the gradients together, in float64."""
+    """|g - ref| / |ref| over all the tensors of two dicts together (gradients, adapters), in float64."""
     num = sum((g[k].double() - ref[k].double()).norm() ** 2 for k in ref).sqrt()
     den = sum(ref[k].double().norm() ** 2 for k in ref).sqrt()
     assert den > 0

@@ -26,6 +26,7 @@ import data  # noqa: E402
 import train  # noqa: E402
 from generate import build_model  # noqa: E402
 from model import load_tokenizer  # noqa: E402
+from test_graph_step import relative_difference  # noqa: E402  (tests/ is on sys.path: pytest puts it there)
 
 CPU = ["--device", "cpu"]  # CPU tests, also on a GPU machine (exact comparisons need fp32)
 FAST = CPU + ["--max-len", "128", "--batch-size", "4", "--samples", "0"]
@@ -202,7 +203,7 @@ def test_accumulation_equals_big_batch_and_normalizes_by_tokens(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)  # scale-sensitive, unlike Adam's step
     wa, wb = adapter(acc), adapter(big)
-    diff = sum((wa[k] - wb[k]).norm() ** 2 for k in wa) ** 0.5 / sum(wa[k].norm() ** 2 for k in wa) ** 0.5
+    diff = relative_difference(wb, wa)
     assert diff < 1e-5, diff  # seen: 4e-8
     # Element by element after one step. Adam moves each weight by lr * m / (sqrt(v) + eps): the float noise
     # of a gradient element near 0 (~1e-11, from summing in another order) is amplified by up to lr / eps, so
@@ -376,7 +377,7 @@ def assert_gpu_resume_matches(out, whole, what):
         assert a["step"] == b["step"] and a["target_tokens"] == b["target_tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-2)
     wa, wb = adapter(out), adapter(whole)
-    diff = (sum((wa[k] - wb[k]).norm() ** 2 for k in wa) / sum(wb[k].norm() ** 2 for k in wb)).sqrt().item()
+    diff = relative_difference(wa, wb)
     print(f"{what}: relative adapter difference {diff:.2e}")
     assert diff < 1e-2
 
