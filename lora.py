@@ -93,6 +93,8 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (*x.shape[:-1], self.out_features)
+        x = x.reshape(-1, self.in_features)  # 2-D, so that the base's output is a tensor, not a view
         out = self.base(x)
         if out.dtype != x.dtype:  # a base that computes in another dtype: hand back x's dtype
             out = out.to(x.dtype)
@@ -100,13 +102,14 @@ class LoRALinear(nn.Module):
         a = self.lora_A.weight.to(x.dtype)
         b = self.lora_B.weight.to(x.dtype)
         if self.training and self.dropout > 0:
-            low = dropout_down(x, a, self.seed.value, self.salt, self.dropout)  # (..., r): A drop(x)
+            low = dropout_down(x, a, self.seed.value, self.salt, self.dropout)  # (M, r): A drop(x)
         else:
-            low = F.linear(x, a)  # (..., r): A x
-        # out + scale * (A x) B^T as one GEMM that accumulates into the base's output, in place (addmm_
-        # on 2-D views): no backward keeps that output, and addmm would first copy it to a new tensor.
-        y = out.reshape(-1, self.out_features).addmm_(low.reshape(-1, self.r), b.t(), alpha=self.scale)
-        return y.view(out.shape)
+            low = F.linear(x, a)  # (M, r): A x
+        # out + scale * (A x) B^T as one GEMM that accumulates into the base's output, in place: no
+        # backward keeps that output, and addmm would first copy it to a new tensor. out must not be a
+        # view: autograd would record an in-place write to a view (CopySlices), whose backward copies
+        # the whole gradient.
+        return out.addmm_(low, b.t(), alpha=self.scale).view(shape)
 
     @torch.no_grad()
     def base_weight(self) -> torch.Tensor:

@@ -492,7 +492,8 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tens
         y = _QuantLinearFunction.apply(x2, qw)
     else:  # inference (decoding): skip the autograd bookkeeping
         y = _matmul(x2, qw)
-    y = y.view(*x.shape[:-1], qw.out_features)
+    if x.dim() != 2:  # a 2-D x gets y itself, not a view: LoRALinear adds into it in place
+        y = y.view(*x.shape[:-1], qw.out_features)
     return y if bias is None else y + bias.to(y.dtype)
 
 

@@ -82,6 +82,27 @@ def test_lora_linear_is_the_formula_in_float64_with_gradients():
     assert layer.scale == 2.0 and layer.seed is None  # no seed drawn when p = 0
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_in_place_add_records_no_view_write(quantized):
+    """B A x is added into the base's output in place. Had that output been a view, autograd would
+    record CopySlices, whose backward copies the whole (tokens, out) gradient: check the graph."""
+    from quant import QuantLinear
+    torch.manual_seed(0)
+    base = nn.Linear(64, 32, bias=False)
+    base = QuantLinear.from_linear(base) if quantized else base.requires_grad_(False)
+    layer = LoRALinear(base, r=4, alpha=8, dropout=0.1)
+    y = layer(torch.randn(2, 3, 64, requires_grad=True))
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo += [f for f, _ in fn.next_functions]
+    names = {type(fn).__name__ for fn in seen}
+    assert "AddmmBackward0" in names, names
+    assert not names & {"CopySlices", "AsStridedBackward0"}, names
+
+
 def test_init_is_peft_init_and_identity():
     torch.manual_seed(0)
     base = nn.Linear(256, 64, bias=False)
