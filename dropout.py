@@ -27,8 +27,9 @@ indices XOR-permuted (m(k1)_i = m(k2)_(i XOR k1 XOR k2)), which does not matter 
 matters, that each mask looks like independent draws with the right rate and that two masks do not
 agree more than chance, is tested (tests/test_dropout.py).
 
-On CUDA the mask is made inside a Triton kernel (kernels/dropout.py), which must equal this file's
-PyTorch version bit for bit (tests/test_dropout.py).
+On CUDA the mask is made inside Triton kernels, which must equal this file's PyTorch version:
+kernels/dropout.py (drop(x) itself, bit for bit) and kernels/dropout_down.py (A drop(x) and its
+backward with the mask made inside the matmuls, for 16-bit activations; tests/test_dropout.py).
 """
 
 from __future__ import annotations
@@ -98,11 +99,19 @@ class DropoutDown(torch.autograd.Function):
     def forward(ctx, x, a, seed, salt: int, p: float):
         ctx.save_for_backward(x, a, seed)
         ctx.salt, ctx.p = salt, p
+        if _fused(x, a):
+            from kernels.dropout_down import dropout_down_forward
+            return dropout_down_forward(x, a, seed, salt, threshold(p), 1.0 / (1.0 - p))
         return F.linear(seeded_dropout(x, seed, salt, p), a)
 
     @staticmethod
     def backward(ctx, dlow):
         x, a, seed = ctx.saved_tensors
+        if _fused(x, a):
+            from kernels.dropout_down import dropout_down_backward
+            dx, da = dropout_down_backward(x, dlow, a, seed, ctx.salt, threshold(ctx.p), 1.0 / (1.0 - ctx.p),
+                                           *ctx.needs_input_grad[:2])
+            return dx, da, None, None, None
         dx = da = None
         if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:  # one pass makes both: drop(x), drop(dlow a)
             h, dx = seeded_dropout(x, seed, ctx.salt, ctx.p, x2=dlow @ a)
@@ -113,6 +122,15 @@ class DropoutDown(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             da = dlow.reshape(-1, dlow.shape[-1]).T @ h.reshape(-1, h.shape[-1])
         return dx, da, None, None, None
+
+
+def _fused(x: torch.Tensor, a: torch.Tensor) -> bool:
+    """On CUDA, 16-bit x and a go through kernels/dropout_down.py: the mask is made inside the matmuls,
+    and neither drop(x) nor dlow a is ever written to memory. This file's code is its reference."""
+    if not x.is_cuda:
+        return False
+    from kernels.dropout_down import fits
+    return fits(x, a)
 
 
 def dropout_down(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:

@@ -37,14 +37,24 @@ def _mix32(z):
 
 
 @triton.jit
+def mask_key(seed_ptr, salt):
+    """key = mix(seed XOR mix(salt)), the seed read from its one-element int64 tensor (low 32 bits)."""
+    seed = tl.load(seed_ptr).to(tl.uint32)
+    return _mix32(seed ^ _mix32(tl.full([], salt, tl.uint32)))
+
+
+@triton.jit
+def kept(index, key, threshold):
+    """m_i for flat indices i (int64 below 2^32, any shape): True where the element is kept."""
+    return (_mix32(index.to(tl.uint32) ^ key) >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit
 def seeded_dropout_kernel(x_ptr, out_ptr, x2_ptr, out2_ptr, seed_ptr, n, salt, threshold, scale,
                           TWO: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    seed = tl.load(seed_ptr).to(tl.uint32)
-    key = _mix32(seed ^ _mix32(tl.full([], salt, tl.uint32)))
-    u = _mix32(offs.to(tl.uint32) ^ key)
-    keep = (u >> 8).to(tl.int32) >= threshold
+    keep = kept(offs, mask_key(seed_ptr, salt), threshold)
     x = tl.load(x_ptr + offs, mask=ok, other=0.0)
     tl.store(out_ptr + offs, tl.where(keep, x.to(tl.float32) * scale, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
     if TWO:  # a second tensor of the same shape, the same mask (LoRA's backward: x and the gradient)
@@ -61,6 +71,17 @@ def _check(x: torch.Tensor, like: torch.Tensor = None):
                          f"first's shape {tuple(like.shape)} and device {like.device}")
 
 
+def check_mask_args(name: str, x: torch.Tensor, seed: torch.Tensor, salt: int, threshold: int):
+    """The mask's arguments for a masked tensor x: a ValueError that names the launcher `name`."""
+    if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
+        raise ValueError(f"{name}: seed must be one int64 on {x.device}, got {seed.dtype} "
+                         f"{tuple(seed.shape)} on {seed.device}")
+    if not 0 <= salt < 2**31 or not 0 <= threshold <= 2**24:
+        raise ValueError(f"{name}: salt {salt} or threshold {threshold} out of range")
+    if x.numel() >= MAX_NUMEL:
+        raise ValueError(f"{name}: {x.numel()} elements; the index is 32-bit (at most {MAX_NUMEL - 1})")
+
+
 def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, threshold: int, scale: float,
                    x2: torch.Tensor = None):
     """x * m * scale with m as above, as a new contiguous tensor of x's shape and dtype; with x2 (the
@@ -72,13 +93,7 @@ def seeded_dropout(x: torch.Tensor, seed: torch.Tensor, salt: int, threshold: in
     _check(x)
     if x2 is not None:
         _check(x2, like=x)
-    if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
-        raise ValueError(f"seeded_dropout: seed must be one int64 on {x.device}, got {seed.dtype} "
-                         f"{tuple(seed.shape)} on {seed.device}")
-    if not 0 <= salt < 2**31 or not 0 <= threshold <= 2**24:
-        raise ValueError(f"seeded_dropout: salt {salt} or threshold {threshold} out of range")
-    if x.numel() >= MAX_NUMEL:
-        raise ValueError(f"seeded_dropout: {x.numel()} elements; the index is 32-bit (at most {MAX_NUMEL - 1})")
+    check_mask_args("seeded_dropout", x, seed, salt, threshold)
     x = x.contiguous()
     out = torch.empty_like(x)
     x2 = x2.contiguous() if x2 is not None else None

@@ -7,7 +7,8 @@ Triton compiles for the GPU its active driver reports. This script makes that a 
 sm_<arch> GPU (StandInGPU: its compute capability and shared memory per block; it launches
 nothing) and calls the launchers with CPU tensors and each config of the tuners' lists:
 dequantize, fused_matmul, fused_matmul_dx and skinny_matmul, for NF4 with double quantization and
-INT4 weights, and the seeded dropout (kernels/dropout.py, one tensor and two), with bf16
+INT4 weights, the seeded dropout (kernels/dropout.py, one tensor and two) and the fused
+down-projection with dropout (kernels/dropout_down.py, forward and backward), with bf16
 activations (or fp16: generate.py's default on GPUs without bf16, such as a T4, sm_75; the byte-permute and tensor-core decoders are bf16 only, so their lists are left
 out); with bf16 on sm_90 also the Gluon kernels (decode_sm90 and fused_matmul_sm90, which it
 compiles with a 4096x4096 weight's arguments).
@@ -138,6 +139,25 @@ def compile_dropout(dtype: torch.dtype) -> list:
             errors.append(f"seeded_dropout ({'two tensors' if x2 is not None else 'one tensor'}): {failure(e)}")
     print(f"seeded_dropout: {2 - len(errors)} compiled, 0 too large for its shared memory "
           f"(the tuner skips them), {len(errors)} failed")
+    return errors + compile_dropout_down(dtype)
+
+
+def compile_dropout_down(dtype: torch.dtype) -> list:
+    """The fused down-projection with dropout (kernels/dropout_down.py): the forward, and the backward
+    making dx and dA, dx only, dA only; returns the errors."""
+    from kernels.dropout_down import dropout_down_backward, dropout_down_forward
+    x, a, dlow = torch.randn(100, 200).to(dtype), torch.randn(16, 200).to(dtype), torch.randn(100, 16).to(dtype)
+    seed, errors = torch.zeros(1, dtype=torch.int64), []
+    calls = {"forward": lambda: dropout_down_forward(x, a, seed, 1, 838861, 1 / 0.95)}
+    for need in ((True, True), (True, False), (False, True)):
+        calls[f"backward {need}"] = lambda need=need: dropout_down_backward(x, dlow, a, seed, 1, 838861, 1 / 0.95, *need)
+    for name, call in calls.items():
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 (any compile failure is the finding)
+            errors.append(f"dropout_down ({name}): {failure(e)}")
+    print(f"dropout_down: {len(calls) - len(errors)} compiled, 0 too large for its shared memory "
+          f"(a fixed config), {len(errors)} failed")
     return errors
 
 
@@ -244,7 +264,7 @@ def compile_lists(arch: int, dtype: torch.dtype, workers: int) -> list:
 def lift_device_checks(arch: int):
     """The launchers refuse CPU tensors outside the interpreter, and programmatic dependent
     launch needs a CUDA device: here they compile for the stand-in GPU instead."""
-    for name in ("_launch", "dequantize", "skinny_matmul", "dropout"):
+    for name in ("_launch", "dequantize", "skinny_matmul", "dropout", "dropout_down"):
         module = importlib.import_module(f"kernels.{name}")
         if hasattr(module, "check_device"):
             module.check_device = lambda device: None

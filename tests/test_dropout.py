@@ -194,3 +194,113 @@ def test_gpu_kernel_equals_reference(dtype):
     x = torch.randn(3, 1000, generator=g).to(dtype).cuda()
     for s, salt, p in [(seed, 1, 1e-9), (seed + 2**32, 0, 0.3), (torch.full_like(seed, -1), 2, 0.3)]:
         kernel_vs_reference(x, s, salt, p)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels/dropout_down.py: A drop(x) and its backward with the mask made inside the matmuls
+# ---------------------------------------------------------------------------------------------
+
+def fused_vs_float64(M, K, r, p, dtype, device, salt=3):
+    """The fused forward and backward on random x, A, dlow against the module docstring's sums in
+    float64. Bound per element: one rounding to dtype (u |ref|) plus float32 summation of n terms
+    (n 2^-23 sum |terms|), n = K for low, r for dx, M for dA."""
+    from kernels.dropout_down import dropout_down_backward, dropout_down_forward
+    g = torch.Generator().manual_seed(M * K + r)
+    x, dlow = torch.randn(M, K, generator=g), torch.randn(M, r, generator=g)
+    a = torch.randn(r, K, generator=g) / K ** 0.5
+    seed = torch.randint(0, 2**40, (1,), generator=g)
+    x, a, dlow = (t.to(dtype).to(device) for t in (x, a, dlow))
+    s = 1.0 / (1.0 - p)
+    m = D.keep_mask(seed, salt, (M, K), p).double()
+    xd, ad, gd = x.double().cpu(), a.double().cpu(), dlow.double().cpu()
+    want = {"low": (s * m * xd) @ ad.T, "dx": s * m * (gd @ ad), "dA": s * gd.T @ (m * xd)}
+    terms = {"low": (s * m * xd.abs()) @ ad.abs().T, "dx": s * m * (gd.abs() @ ad.abs()),
+             "dA": s * gd.abs().T @ (m * xd.abs())}
+    n = {"low": K, "dx": r, "dA": M}
+    seed = seed.to(device)
+    got = {"low": dropout_down_forward(x, a, seed, salt, D.threshold(p), s)}
+    got["dx"], got["dA"] = dropout_down_backward(x, dlow, a, seed, salt, D.threshold(p), s)
+    u = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    for name in want:
+        assert got[name].dtype == dtype and got[name].shape == want[name].shape, name
+        err = (got[name].double().cpu() - want[name]).abs()
+        bound = u * want[name].abs() + n[name] * 2.0**-23 * terms[name]
+        assert (err <= bound).all(), (name, M, K, r, (err / bound).max().item())
+    for need in ((True, False), (False, True)):  # one of the two: the same values
+        dx, da = dropout_down_backward(x, dlow, a, seed, salt, D.threshold(p), s, *need)
+        assert (dx is None) != (da is None)
+        assert torch.equal(dx if need[0] else da, got["dx"] if need[0] else got["dA"])
+
+
+def fused_selections_equal_seeded_dropout(M, K, r, p, dtype, device, salt=5):
+    """With A, or dlow, a selection (a row of the identity in each row), each output is one product
+    and the kernels' sums add only zeros: low, dx and dA must equal seeded_dropout bit for bit, mask
+    and rounding alike (the random-A test above cannot see a single wrong mask element)."""
+    from kernels.dropout_down import dropout_down_backward, dropout_down_forward
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(M, K, generator=g).to(dtype).to(device)
+    seed = torch.randint(0, 2**31, (1,), generator=g).to(device)
+    t, s = D.threshold(p), 1.0 / (1.0 - p)
+    drop_x = D.seeded_dropout(x.cpu(), seed.cpu(), salt, p).to(device)  # the PyTorch reference
+    for c0 in range(0, K, r):  # A selects columns c0 ... c0 + r - 1 of x
+        cols = torch.arange(c0, min(c0 + r, K))
+        a = torch.zeros(r, K, dtype=dtype)
+        a[torch.arange(len(cols)), cols] = 1
+        a = a.to(device)
+        low = dropout_down_forward(x, a, seed, salt, t, s)
+        assert torch.equal(low[:, :len(cols)], drop_x[:, cols]) and not low[:, len(cols):].any()
+        dlow = torch.nn.functional.pad(x[:, cols.to(device)], (0, r - len(cols)))  # dx[:, cols] = drop(x)[:, cols]
+        dx, _ = dropout_down_backward(x, dlow, a, seed, salt, t, s, need_da=False)
+        outside = torch.ones(K, dtype=torch.bool)
+        outside[cols] = False  # columns A does not select: A's column there is 0
+        assert torch.equal(dx[:, cols], drop_x[:, cols]) and not dx[:, outside.to(device)].any()
+    for t0 in range(0, M, r):  # dlow selects rows t0 ... t0 + r - 1: dA's row j is drop(x)'s row t0 + j
+        rows = torch.arange(t0, min(t0 + r, M))
+        dlow = torch.zeros(M, r, dtype=dtype)
+        dlow[rows, torch.arange(len(rows))] = 1
+        _, da = dropout_down_backward(x, dlow.to(device), x.new_zeros(r, K), seed, salt, t, s, need_dx=False)
+        assert torch.equal(da[:len(rows)], drop_x[rows.to(device)]) and not da[len(rows):].any()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels are compiled: test_gpu_fused_dropout_down")
+def test_fused_dropout_down_in_interpreter():
+    # ragged M and K (not multiples of the 64 x 64 tiles), r padded to 16, several splits of K and M
+    for shape in [(1, 64, 16, 0.5), (7, 100, 4, 0.3), (130, 200, 16, 0.1), (65, 64, 40, 0.5)]:
+        fused_vs_float64(*shape, torch.float16, "cpu")
+    fused_selections_equal_seeded_dropout(70, 150, 32, 0.3, torch.float16, "cpu")
+
+
+@pytest.mark.cuda
+def test_gpu_fused_dropout_down():
+    for shape in [(4096, 4096, 16, 0.05), (8 * 511, 11008, 64, 0.1), (7, 4096, 8, 0.3), (300, 1000, 128, 0.5)]:
+        fused_vs_float64(*shape, torch.bfloat16, "cuda")
+    fused_vs_float64(512, 4096, 16, 0.1, torch.float16, "cuda")
+    for dtype in (torch.bfloat16, torch.float16):
+        fused_selections_equal_seeded_dropout(1000, 333, 64, 0.3, dtype, "cuda")
+    # dropout_down takes the fused kernels on CUDA: its output and gradients are theirs, bit for bit
+    from kernels.dropout_down import dropout_down_backward, dropout_down_forward
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 300, 512, generator=g).bfloat16().cuda().requires_grad_()
+    a = (torch.randn(16, 512, generator=g) / 20).bfloat16().cuda().requires_grad_()
+    seed, dlow = torch.tensor([99], device="cuda"), torch.randn(2, 300, 16, generator=g).bfloat16().cuda()
+    low = D.dropout_down(x, a, seed, 4, 0.1)
+    low.backward(dlow)
+    t, s = D.threshold(0.1), 1.0 / 0.9
+    assert torch.equal(low, dropout_down_forward(x.detach(), a.detach(), seed, 4, t, s))
+    dx, da = dropout_down_backward(x.detach(), dlow, a.detach(), seed, 4, t, s)
+    assert torch.equal(x.grad, dx) and torch.equal(a.grad, da)
+
+
+def test_fused_dropout_down_errors():
+    from kernels.dropout_down import dropout_down_backward, dropout_down_forward
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # (the interpreter on the CPU)
+    x, a = torch.zeros(4, 64, dtype=torch.float16, device=device), torch.zeros(16, 64, dtype=torch.float16, device=device)
+    seed = torch.zeros(1, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="one 16-bit dtype"):
+        dropout_down_forward(x.float(), a.float(), seed, 0, 1, 1.0)
+    with pytest.raises(ValueError, match="r <= 128"):
+        dropout_down_forward(x, x.new_zeros(129, 64), seed, 0, 1, 1.0)
+    with pytest.raises(ValueError, match="seed must be one int64"):
+        dropout_down_forward(x, a, seed.int(), 0, 1, 1.0)
+    with pytest.raises(ValueError, match="dlow"):
+        dropout_down_backward(x, x.new_zeros(4, 8), a, seed, 0, 1, 1.0)

@@ -1045,6 +1045,7 @@ def test_kernels_compile_for_gpus(arch, dtype):
     assert len(counts) >= (20 if dtype == "bfloat16" else 14), run.stdout
     assert all(" 0 failed" in ln for ln in counts), run.stdout
     assert any(ln.startswith("seeded_dropout: 2 compiled") for ln in counts), run.stdout
+    assert any(ln.startswith("dropout_down: 4 compiled") for ln in counts), run.stdout
     if arch != 90 or not importlib.import_module("kernels._gluon").HAVE_GLUON:
         return  # (no Gluon in this Triton: the Hopper kernels are never used)
     lines = {ln.split(":")[0]: ln for ln in run.stdout.splitlines() if ": compiled for sm_90" in ln}

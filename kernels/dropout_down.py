@@ -1,0 +1,157 @@
+"""LoRA's down-projection with dropout, fused: low = drop(x) A^T and its backward, masks made on chip.
+
+Math (dropout.py is the reference: drop(x) = m * x * s, m the mask hashed from (seed, salt, flat
+index) exactly as kernels/dropout.py makes it, s = 1 / (1 - p)); x is (M, K), A is (r, K):
+    forward    low[t, j] = s * sum_k  m[t, k] x[t, k] A[j, k]           (M x r)
+    backward   dx[t, k]  = s * m[t, k] * sum_j dlow[t, j] A[j, k]       (M x K)
+               dA[j, k]  = s * sum_t  dlow[t, j] m[t, k] x[t, k]        (r x K)
+where m[t, k] belongs to flat index t K + k. The sums run in float32 and each result is rounded once.
+
+Why fuse: r is small (8 to 64), so these are memory-bound passes over M x K tensors. Unfused
+(dropout.py on the CPU), the forward writes drop(x) and the GEMM reads it back: 3 passes over M x K
+for the 1 needed; the backward writes dlow A, reads it and x, writes drop(x) and dx, and reads
+drop(x) again for dA: 6 passes for the 2 needed (read x, write dx). Here the mask is a few integer
+operations on values already in registers.
+
+Layout: x (M, K), A (r, K) and dlow (M, r), all contiguous, in one 16-bit dtype. r is padded to R
+(a power of two, at least 16: tl.dot's smallest size) by masked loads; r <= MAX_R.
+  forward   grid (cdiv(M, BM), S). Program (pm, ps) sums its share of K (K_SHARE columns, a
+            multiple of BK) for rows pm BM ... into a BM x R float32 tile, stored to part[ps]
+            (S, M, r) float32.
+  backward  grid (cdiv(K, BK), S). Program (pk, ps) walks its share of the rows (M_SHARE, a
+            multiple of BM) in steps of BM: it writes dx's BM x BK tile at once and adds the step's
+            R x BK product into dA's float32 tile, stored to part[ps] (S, r, K) at the end.
+The launcher sums the S parts in a fixed order (torch.sum), scales by s and rounds: the same bits at
+every call, as CUDA graph replays and the tests need (float32 atomics would add in varying order).
+S is chosen so that about 4 programs per SM run: r is too small to give enough programs by itself.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import check_device
+from .dropout import check_mask_args, kept, mask_key
+
+MAX_R = 128  # larger adapters take the unfused path (dropout.py): the R-wide tiles would not fit
+BM, BK = 64, 64
+
+
+@triton.jit
+def dropout_down_fwd_kernel(x_ptr, a_ptr, part_ptr, seed_ptr, M, K, r, salt, threshold, K_SHARE,
+                            R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    pm, ps = tl.program_id(0), tl.program_id(1)
+    key = mask_key(seed_ptr, salt)
+    rows = pm * BM + tl.arange(0, BM)
+    js = tl.arange(0, R)
+    acc = tl.zeros((BM, R), tl.float32)
+    k_lo = ps * K_SHARE
+    for k0 in range(k_lo, tl.minimum(k_lo + K_SHARE, K), BK):
+        cols = k0 + tl.arange(0, BK)
+        index = rows[:, None].to(tl.int64) * K + cols[None, :]  # (BM, BK) flat indices into x
+        ok = (rows[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + index, mask=ok, other=0.0)
+        x = tl.where(kept(index, key, threshold), x, tl.zeros_like(x))  # m x, exact
+        at = tl.load(a_ptr + js[None, :] * K + cols[:, None],  # (BK, R): A^T's tile
+                     mask=(js[None, :] < r) & (cols[:, None] < K), other=0.0)
+        acc = tl.dot(x, at, acc)
+    tl.store(part_ptr + (ps * M + rows[:, None]) * r + js[None, :], acc,
+             mask=(rows[:, None] < M) & (js[None, :] < r))
+
+
+@triton.jit
+def dropout_down_bwd_kernel(x_ptr, dlow_ptr, a_ptr, dx_ptr, part_ptr, seed_ptr, M, K, r, salt, threshold,
+                            scale, M_SHARE, DX: tl.constexpr, DA: tl.constexpr,
+                            R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    pk, ps = tl.program_id(0), tl.program_id(1)
+    key = mask_key(seed_ptr, salt)
+    cols = pk * BK + tl.arange(0, BK)
+    js = tl.arange(0, R)
+    a = tl.load(a_ptr + js[:, None] * K + cols[None, :],  # (R, BK): A's tile, the same for every row
+                mask=(js[:, None] < r) & (cols[None, :] < K), other=0.0)
+    acc = tl.zeros((R, BK), tl.float32)
+    m_lo = ps * M_SHARE
+    for m0 in range(m_lo, tl.minimum(m_lo + M_SHARE, M), BM):
+        rows = m0 + tl.arange(0, BM)
+        dlow = tl.load(dlow_ptr + rows[:, None] * r + js[None, :],  # (BM, R)
+                       mask=(rows[:, None] < M) & (js[None, :] < r), other=0.0)
+        index = rows[:, None].to(tl.int64) * K + cols[None, :]  # (BM, BK)
+        ok = (rows[:, None] < M) & (cols[None, :] < K)
+        keep = kept(index, key, threshold)
+        if DX:
+            g = tl.dot(dlow, a)  # (BM, BK) float32: dlow A
+            tl.store(dx_ptr + index, tl.where(keep, g * scale, 0.0).to(dx_ptr.dtype.element_ty), mask=ok)
+        if DA:
+            x = tl.load(x_ptr + index, mask=ok, other=0.0)
+            acc = tl.dot(tl.trans(dlow), tl.where(keep, x, tl.zeros_like(x)), acc)  # += dlow^T (m x)
+    if DA:
+        tl.store(part_ptr + (ps * r + js[:, None]) * K + cols[None, :], acc,
+                 mask=(js[:, None] < r) & (cols[None, :] < K))
+
+
+def fits(x: torch.Tensor, a: torch.Tensor) -> bool:
+    """Whether the fused kernels take this call: 16-bit x and A of one dtype, r <= MAX_R."""
+    return x.dtype in (torch.float16, torch.bfloat16) and a.dtype == x.dtype and a.dim() == 2 \
+        and 1 <= a.shape[0] <= MAX_R and a.shape[1] == x.shape[-1]
+
+
+def _check(name: str, x: torch.Tensor, a: torch.Tensor, seed, salt: int, threshold: int):
+    check_device(x.device)
+    if not fits(x, a) or a.device != x.device:
+        raise ValueError(f"{name}: x {tuple(x.shape)} {x.dtype} on {x.device} and A {tuple(a.shape)} {a.dtype} on "
+                         f"{a.device}: they need one 16-bit dtype, one device, A (r, K) with r <= {MAX_R}")
+    check_mask_args(name, x, seed, salt, threshold)
+
+
+def _share(tiles: int, other_programs: int, device: torch.device) -> int:
+    """Tiles per program along the split dimension, so that about 4 programs per SM run in all."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    splits = max(1, min(tiles, triton.cdiv(4 * sms, other_programs)))
+    return triton.cdiv(tiles, splits)
+
+
+def _pad_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def dropout_down_forward(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, salt: int, threshold: int,
+                         scale: float) -> torch.Tensor:
+    """low = (m x s) A^T for x (..., K), A (r, K): (..., r) in x's dtype. The mask m as in
+    kernels/dropout.py (threshold = ceil(p 2^24)), s = scale = 1 / (1 - p)."""
+    _check("dropout_down_forward", x, a, seed, salt, threshold)
+    K, r = x.shape[-1], a.shape[0]
+    x2, a = x.reshape(-1, K).contiguous(), a.contiguous()
+    M = x2.shape[0]
+    if M == 0 or K == 0:
+        return x.new_zeros(*x.shape[:-1], r)
+    k_share = _share(triton.cdiv(K, BK), triton.cdiv(M, BM), x.device) * BK
+    splits = triton.cdiv(K, k_share)
+    part = torch.empty(splits, M, r, device=x.device, dtype=torch.float32)
+    dropout_down_fwd_kernel[(triton.cdiv(M, BM), splits)](
+        x2, a, part, seed, M, K, r, salt, threshold, k_share, R=_pad_r(r), BM=BM, BK=BK, num_warps=4)
+    return (part.sum(0) * scale).to(x.dtype).view(*x.shape[:-1], r)
+
+
+def dropout_down_backward(x: torch.Tensor, dlow: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, salt: int,
+                          threshold: int, scale: float, need_dx: bool = True, need_da: bool = True):
+    """(dx, dA) of dropout_down_forward for the gradient dlow (..., r): dx of x's shape and dtype (None
+    unless need_dx), dA (r, K) in A's dtype (None unless need_da)."""
+    _check("dropout_down_backward", x, a, seed, salt, threshold)
+    K, r = x.shape[-1], a.shape[0]
+    if dlow.shape != (*x.shape[:-1], r) or dlow.dtype != x.dtype or dlow.device != x.device:
+        raise ValueError(f"dropout_down_backward: dlow {tuple(dlow.shape)} {dlow.dtype} must be "
+                         f"{(*x.shape[:-1], r)} {x.dtype} on {x.device}")
+    x2, a, g = x.reshape(-1, K).contiguous(), a.contiguous(), dlow.reshape(-1, r).contiguous()
+    M = x2.shape[0]
+    dx = torch.empty_like(x2) if need_dx else None
+    if not (need_dx or need_da):
+        return None, None
+    if M == 0 or K == 0:
+        return (dx.view(x.shape) if need_dx else None), (torch.zeros_like(a) if need_da else None)
+    m_share = _share(triton.cdiv(M, BM), triton.cdiv(K, BK), x.device) * BM
+    splits = triton.cdiv(M, m_share)
+    part = torch.empty(splits, r, K, device=x.device, dtype=torch.float32) if need_da else x2
+    dropout_down_bwd_kernel[(triton.cdiv(K, BK), splits)](
+        x2, g, a, dx if need_dx else x2, part, seed, M, K, r, salt, threshold, scale, m_share,
+        DX=need_dx, DA=need_da, R=_pad_r(r), BM=BM, BK=BK, num_warps=4)
+    return (dx.view(x.shape) if need_dx else None), ((part.sum(0) * scale).to(a.dtype) if need_da else None)
