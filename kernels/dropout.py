@@ -45,7 +45,7 @@ def mask_key(seed_ptr, salt):
 
 @triton.jit
 def kept(index, key, threshold):
-    """m_i for flat indices i (int64 below 2^32, any shape): True where the element is kept."""
+    """m_i for flat indices i (uint32, or int64 below 2^32; any shape): True where the element is kept."""
     return (_mix32(index.to(tl.uint32) ^ key) >> 8).to(tl.int32) >= threshold
 
 

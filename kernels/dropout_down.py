@@ -21,10 +21,12 @@ Layout: x (M, K), A (r, K) and dlow (M, r), all contiguous, in one 16-bit dtype.
   backward  grid (cdiv(K, BK), S). Program (pk, ps) walks its share of the rows (M_SHARE, a
             multiple of BM) in steps of BM: it writes dx's BM x BK tile at once and adds the step's
             R x BK product into dA's float32 tile, stored to part[ps] (S, r, K) at the end.
-The launcher sums the S parts in a fixed order (torch.sum), scales by s and rounds: the same bits at
+Then sum_parts_kernel adds the S parts in a fixed order, scales by s and rounds: the same bits at
 every call, as CUDA graph replays and the tests need (float32 atomics would add in varying order).
 S is chosen so that about 4 programs per SM run: r is too small to give enough programs by itself.
 """
+
+import functools
 
 import torch
 import triton
@@ -43,15 +45,17 @@ def dropout_down_fwd_kernel(x_ptr, a_ptr, part_ptr, seed_ptr, M, K, r, salt, thr
     pm, ps = tl.program_id(0), tl.program_id(1)
     key = mask_key(seed_ptr, salt)
     rows = pm * BM + tl.arange(0, BM)
+    x_rows = x_ptr + rows.to(tl.int64) * K  # (BM,) pointers to the rows
+    row_index = rows.to(tl.uint32) * K  # their flat index modulo 2^32 (the hash's input)
     js = tl.arange(0, R)
     acc = tl.zeros((BM, R), tl.float32)
     k_lo = ps * K_SHARE
     for k0 in range(k_lo, tl.minimum(k_lo + K_SHARE, K), BK):
         cols = k0 + tl.arange(0, BK)
-        index = rows[:, None].to(tl.int64) * K + cols[None, :]  # (BM, BK) flat indices into x
         ok = (rows[:, None] < M) & (cols[None, :] < K)
-        x = tl.load(x_ptr + index, mask=ok, other=0.0)
-        x = tl.where(kept(index, key, threshold), x, tl.zeros_like(x))  # m x, exact
+        x = tl.load(x_rows[:, None] + cols[None, :], mask=ok, other=0.0)  # (BM, BK)
+        keep = kept(row_index[:, None] + cols[None, :].to(tl.uint32), key, threshold)
+        x = tl.where(keep, x, tl.zeros_like(x))  # m x, exact
         at = tl.load(a_ptr + js[None, :] * K + cols[:, None],  # (BK, R): A^T's tile
                      mask=(js[None, :] < r) & (cols[:, None] < K), other=0.0)
         acc = tl.dot(x, at, acc)
@@ -75,18 +79,37 @@ def dropout_down_bwd_kernel(x_ptr, dlow_ptr, a_ptr, dx_ptr, part_ptr, seed_ptr, 
         rows = m0 + tl.arange(0, BM)
         dlow = tl.load(dlow_ptr + rows[:, None] * r + js[None, :],  # (BM, R)
                        mask=(rows[:, None] < M) & (js[None, :] < r), other=0.0)
-        index = rows[:, None].to(tl.int64) * K + cols[None, :]  # (BM, BK)
+        offs = rows[:, None].to(tl.int64) * K + cols[None, :]  # (BM, BK) into x and dx
         ok = (rows[:, None] < M) & (cols[None, :] < K)
-        keep = kept(index, key, threshold)
+        keep = kept((rows.to(tl.uint32) * K)[:, None] + cols[None, :].to(tl.uint32), key, threshold)
         if DX:
             g = tl.dot(dlow, a)  # (BM, BK) float32: dlow A
-            tl.store(dx_ptr + index, tl.where(keep, g * scale, 0.0).to(dx_ptr.dtype.element_ty), mask=ok)
+            tl.store(dx_ptr + offs, tl.where(keep, g * scale, 0.0).to(dx_ptr.dtype.element_ty), mask=ok)
         if DA:
-            x = tl.load(x_ptr + index, mask=ok, other=0.0)
+            x = tl.load(x_ptr + offs, mask=ok, other=0.0)
             acc = tl.dot(tl.trans(dlow), tl.where(keep, x, tl.zeros_like(x)), acc)  # += dlow^T (m x)
     if DA:
         tl.store(part_ptr + (ps * r + js[:, None]) * K + cols[None, :], acc,
                  mask=(js[:, None] < r) & (cols[None, :] < K))
+
+
+@triton.jit
+def sum_parts_kernel(part_ptr, out_ptr, S, n, scale, BLOCK: tl.constexpr):
+    """out[i] = scale * sum_s part[s, i] for part (S, n) float32: s in order, rounded once to out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in range(S):
+        acc += tl.load(part_ptr + s * n + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, (acc * scale).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _sum_parts(part: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """scale * part.sum(0) in `dtype`, in one launch (torch's sum, product and cast would be three)."""
+    out = torch.empty(part.shape[1:], device=part.device, dtype=dtype)
+    n, block = out.numel(), 1024
+    sum_parts_kernel[(triton.cdiv(n, block),)](part, out, part.shape[0], n, scale, BLOCK=block, num_warps=4)
+    return out
 
 
 def fits(x: torch.Tensor, a: torch.Tensor) -> bool:
@@ -103,10 +126,14 @@ def _check(name: str, x: torch.Tensor, a: torch.Tensor, seed, salt: int, thresho
     check_mask_args(name, x, seed, salt, threshold)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def _share(tiles: int, other_programs: int, device: torch.device) -> int:
     """Tiles per program along the split dimension, so that about 4 programs per SM run in all."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    splits = max(1, min(tiles, triton.cdiv(4 * sms, other_programs)))
+    splits = max(1, min(tiles, triton.cdiv(4 * _sm_count(device), other_programs)))
     return triton.cdiv(tiles, splits)
 
 
@@ -129,7 +156,7 @@ def dropout_down_forward(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, s
     part = torch.empty(splits, M, r, device=x.device, dtype=torch.float32)
     dropout_down_fwd_kernel[(triton.cdiv(M, BM), splits)](
         x2, a, part, seed, M, K, r, salt, threshold, k_share, R=_pad_r(r), BM=BM, BK=BK, num_warps=4)
-    return (part.sum(0) * scale).to(x.dtype).view(*x.shape[:-1], r)
+    return _sum_parts(part, scale, x.dtype).view(*x.shape[:-1], r)
 
 
 def dropout_down_backward(x: torch.Tensor, dlow: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, salt: int,
@@ -154,4 +181,4 @@ def dropout_down_backward(x: torch.Tensor, dlow: torch.Tensor, a: torch.Tensor, 
     dropout_down_bwd_kernel[(triton.cdiv(K, BK), splits)](
         x2, g, a, dx if need_dx else x2, part, seed, M, K, r, salt, threshold, scale, m_share,
         DX=need_dx, DA=need_da, R=_pad_r(r), BM=BM, BK=BK, num_warps=4)
-    return (dx.view(x.shape) if need_dx else None), ((part.sum(0) * scale).to(a.dtype) if need_da else None)
+    return (dx.view(x.shape) if need_dx else None), (_sum_parts(part, scale, a.dtype) if need_da else None)
