@@ -37,6 +37,7 @@ from .dropout import check_mask_args, kept, mask_key
 
 MAX_R = 128  # larger adapters take the unfused path (dropout.py): the R-wide tiles would not fit
 BM, BK = 64, 64
+MIN_SHARE = 4  # tiles
 
 
 @triton.jit
@@ -94,21 +95,24 @@ def dropout_down_bwd_kernel(x_ptr, dlow_ptr, a_ptr, dx_ptr, part_ptr, seed_ptr, 
 
 
 @triton.jit
-def sum_parts_kernel(part_ptr, out_ptr, S, n, scale, BLOCK: tl.constexpr):
-    """out[i] = scale * sum_s part[s, i] for part (S, n) float32: s in order, rounded once to out's dtype."""
+def sum_parts_kernel(part_ptr, out_ptr, S, n, scale, S_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = scale * sum_s part[s, i] for part (S, n) float32, rounded once to out's dtype. All S
+    parts are loaded at once (a loop would wait for each load in turn); tl.sum adds them in a fixed
+    tree order."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    s = tl.arange(0, S_PAD)
     ok = offs < n
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for s in range(S):
-        acc += tl.load(part_ptr + s * n + offs, mask=ok, other=0.0)
-    tl.store(out_ptr + offs, (acc * scale).to(out_ptr.dtype.element_ty), mask=ok)
+    parts = tl.load(part_ptr + s[:, None] * n + offs[None, :], mask=(s[:, None] < S) & ok[None, :], other=0.0)
+    tl.store(out_ptr + offs, (tl.sum(parts, axis=0) * scale).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _sum_parts(part: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """scale * part.sum(0) in `dtype`, in one launch (torch's sum, product and cast would be three)."""
     out = torch.empty(part.shape[1:], device=part.device, dtype=dtype)
-    n, block = out.numel(), 1024
-    sum_parts_kernel[(triton.cdiv(n, block),)](part, out, part.shape[0], n, scale, BLOCK=block, num_warps=4)
+    S, n = part.shape[0], out.numel()
+    s_pad = triton.next_power_of_2(S)
+    block = max(16, 4096 // s_pad)  # 4096 float32 loads a program
+    sum_parts_kernel[(triton.cdiv(n, block),)](part, out, S, n, scale, S_PAD=s_pad, BLOCK=block, num_warps=4)
     return out
 
 
@@ -132,8 +136,9 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _share(tiles: int, other_programs: int, device: torch.device) -> int:
-    """Tiles per program along the split dimension, so that about 4 programs per SM run in all."""
-    splits = max(1, min(tiles, triton.cdiv(4 * _sm_count(device), other_programs)))
+    """Tiles per program along the split dimension: enough splits for about 4 programs per SM in all,
+    but at least MIN_SHARE tiles each (every split adds a part for sum_parts_kernel to read)."""
+    splits = max(1, min(triton.cdiv(tiles, MIN_SHARE), triton.cdiv(4 * _sm_count(device), other_programs)))
     return triton.cdiv(tiles, splits)
 
 

@@ -264,8 +264,12 @@ def fused_selections_equal_seeded_dropout(M, K, r, p, dtype, device, salt=5):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels are compiled: test_gpu_fused_dropout_down")
 def test_fused_dropout_down_in_interpreter():
-    # ragged M and K (not multiples of the 64 x 64 tiles), r padded to 16, several splits of K and M
-    for shape in [(1, 64, 16, 0.5), (7, 100, 4, 0.3), (130, 200, 16, 0.1), (65, 64, 40, 0.5)]:
+    # ragged M and K (not multiples of the 64 x 64 tiles), r padded to 16; K split in 3 (20 x 600: 10
+    # tiles, 4 + 4 + 2) and M split in 3 (520 x 130: 9 tiles, 3 each)
+    from kernels.dropout_down import _share
+    cpu = torch.device("cpu")
+    assert _share(10, 1, cpu) == 4 and _share(9, 3, cpu) == 3  # (the interpreter counts 4 SMs)
+    for shape in [(1, 64, 16, 0.5), (7, 100, 4, 0.3), (20, 600, 16, 0.1), (520, 130, 40, 0.5)]:
         fused_vs_float64(*shape, torch.float16, "cpu")
     fused_selections_equal_seeded_dropout(70, 150, 32, 0.3, torch.float16, "cpu")
 
