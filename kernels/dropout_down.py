@@ -7,23 +7,27 @@ index) exactly as kernels/dropout.py makes it, s = 1 / (1 - p)); x is (M, K), A 
                dA[j, k]  = s * sum_t  dlow[t, j] m[t, k] x[t, k]        (r x K)
 where m[t, k] belongs to flat index t K + k. The sums run in float32 and each result is rounded once.
 
-Why fuse: r is small (8 to 64), so these are memory-bound passes over M x K tensors. Unfused
-(dropout.py on the CPU), the forward writes drop(x) and the GEMM reads it back: 3 passes over M x K
-for the 1 needed; the backward writes dlow A, reads it and x, writes drop(x) and dx, and reads
-drop(x) again for dA: 6 passes for the 2 needed (read x, write dx). Here the mask is a few integer
-operations on values already in registers.
+Why fuse: r is small (8 to 64), so these are passes over M x K tensors, bound by the bytes and by
+the mask's hash (about a dozen integer operations an element). Unfused (dropout.py on the CPU), the
+forward writes drop(x) and the GEMM reads it back: 3 passes over M x K for the 1 needed; the backward
+writes dlow A, reads it and x, writes drop(x) and dx, and reads drop(x) again for dA: 6 passes for
+the 2 needed (read x, write dx), and the hash made twice. Here the mask is made once per pass, on
+values already in registers.
 
 Layout: x (M, K), A (r, K) and dlow (M, r), all contiguous, in one 16-bit dtype. r is padded to R
 (a power of two, at least 16: tl.dot's smallest size) by masked loads; r <= MAX_R.
   forward   grid (cdiv(M, BM), S). Program (pm, ps) sums its share of K (K_SHARE columns, a
-            multiple of BK) for rows pm BM ... into a BM x R float32 tile, stored to part[ps]
-            (S, M, r) float32.
+            multiple of BK) for rows pm BM ... into a BM x R float32 tile: its part of low's rows.
   backward  grid (cdiv(K, BK), S). Program (pk, ps) walks its share of the rows (M_SHARE, a
             multiple of BM) in steps of BM: it writes dx's BM x BK tile at once and adds the step's
-            R x BK product into dA's float32 tile, stored to part[ps] (S, r, K) at the end.
-Then sum_parts_kernel adds the S parts in a fixed order, scales by s and rounds: the same bits at
-every call, as CUDA graph replays and the tests need (float32 atomics would add in varying order).
-S is chosen so that about 4 programs per SM run: r is too small to give enough programs by itself.
+            R x BK product into a float32 tile: its part of dA's columns.
+S (at most MAX_SPLITS, a compile-time constant) is chosen so that about 4 programs per SM run: r is
+too small to give enough programs by itself. The S parts of a block are added without a second launch (add_parts): each
+program stores its part to part[ps], then counts itself with an atomic; the one that counts last
+adds the S parts in the order s = 0, 1, ..., S - 1, scales by s and rounds. So the bits do not depend
+on which program ends last: CUDA graph replays and the tests need the same bits at every call, which
+float32 atomics on the output (adding in varying order) would not give. This is CUTLASS's serial
+split-K reduction without its waiting: no program ever waits for another.
 """
 
 import functools
@@ -37,12 +41,31 @@ from .dropout import check_mask_args, kept, mask_key
 
 MAX_R = 128  # larger adapters take the unfused path (dropout.py): the R-wide tiles would not fit
 BM, BK = 64, 64
-MIN_SHARE = 4  # tiles
+MIN_SHARE, MAX_SPLITS = 4, 16  # tiles a split at least, splits at most
 
 
 @triton.jit
-def dropout_down_fwd_kernel(x_ptr, a_ptr, part_ptr, seed_ptr, M, K, r, salt, threshold, K_SHARE,
-                            R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+def add_parts(acc, offs, ok, part_size, part_ptr, ps, count_ptr, out_ptr, scale, S: tl.constexpr):
+    """out[offs] = scale * (part[0] + part[1] + ... + part[S - 1])[offs], rounded once to out's dtype,
+    where part[ps] = acc is this program's float32 tile (offs: its offsets in a part and in out, ok:
+    their mask). All S programs of the block store their part and count themselves at count_ptr; the
+    one that counts last adds the parts. Memory order, as CUTLASS's split-K semaphore: the barrier
+    puts every thread's stores before the count (which one thread makes, for the program); the
+    count's release makes them visible to the GPU before it, and its acquire shows the last program
+    every part counted before it."""
+    tl.store(part_ptr + ps * part_size + offs, acc, mask=ok)
+    tl.debug_barrier()
+    if tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == S - 1:
+        total = tl.zeros_like(acc)
+        for s in tl.static_range(S):  # unrolled: the S loads go out together, the adds in order
+            total += tl.load(part_ptr + s * part_size + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + offs, (total * scale).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def dropout_down_fwd_kernel(x_ptr, a_ptr, low_ptr, part_ptr, count_ptr, seed_ptr, M, K, r, salt, threshold,
+                            scale, K_SHARE, S: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
+                            BK: tl.constexpr):
     pm, ps = tl.program_id(0), tl.program_id(1)
     key = mask_key(seed_ptr, salt)
     rows = pm * BM + tl.arange(0, BM)
@@ -60,13 +83,13 @@ def dropout_down_fwd_kernel(x_ptr, a_ptr, part_ptr, seed_ptr, M, K, r, salt, thr
         at = tl.load(a_ptr + js[None, :] * K + cols[:, None],  # (BK, R): A^T's tile
                      mask=(js[None, :] < r) & (cols[:, None] < K), other=0.0)
         acc = tl.dot(x, at, acc)
-    tl.store(part_ptr + (ps * M + rows[:, None]) * r + js[None, :], acc,
-             mask=(rows[:, None] < M) & (js[None, :] < r))
+    add_parts(acc, rows[:, None] * r + js[None, :], (rows[:, None] < M) & (js[None, :] < r), M * r,
+              part_ptr, ps, count_ptr + pm, low_ptr, scale, S)
 
 
 @triton.jit
-def dropout_down_bwd_kernel(x_ptr, dlow_ptr, a_ptr, dx_ptr, part_ptr, seed_ptr, M, K, r, salt, threshold,
-                            scale, M_SHARE, DX: tl.constexpr, DA: tl.constexpr,
+def dropout_down_bwd_kernel(x_ptr, dlow_ptr, a_ptr, dx_ptr, da_ptr, part_ptr, count_ptr, seed_ptr, M, K, r,
+                            salt, threshold, scale, M_SHARE, S: tl.constexpr, DX: tl.constexpr, DA: tl.constexpr,
                             R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     pk, ps = tl.program_id(0), tl.program_id(1)
     key = mask_key(seed_ptr, salt)
@@ -90,30 +113,8 @@ def dropout_down_bwd_kernel(x_ptr, dlow_ptr, a_ptr, dx_ptr, part_ptr, seed_ptr, 
             x = tl.load(x_ptr + offs, mask=ok, other=0.0)
             acc = tl.dot(tl.trans(dlow), tl.where(keep, x, tl.zeros_like(x)), acc)  # += dlow^T (m x)
     if DA:
-        tl.store(part_ptr + (ps * r + js[:, None]) * K + cols[None, :], acc,
-                 mask=(js[:, None] < r) & (cols[None, :] < K))
-
-
-@triton.jit
-def sum_parts_kernel(part_ptr, out_ptr, S, n, scale, S_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i] = scale * sum_s part[s, i] for part (S, n) float32, rounded once to out's dtype. All S
-    parts are loaded at once (a loop would wait for each load in turn); tl.sum adds them in a fixed
-    tree order."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    s = tl.arange(0, S_PAD)
-    ok = offs < n
-    parts = tl.load(part_ptr + s[:, None] * n + offs[None, :], mask=(s[:, None] < S) & ok[None, :], other=0.0)
-    tl.store(out_ptr + offs, (tl.sum(parts, axis=0) * scale).to(out_ptr.dtype.element_ty), mask=ok)
-
-
-def _sum_parts(part: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """scale * part.sum(0) in `dtype`, in one launch (torch's sum, product and cast would be three)."""
-    out = torch.empty(part.shape[1:], device=part.device, dtype=dtype)
-    S, n = part.shape[0], out.numel()
-    s_pad = triton.next_power_of_2(S)
-    block = max(16, 4096 // s_pad)  # 4096 float32 loads a program
-    sum_parts_kernel[(triton.cdiv(n, block),)](part, out, S, n, scale, S_PAD=s_pad, BLOCK=block, num_warps=4)
-    return out
+        add_parts(acc, js[:, None] * K + cols[None, :], (js[:, None] < r) & (cols[None, :] < K), r * K,
+                  part_ptr, ps, count_ptr + pk, da_ptr, scale, S)
 
 
 def fits(x: torch.Tensor, a: torch.Tensor) -> bool:
@@ -137,8 +138,9 @@ def _sm_count(device: torch.device) -> int:
 
 def _share(tiles: int, other_programs: int, device: torch.device) -> int:
     """Tiles per program along the split dimension: enough splits for about 4 programs per SM in all,
-    but at least MIN_SHARE tiles each (every split adds a part for sum_parts_kernel to read)."""
-    splits = max(1, min(triton.cdiv(tiles, MIN_SHARE), triton.cdiv(4 * _sm_count(device), other_programs)))
+    but at least MIN_SHARE tiles each and at most MAX_SPLITS splits (each adds a part to add)."""
+    want = triton.cdiv(4 * _sm_count(device), other_programs)
+    splits = max(1, min(triton.cdiv(tiles, MIN_SHARE), want, MAX_SPLITS))
     return triton.cdiv(tiles, splits)
 
 
@@ -156,12 +158,16 @@ def dropout_down_forward(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, s
     M = x2.shape[0]
     if M == 0 or K == 0:
         return x.new_zeros(*x.shape[:-1], r)
-    k_share = _share(triton.cdiv(K, BK), triton.cdiv(M, BM), x.device) * BK
+    blocks = triton.cdiv(M, BM)
+    k_share = _share(triton.cdiv(K, BK), blocks, x.device) * BK
     splits = triton.cdiv(K, k_share)
+    low = torch.empty(M, r, device=x.device, dtype=x.dtype)
     part = torch.empty(splits, M, r, device=x.device, dtype=torch.float32)
-    dropout_down_fwd_kernel[(triton.cdiv(M, BM), splits)](
-        x2, a, part, seed, M, K, r, salt, threshold, k_share, R=_pad_r(r), BM=BM, BK=BK, num_warps=4)
-    return _sum_parts(part, scale, x.dtype).view(*x.shape[:-1], r)
+    count = torch.zeros(blocks, device=x.device, dtype=torch.int32)
+    dropout_down_fwd_kernel[(blocks, splits)](
+        x2, a, low, part, count, seed, M, K, r, salt, threshold, scale, k_share,
+        S=splits, R=_pad_r(r), BM=BM, BK=BK, num_warps=4)
+    return low.view(*x.shape[:-1], r)
 
 
 def dropout_down_backward(x: torch.Tensor, dlow: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, salt: int,
@@ -180,10 +186,17 @@ def dropout_down_backward(x: torch.Tensor, dlow: torch.Tensor, a: torch.Tensor, 
         return None, None
     if M == 0 or K == 0:
         return (dx.view(x.shape) if need_dx else None), (torch.zeros_like(a) if need_da else None)
-    m_share = _share(triton.cdiv(M, BM), triton.cdiv(K, BK), x.device) * BM
+    blocks = triton.cdiv(K, BK)
+    m_share = _share(triton.cdiv(M, BM), blocks, x.device) * BM
     splits = triton.cdiv(M, m_share)
-    part = torch.empty(splits, r, K, device=x.device, dtype=torch.float32) if need_da else x2
-    dropout_down_bwd_kernel[(triton.cdiv(K, BK), splits)](
-        x2, g, a, dx if need_dx else x2, part, seed, M, K, r, salt, threshold, scale, m_share,
-        DX=need_dx, DA=need_da, R=_pad_r(r), BM=BM, BK=BK, num_warps=4)
-    return (dx.view(x.shape) if need_dx else None), (_sum_parts(part, scale, a.dtype) if need_da else None)
+    da = part = count = None
+    if need_da:
+        da = torch.empty_like(a)
+        part = torch.empty(splits, r, K, device=x.device, dtype=torch.float32)
+        count = torch.zeros(blocks, device=x.device, dtype=torch.int32)
+    unused = x2  # (a pointer for the outputs not asked for: never read or written)
+    dropout_down_bwd_kernel[(blocks, splits)](
+        x2, g, a, unused if dx is None else dx, unused if da is None else da, unused if part is None else part,
+        unused if count is None else count, seed, M, K, r, salt, threshold, scale, m_share,
+        S=splits, DX=need_dx, DA=need_da, R=_pad_r(r), BM=BM, BK=BK, num_warps=4)
+    return (dx.view(x.shape) if need_dx else None), da

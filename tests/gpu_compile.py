@@ -146,7 +146,8 @@ def compile_dropout_down(dtype: torch.dtype) -> list:
     """The fused down-projection with dropout (kernels/dropout_down.py): the forward, and the backward
     making dx and dA, dx only, dA only; returns the errors."""
     from kernels.dropout_down import dropout_down_backward, dropout_down_forward
-    x, a, dlow = torch.randn(100, 200).to(dtype), torch.randn(16, 200).to(dtype), torch.randn(100, 16).to(dtype)
+    # (300 x 600: K in 3 splits for the forward, M in 2 for the backward, so add_parts has parts to add)
+    x, a, dlow = torch.randn(300, 600).to(dtype), torch.randn(16, 600).to(dtype), torch.randn(300, 16).to(dtype)
     seed, errors = torch.zeros(1, dtype=torch.int64), []
     calls = {"forward": lambda: dropout_down_forward(x, a, seed, 1, 838861, 1 / 0.95)}
     for need in ((True, True), (True, False), (False, True)):
