@@ -93,6 +93,8 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:  # (checked here: the reshape below would not notice)
+            raise ValueError(f"input has {x.shape[-1]} features in its last dim, the layer expects {self.in_features}")
         shape = (*x.shape[:-1], self.out_features)
         x = x.reshape(-1, self.in_features)  # 2-D, so that the base's output is a tensor, not a view
         out = self.base(x)

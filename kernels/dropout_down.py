@@ -22,10 +22,10 @@ Layout: x (M, K), A (r, K) and dlow (M, r), all contiguous, in one 16-bit dtype.
             multiple of BM) in steps of BM: it writes dx's BM x BK tile at once and adds the step's
             R x BK product into a float32 tile: its part of dA's columns.
 S (at most MAX_SPLITS, a compile-time constant) is chosen so that about 4 programs per SM run: r is
-too small to give enough programs by itself. The S parts of a block are added without a second launch (add_parts): each
-program stores its part to part[ps], then counts itself with an atomic; the one that counts last
-adds the S parts in the order s = 0, 1, ..., S - 1, scales by s and rounds. So the bits do not depend
-on which program ends last: CUDA graph replays and the tests need the same bits at every call, which
+too small to give enough programs by itself. The S parts of a block are added without a second
+launch (add_parts): each program stores its part to part[ps], then counts itself with an atomic; the
+one that counts last adds the S parts in the order 0, 1, ..., S - 1, multiplies by 1 / (1 - p) and
+rounds. So the bits do not depend on which program ends last: CUDA graph replays and the tests need the same bits at every call, which
 float32 atomics on the output (adding in varying order) would not give. This is CUTLASS's serial
 split-K reduction without its waiting: no program ever waits for another.
 """
@@ -53,12 +53,12 @@ def add_parts(acc, offs, ok, part_size, part_ptr, ps, count_ptr, out_ptr, scale,
     puts every thread's stores before the count (which one thread makes, for the program); the
     count's release makes them visible to the GPU before it, and its acquire shows the last program
     every part counted before it."""
-    tl.store(part_ptr + ps * part_size + offs, acc, mask=ok)
+    tl.store(part_ptr + ps.to(tl.int64) * part_size + offs, acc, mask=ok)
     tl.debug_barrier()
     if tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == S - 1:
         total = tl.zeros_like(acc)
         for s in tl.static_range(S):  # unrolled: the S loads go out together, the adds in order
-            total += tl.load(part_ptr + s * part_size + offs, mask=ok, other=0.0, cache_modifier=".cg")
+            total += tl.load(part_ptr + s * part_size.to(tl.int64) + offs, mask=ok, other=0.0, cache_modifier=".cg")
         tl.store(out_ptr + offs, (total * scale).to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -181,9 +181,9 @@ def dropout_down_backward(x: torch.Tensor, dlow: torch.Tensor, a: torch.Tensor, 
                          f"{(*x.shape[:-1], r)} {x.dtype} on {x.device}")
     x2, a, g = x.reshape(-1, K).contiguous(), a.contiguous(), dlow.reshape(-1, r).contiguous()
     M = x2.shape[0]
-    dx = torch.empty_like(x2) if need_dx else None
     if not (need_dx or need_da):
         return None, None
+    dx = torch.empty_like(x2) if need_dx else None
     if M == 0 or K == 0:
         return (dx.view(x.shape) if need_dx else None), (torch.zeros_like(a) if need_da else None)
     blocks = triton.cdiv(K, BK)

@@ -209,6 +209,9 @@ def test_add_lora_errors():
     add_lora(m, targets=("q_proj",))
     with pytest.raises(ValueError, match="already has LoRA"):
         add_lora(m)
+    layer = LoRALinear(nn.Linear(64, 32), r=4, alpha=8)
+    with pytest.raises(ValueError, match="has 32 features in its last dim, the layer expects 64"):
+        layer(torch.randn(2, 4, 32))  # (4 x 32 = 2 x 64: a reshape alone would take it)
 
 
 def test_merged_equals_unmerged():
