@@ -7,6 +7,8 @@
     skinny_matmul(x, w)         kernels/skinny_matmul.py   y = x @ W.T for M <= 16 (decoding)
                                 kernels/decode_sm90.py     M = 1 on Hopper (Gluon), a tuner candidate
     dropout.seeded_dropout(...)  kernels/dropout.py         LoRA's dropout, masks hashed from a seed (../dropout.py)
+    dropout_down.dropout_down_forward / _backward(...)
+                                kernels/dropout_down.py    A drop(x) and its backward, the masks made inside
 
 `w` is a quant.QuantizedWeight, or anything with its attribute names (kernels/_launch.py); the
 packed layout is documented in quant.py and kernels/_tile.py. This package imports only torch and

@@ -3,7 +3,9 @@
 References: lowbias32 written with Python integers (not torch), the module docstring's formula
 element by element, binomial statistics, numerical derivatives (gradcheck), and the same model run
 without gradient checkpointing. The Triton kernel (kernels/dropout.py) must equal the PyTorch version
-bit for bit: in the interpreter on the CPU, compiled on the GPU.
+bit for bit: in the interpreter on the CPU, compiled on the GPU. The fused down-projection
+(kernels/dropout_down.py) must give the float64 sums within one rounding, and seeded_dropout's values
+bit for bit where each of its outputs is a single product.
 """
 
 import math
