@@ -1,6 +1,7 @@
 """Python-side helpers of the launchers: checking a quantized weight and an activation, turning the
-weight into kernel arguments, and choosing between the autotuned kernel and a fixed config; and
-programmatic dependent launch (pdl_ok, with its one device-side call, pdl_chain).
+weight into kernel arguments, choosing between the autotuned kernel and a fixed config, and the
+GPU's SM count (for grid sizes); and programmatic dependent launch (pdl_ok, with its one
+device-side call, pdl_chain).
 
 A "quantized weight" is any object with the attributes of quant.QuantizedWeight (duck typing, so
 that kernels/ does not import quant.py): quant_type, out_features, in_features, block_size,
@@ -16,6 +17,19 @@ import triton.language as tl
 
 FORMAT_NF4, FORMAT_NF4_DQ, FORMAT_INT4 = 0, 1, 2
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+_sm_count = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 in the CPU interpreter)."""
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sm_count:
+        _sm_count[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sm_count[idx]
 
 
 def interpreting() -> bool:

@@ -30,13 +30,11 @@ float32 atomics on the output (adding in varying order) would not give. This is 
 split-K reduction without its waiting: no program ever waits for another.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device
+from ._launch import check_device, sm_count
 from .dropout import check_mask_args, kept, mask_key
 
 MAX_R = 128  # larger adapters take the unfused path (dropout.py): the R-wide tiles would not fit
@@ -131,15 +129,10 @@ def _check(name: str, x: torch.Tensor, a: torch.Tensor, seed, salt: int, thresho
     check_mask_args(name, x, seed, salt, threshold)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _share(tiles: int, other_programs: int, device: torch.device) -> int:
     """Tiles per program along the split dimension: enough splits for about 4 programs per SM in all,
     but at least MIN_SHARE tiles each and at most MAX_SPLITS splits (each adds a part to add)."""
-    want = triton.cdiv(4 * _sm_count(device), other_programs)
+    want = triton.cdiv(4 * sm_count(device), other_programs)
     splits = max(1, min(triton.cdiv(tiles, MIN_SHARE), want, MAX_SPLITS))
     return triton.cdiv(tiles, splits)
 

@@ -69,7 +69,7 @@ import triton.testing
 import triton.language as tl
 
 from ._launch import (FP_FUSION, pdl_chain, check_activation, check_lookup, interpreting, pdl_ok,
-                      prmt_ok, split_config, weight_args)
+                      prmt_ok, sm_count, split_config, weight_args)
 from . import decode_sm90, skinny_mma
 from ._tile import code_values, dequantize_tile, dequantize_tile_prmt, load_block_scales, nf4_code_pairs
 
@@ -290,18 +290,7 @@ MAX_M = 16
 REDUCE_BLOCK = 1024
 MAX_TUNE_COPIES = 16
 
-_sm_count = {}
 _chosen = {}  # _key(...) -> config dict
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (4 in the CPU interpreter)."""
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _sm_count:
-        _sm_count[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _sm_count[idx]
 
 
 def split_k_for(n: int, kp: int, block_n: int, block_k: int, programs: int, fit: bool = False) -> int:

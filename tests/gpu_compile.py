@@ -128,37 +128,34 @@ def compile_gluon(out: str = None):
 
 
 def compile_dropout(dtype: torch.dtype) -> list:
-    """The seeded dropout kernel (LoRA's dropout in training), one tensor and two; returns the errors."""
+    """LoRA's dropout kernels: the seeded dropout (kernels/dropout.py), one tensor and two, and the fused
+    down-projection (kernels/dropout_down.py), its forward and its backward making dx and dA, dx only,
+    dA only; returns the errors."""
     from kernels.dropout import seeded_dropout
-    x, seed = torch.randn(3, 1000).to(dtype), torch.zeros(1, dtype=torch.int64)
-    errors = []
-    for x2 in (None, torch.randn(3, 1000).to(dtype)):
-        try:
-            seeded_dropout(x, seed, 1, 838861, 1 / 0.95, x2)
-        except Exception as e:  # noqa: BLE001 (any compile failure is the finding)
-            errors.append(f"seeded_dropout ({'two tensors' if x2 is not None else 'one tensor'}): {failure(e)}")
-    print(f"seeded_dropout: {2 - len(errors)} compiled, 0 too large for its shared memory "
-          f"(the tuner skips them), {len(errors)} failed")
-    return errors + compile_dropout_down(dtype)
-
-
-def compile_dropout_down(dtype: torch.dtype) -> list:
-    """The fused down-projection with dropout (kernels/dropout_down.py): the forward, and the backward
-    making dx and dA, dx only, dA only; returns the errors."""
     from kernels.dropout_down import dropout_down_backward, dropout_down_forward
+    seed, t, s = torch.zeros(1, dtype=torch.int64), 838861, 1 / 0.95
+    x, x2 = torch.randn(3, 1000).to(dtype), torch.randn(3, 1000).to(dtype)
+    errors = compile_calls("seeded_dropout", "the tuner skips them", {
+        "one tensor": lambda: seeded_dropout(x, seed, 1, t, s),
+        "two tensors": lambda: seeded_dropout(x, seed, 1, t, s, x2)})
     # (300 x 600: K in 3 splits for the forward, M in 2 for the backward, so add_parts has parts to add)
     x, a, dlow = torch.randn(300, 600).to(dtype), torch.randn(16, 600).to(dtype), torch.randn(300, 16).to(dtype)
-    seed, errors = torch.zeros(1, dtype=torch.int64), []
-    calls = {"forward": lambda: dropout_down_forward(x, a, seed, 1, 838861, 1 / 0.95)}
+    calls = {"forward": lambda: dropout_down_forward(x, a, seed, 1, t, s)}
     for need in ((True, True), (True, False), (False, True)):
-        calls[f"backward {need}"] = lambda need=need: dropout_down_backward(x, dlow, a, seed, 1, 838861, 1 / 0.95, *need)
+        calls[f"backward {need}"] = lambda need=need: dropout_down_backward(x, dlow, a, seed, 1, t, s, *need)
+    return errors + compile_calls("dropout_down", "a fixed config", calls)
+
+
+def compile_calls(kernel: str, note: str, calls: dict) -> list:
+    """Call each launcher call (which compiles); print one line for `kernel`; return the errors."""
+    errors = []
     for name, call in calls.items():
         try:
             call()
         except Exception as e:  # noqa: BLE001 (any compile failure is the finding)
-            errors.append(f"dropout_down ({name}): {failure(e)}")
-    print(f"dropout_down: {len(calls) - len(errors)} compiled, 0 too large for its shared memory "
-          f"(a fixed config), {len(errors)} failed")
+            errors.append(f"{kernel} ({name}): {failure(e)}")
+    print(f"{kernel}: {len(calls) - len(errors)} compiled, 0 too large for its shared memory ({note}), "
+          f"{len(errors)} failed")
     return errors
 
 
