@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -316,13 +317,24 @@ def train(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             seed_step(args.seed, step, rank)
-            for i, batch in enumerate(window):
-                # DDP all-reduces the gradients once per step, in the backward of the last micro-batch.
-                with ddp_model.no_sync() if world > 1 and i < len(window) - 1 else contextlib.nullcontext():
-                    # DDP averages gradients over ranks; the factor world turns that into a sum.
-                    micro_step(batch, world / max(n_target, 1))
-            # (waits for the GPU: the micro-batches' work was only queued); ranks stop together
-            loss_sum, stop_asked = all_sum([micro_step.take_loss_sum(), float(stop.asked)], world, device)
+            oom = None
+            try:
+                for i, batch in enumerate(window):
+                    # DDP all-reduces the gradients once per step, in the backward of the last micro-batch.
+                    with ddp_model.no_sync() if world > 1 and i < len(window) - 1 else contextlib.nullcontext():
+                        # DDP averages gradients over ranks; the factor world turns that into a sum.
+                        micro_step(batch, world / max(n_target, 1))
+                # (waits for the GPU: the micro-batches' work was only queued); ranks stop together
+                loss_sum, stop_asked = all_sum([micro_step.take_loss_sum(), float(stop.asked)], world, device)
+            except torch.OutOfMemoryError as e:  # (handled below: this traceback holds the pass's activations)
+                oom = (str(e), tuple(batch["input_ids"].shape))
+            if oom:
+                # The adapters and AdamW are still those of the last completed step: save it (one process;
+                # under torchrun the others wait in a collective) so that nothing is lost, then say what to change.
+                if world == 1 and step > (saved_step or 0):
+                    save_checkpoint(args.out, model, optimizer, step, world, args_dict)
+                    saved_step = step
+                raise out_of_memory(*oom, step, saved_step, args.out, device, model_args.grad_ckpt, use_graphs)
             loss_val = loss_sum / max(n_target, 1)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf))
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
@@ -413,6 +425,25 @@ def restore_checkpoint(out: str, model, optimizer, world: int, args_dict: dict, 
     return ckpt["step"]
 
 
+def out_of_memory(message: str, shape: tuple, step: int, saved_step: int | None, out: str, device: str,
+                  grad_ckpt: bool, graphs: bool) -> torch.OutOfMemoryError:
+    """The error for a micro-batch that ran out of GPU memory: where, how much, what is kept, what to change."""
+    tried = re.search(r"Tried to allocate [\d.]+ \w+", message)
+    what = tried.group(0) if tried else (message.splitlines() or ["no message"])[0]
+    where = f"step {step + 1}, a micro-batch of {shape[0]} x {shape[1]} tokens"
+    if device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        where += f"; {peak_memory_gib(device):.2f} of {total:.1f} GiB allocated at the peak"
+    kept = f"the checkpoint of step {saved_step} in {out} is intact" if saved_step else "no checkpoint was saved"
+    # Flags a resumed run may change (SAME_ON_RESUME fixes the batches), then those that need a new run.
+    lighter = ([] if grad_ckpt else ["--grad-ckpt (recompute each block in the backward)"]) + (
+        ["--no-cuda-graphs (a graph keeps up to one more pass's activations)"] if graphs else [])
+    resume = f"continue with --resume and {' or '.join(lighter)}, or " if saved_step and lighter else ""
+    return torch.OutOfMemoryError(
+        f"out of GPU memory ({what}) in {where}: {kept}. To fit, {resume}start afresh with a smaller "
+        f"--batch-size and a larger --grad-accum (the same global batch) or a smaller --max-len")
+
+
 def open_metrics(out: str, resumed_step: int | None):
     """OUT/metrics.jsonl for appending. A resumed run first drops the lines logged after its checkpoint
     (the interrupted run got further than it saved), so the file reads as one uninterrupted run."""
@@ -443,7 +474,7 @@ def main(argv=None):
     who = f"rank {rank} failed" if "RANK" in os.environ else "error"
     try:
         train(argv)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, FloatingPointError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, FloatingPointError, torch.OutOfMemoryError) as e:
         print(f"{who}: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         sys.exit(1)
     except (Interrupted, KeyboardInterrupt) as e:  # a bare KeyboardInterrupt: the second Ctrl-C

@@ -160,6 +160,42 @@ def test_crash_then_resume_from_last_checkpoint(tmp_path, monkeypatch, uninterru
     assert_same_run(out, uninterrupted)  # steps 5 and 6 were logged again, once
 
 
+def test_out_of_memory_saves_the_last_step_and_resume_continues_exactly(tmp_path, monkeypatch, capsys, uninterrupted):
+    """A micro-batch of step 7 runs out of memory (raised as PyTorch's allocator raises it): step 6, the last
+    completed, is saved (--save-every 4 had saved step 4), the error is one line that says what to change,
+    and --resume then repeats the uninterrupted run."""
+    out = str(tmp_path)
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                     "79.11 GiB of which 1.25 GiB is free.")
+
+    patch_training_forward(monkeypatch, 7, oom)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", out] + RESUME)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    err = err.splitlines()[-1]  # (after the progress bar)
+    assert err.startswith("error: out of GPU memory (Tried to allocate 2.00 GiB) in step 7, a micro-batch of 4 x ")
+    assert f"the checkpoint of step 6 in {out} is intact" in err
+    assert "--resume and --grad-ckpt" in err and "--no-cuda-graphs" not in err  # (no graphs on the CPU)
+    assert torch.load(os.path.join(out, train.CHECKPOINT), weights_only=True)["step"] == 6
+    assert [r["step"] for r in steps(out)] == [1, 2, 3, 4, 5, 6]
+    monkeypatch.undo()
+    train.train(["--out", out, "--resume"] + RESUME)
+    assert_same_run(out, uninterrupted)
+
+
+def test_out_of_memory_message_names_only_what_helps():
+    msg = str(train.out_of_memory("CUDA out of memory.", (8, 512), 0, None, "runs/x", "cpu", grad_ckpt=True,
+                                  graphs=True))
+    assert "step 1, a micro-batch of 8 x 512 tokens" in msg and "no checkpoint was saved" in msg
+    assert "--resume" not in msg and "(CUDA out of memory.)" in msg  # nothing to resume; the allocator's words
+    msg = str(train.out_of_memory("", (8, 512), 9, 9, "runs/x", "cpu", grad_ckpt=True, graphs=True))
+    assert "--resume and --no-cuda-graphs" in msg and "--grad-ckpt" not in msg  # already on
+
+
 def test_resume_refusals(tmp_path, uninterrupted):
     with pytest.raises(FileNotFoundError, match="no checkpoint.pt in"):
         train.train(["--out", str(tmp_path), "--resume"] + RESUME)
