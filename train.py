@@ -296,6 +296,15 @@ def train(argv=None):
     if main and val_batches and not args.resume:
         log({"step": 0, "val_loss": evaluate(model, val_batches, device)})  # the baseline: the base model itself
 
+    def stop_out_of_memory(message: str, where: str):
+        """Save the last completed step, whose adapters and AdamW state are whole (one process: under torchrun
+        the others wait in a collective), so that nothing is lost; then stop with what to change."""
+        nonlocal saved_step
+        if world == 1 and step > (saved_step or 0):
+            save_checkpoint(args.out, model, optimizer, step, world, args_dict)
+            saved_step = step
+        raise out_of_memory(message, where, saved_step, args.out, device, model_args.grad_ckpt, use_graphs)
+
     # ---- the loop ----------------------------------------------------------------------------
     bar = tqdm(total=total_steps, initial=step, disable=not main, dynamic_ncols=True)
     stop = StopRequest(verbose=main, second_aborts=world == 1)
@@ -326,15 +335,11 @@ def train(argv=None):
                         micro_step(batch, world / max(n_target, 1))
                 # (waits for the GPU: the micro-batches' work was only queued); ranks stop together
                 loss_sum, stop_asked = all_sum([micro_step.take_loss_sum(), float(stop.asked)], world, device)
-            except torch.OutOfMemoryError as e:  # (handled below: this traceback holds the pass's activations)
-                oom = (str(e), tuple(batch["input_ids"].shape))
+            except torch.OutOfMemoryError as e:  # (stopped below: this traceback holds the pass's activations)
+                rows, width = batch["input_ids"].shape
+                oom = (str(e), f"step {step + 1}, a micro-batch of {rows} x {width} tokens")
             if oom:
-                # The adapters and AdamW are still those of the last completed step: save it (one process;
-                # under torchrun the others wait in a collective) so that nothing is lost, then say what to change.
-                if world == 1 and step > (saved_step or 0):
-                    save_checkpoint(args.out, model, optimizer, step, world, args_dict)
-                    saved_step = step
-                raise out_of_memory(*oom, step, saved_step, args.out, device, model_args.grad_ckpt, use_graphs)
+                stop_out_of_memory(*oom)
             loss_val = loss_sum / max(n_target, 1)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf))
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
@@ -355,7 +360,12 @@ def train(argv=None):
                     log({"step": step, "epoch": epoch, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
                          "tokens_per_s": n_tokens / dt, "target_tokens": int(n_target), "max_mem_gib": mem})
                 if val_batches and ((args.eval_every and step % args.eval_every == 0) or step == total_steps):
-                    val = evaluate(model, val_batches, device)
+                    try:  # (outside the graphs' memory pool: it can run out where the steps did not)
+                        val = evaluate(model, val_batches, device)
+                    except torch.OutOfMemoryError as e:
+                        oom = (str(e), f"the held-out evaluation after step {step}")
+                    if oom:
+                        stop_out_of_memory(*oom)
                     log({"step": step, "val_loss": val})
                     tqdm.write(f"step {step}: loss {loss_val:.4f}, val_loss {val:.4f}")
             if (args.save_every and step % args.save_every == 0) or step == total_steps or stop_asked:
@@ -425,12 +435,11 @@ def restore_checkpoint(out: str, model, optimizer, world: int, args_dict: dict, 
     return ckpt["step"]
 
 
-def out_of_memory(message: str, shape: tuple, step: int, saved_step: int | None, out: str, device: str,
-                  grad_ckpt: bool, graphs: bool) -> torch.OutOfMemoryError:
-    """The error for a micro-batch that ran out of GPU memory: where, how much, what is kept, what to change."""
+def out_of_memory(message: str, where: str, saved_step: int | None, out: str, device: str, grad_ckpt: bool,
+                  graphs: bool) -> torch.OutOfMemoryError:
+    """The error for a pass that ran out of GPU memory: where, how much, what is kept, what to change."""
     tried = re.search(r"Tried to allocate [\d.]+ \w+", message)
     what = tried.group(0) if tried else (message.splitlines() or ["no message"])[0]
-    where = f"step {step + 1}, a micro-batch of {shape[0]} x {shape[1]} tokens"
     if device.startswith("cuda"):
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
         where += f"; {peak_memory_gib(device):.2f} of {total:.1f} GiB allocated at the peak"

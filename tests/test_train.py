@@ -187,12 +187,38 @@ def test_out_of_memory_saves_the_last_step_and_resume_continues_exactly(tmp_path
     assert_same_run(out, uninterrupted)
 
 
+def test_out_of_memory_in_the_evaluation_saves_the_step(tmp_path, monkeypatch, capsys, uninterrupted):
+    """The held-out evaluation after step 6 (--eval-every 3) runs out of memory: step 6 is saved all the same,
+    and --resume goes on as the uninterrupted run (only the lost evaluation is missing)."""
+    out = str(tmp_path)
+    real, calls = train.evaluate, {"n": 0}
+
+    def evaluate(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 0 (the base model), 3, then 6
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    with pytest.raises(SystemExit):
+        train.main(["--out", out] + RESUME)
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "(Tried to allocate 20.00 MiB) in the held-out evaluation after step 6" in err, err
+    assert torch.load(os.path.join(out, train.CHECKPOINT), weights_only=True)["step"] == 6
+    monkeypatch.undo()
+    train.train(["--out", out, "--resume"] + RESUME)
+    assert steps(out) == steps(uninterrupted)
+    assert evals(out) == [e for e in evals(uninterrupted) if e[0] != 6]
+    a, b = adapter(out), adapter(uninterrupted)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 def test_out_of_memory_message_names_only_what_helps():
-    msg = str(train.out_of_memory("CUDA out of memory.", (8, 512), 0, None, "runs/x", "cpu", grad_ckpt=True,
+    msg = str(train.out_of_memory("CUDA out of memory.", "step 1", None, "runs/x", "cpu", grad_ckpt=True,
                                   graphs=True))
-    assert "step 1, a micro-batch of 8 x 512 tokens" in msg and "no checkpoint was saved" in msg
+    assert "in step 1:" in msg and "no checkpoint was saved" in msg
     assert "--resume" not in msg and "(CUDA out of memory.)" in msg  # nothing to resume; the allocator's words
-    msg = str(train.out_of_memory("", (8, 512), 9, 9, "runs/x", "cpu", grad_ckpt=True, graphs=True))
+    msg = str(train.out_of_memory("", "step 10", 9, "runs/x", "cpu", grad_ckpt=True, graphs=True))
     assert "--resume and --no-cuda-graphs" in msg and "--grad-ckpt" not in msg  # already on
 
 
