@@ -335,7 +335,7 @@ def train(argv=None):
                         micro_step(batch, world / max(n_target, 1))
                 # (waits for the GPU: the micro-batches' work was only queued); ranks stop together
                 loss_sum, stop_asked = all_sum([micro_step.take_loss_sum(), float(stop.asked)], world, device)
-            except torch.OutOfMemoryError as e:  # (stopped below: this traceback holds the pass's activations)
+            except torch.cuda.OutOfMemoryError as e:  # (stopped below: this traceback holds the pass's activations)
                 rows, width = batch["input_ids"].shape
                 oom = (str(e), f"step {step + 1}, a micro-batch of {rows} x {width} tokens")
             if oom:
@@ -362,7 +362,7 @@ def train(argv=None):
                 if val_batches and ((args.eval_every and step % args.eval_every == 0) or step == total_steps):
                     try:  # (outside the graphs' memory pool: it can run out where the steps did not)
                         val = evaluate(model, val_batches, device)
-                    except torch.OutOfMemoryError as e:
+                    except torch.cuda.OutOfMemoryError as e:
                         oom = (str(e), f"the held-out evaluation after step {step}")
                     if oom:
                         stop_out_of_memory(*oom)
@@ -436,7 +436,7 @@ def restore_checkpoint(out: str, model, optimizer, world: int, args_dict: dict, 
 
 
 def out_of_memory(message: str, where: str, saved_step: int | None, out: str, device: str, grad_ckpt: bool,
-                  graphs: bool) -> torch.OutOfMemoryError:
+                  graphs: bool) -> torch.cuda.OutOfMemoryError:
     """The error for a pass that ran out of GPU memory: where, how much, what is kept, what to change."""
     tried = re.search(r"Tried to allocate [\d.]+ \w+", message)
     what = tried.group(0) if tried else (message.splitlines() or ["no message"])[0]
@@ -448,7 +448,7 @@ def out_of_memory(message: str, where: str, saved_step: int | None, out: str, de
     lighter = ([] if grad_ckpt else ["--grad-ckpt (recompute each block in the backward)"]) + (
         ["--no-cuda-graphs (a graph keeps up to one more pass's activations)"] if graphs else [])
     resume = f"continue with --resume and {' or '.join(lighter)}, or " if saved_step and lighter else ""
-    return torch.OutOfMemoryError(
+    return torch.cuda.OutOfMemoryError(
         f"out of GPU memory ({what}) in {where}: {kept}. To fit, {resume}start afresh with a smaller "
         f"--batch-size and a larger --grad-accum (the same global batch) or a smaller --max-len")
 
@@ -483,7 +483,7 @@ def main(argv=None):
     who = f"rank {rank} failed" if "RANK" in os.environ else "error"
     try:
         train(argv)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, FloatingPointError, torch.OutOfMemoryError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, FloatingPointError, torch.cuda.OutOfMemoryError) as e:
         print(f"{who}: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         sys.exit(1)
     except (Interrupted, KeyboardInterrupt) as e:  # a bare KeyboardInterrupt: the second Ctrl-C

@@ -167,7 +167,7 @@ def test_out_of_memory_saves_the_last_step_and_resume_continues_exactly(tmp_path
     out = str(tmp_path)
 
     def oom():
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
                                      "79.11 GiB of which 1.25 GiB is free.")
 
     patch_training_forward(monkeypatch, 7, oom)
@@ -196,7 +196,7 @@ def test_out_of_memory_in_the_evaluation_saves_the_step(tmp_path, monkeypatch, c
     def evaluate(*a, **kw):
         calls["n"] += 1
         if calls["n"] == 3:  # step 0 (the base model), 3, then 6
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.")
         return real(*a, **kw)
 
     monkeypatch.setattr(train, "evaluate", evaluate)
