@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from typing import Iterator, Optional
@@ -352,8 +353,22 @@ def main(argv=None):
     decoder.close()
 
 
-if __name__ == "__main__":
+def allocation(message: str) -> str:
+    """What PyTorch's out-of-memory message (a paragraph) says was asked for: "Tried to allocate 2.00 GiB"."""
+    tried = re.search(r"Tried to allocate [\d.]+ \w+", message)
+    return tried.group(0) if tried else (message.splitlines() or ["no message"])[0]
+
+
+def cli(argv=None):
+    """main(), with the known errors as one line: a bad folder, adapter or prompt, or a GPU too small."""
     try:
-        main()
-    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:  # bad folder, adapter or prompt: one line
+        main(argv)
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
         sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+    except torch.cuda.OutOfMemoryError as e:
+        sys.exit(f"error: out of GPU memory ({allocation(str(e))}): the weights and the KV cache must fit; try "
+                 "4-bit weights (--quant nf4, 3.5 GB for 7B), a shorter prompt or a smaller --max-new-tokens")
+
+
+if __name__ == "__main__":
+    cli()

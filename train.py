@@ -32,7 +32,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -47,7 +46,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from generate import DEFAULT_MODEL, build_model, default_dtype, generate_tokens
+from generate import DEFAULT_MODEL, allocation, build_model, default_dtype, generate_tokens
 from graph_step import TrainStep, graphs_ok
 from lora import add_lora, lora_state_dict, save_adapter
 from loss import causal_lm_loss_sum
@@ -438,8 +437,6 @@ def restore_checkpoint(out: str, model, optimizer, world: int, args_dict: dict, 
 def out_of_memory(message: str, where: str, saved_step: int | None, out: str, device: str, grad_ckpt: bool,
                   graphs: bool) -> torch.cuda.OutOfMemoryError:
     """The error for a pass that ran out of GPU memory: where, how much, what is kept, what to change."""
-    tried = re.search(r"Tried to allocate [\d.]+ \w+", message)
-    what = tried.group(0) if tried else (message.splitlines() or ["no message"])[0]
     if device.startswith("cuda"):
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
         where += f"; {peak_memory_gib(device):.2f} of {total:.1f} GiB allocated at the peak"
@@ -449,7 +446,7 @@ def out_of_memory(message: str, where: str, saved_step: int | None, out: str, de
         ["--no-cuda-graphs (a graph keeps up to one more pass's activations)"] if graphs else [])
     resume = f"continue with --resume and {' or '.join(lighter)}, or " if saved_step and lighter else ""
     return torch.cuda.OutOfMemoryError(
-        f"out of GPU memory ({what}) in {where}: {kept}. To fit, {resume}start afresh with a smaller "
+        f"out of GPU memory ({allocation(message)}) in {where}: {kept}. To fit, {resume}start afresh with a smaller "
         f"--batch-size and a larger --grad-accum (the same global batch) or a smaller --max-len")
 
 

@@ -241,6 +241,21 @@ def test_load_bf16_keeps_dtype_and_is_close(tiny):
 # Clear errors
 # ---------------------------------------------------------------------------------------------
 
+def test_generate_out_of_memory_is_one_line_with_what_to_try(monkeypatch):
+    import generate
+
+    def build_model(*a, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 250.00 MiB. GPU 0 has a total "
+                                          "capacity of 11.76 GiB of which 120.06 MiB is free.")
+
+    monkeypatch.setattr(generate, "build_model", build_model)
+    with pytest.raises(SystemExit) as e:
+        generate.cli(["--prompt", "Once upon a time", "--device", "cpu"])
+    assert str(e.value.code).startswith("error: out of GPU memory (Tried to allocate 250.00 MiB): ")
+    assert "--quant nf4" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert generate.allocation("no size given") == "no size given"
+
+
 def test_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="model folder not found"):
         M.load_model(str(tmp_path / "nope"))
