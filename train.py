@@ -295,12 +295,20 @@ def train(argv=None):
     if main and val_batches and not args.resume:
         log({"step": 0, "val_loss": evaluate(model, val_batches, device)})  # the baseline: the base model itself
 
+    def save():
+        """Checkpoint this step (save_checkpoint); a write that fails (a full disk) says what is still there."""
+        try:
+            save_checkpoint(args.out, model, optimizer, step, world, args_dict)
+        except OSError as e:
+            kept = f"the checkpoint of step {saved_step} there is intact" if saved_step else "no step was saved before"
+            raise OSError(f"could not save step {step} to {args.out} ({e.strerror or e}): {kept}") from e
+
     def stop_out_of_memory(message: str, where: str):
         """Save the last completed step, whose adapters and AdamW state are whole (one process: under torchrun
         the others wait in a collective), so that nothing is lost; then stop with what to change."""
         nonlocal saved_step
         if world == 1 and step > (saved_step or 0):
-            save_checkpoint(args.out, model, optimizer, step, world, args_dict)
+            save()
             saved_step = step
         raise out_of_memory(message, where, saved_step, args.out, device, model_args.grad_ckpt, use_graphs)
 
@@ -369,7 +377,7 @@ def train(argv=None):
                     tqdm.write(f"step {step}: loss {loss_val:.4f}, val_loss {val:.4f}")
             if (args.save_every and step % args.save_every == 0) or step == total_steps or stop_asked:
                 if main:  # the other ranks go on to the next all_sum, which waits for rank 0
-                    save_checkpoint(args.out, model, optimizer, step, world, args_dict)
+                    save()
                 saved_step = step
             if stop_asked:
                 raise Interrupted(f"interrupted: saved step {step} to {args.out}; continue with --resume")
@@ -475,12 +483,13 @@ def show_samples(model, tokenizer, records: list[dict]):
 
 
 def main(argv=None):
-    """train(), with the known errors (bad data, a folder that is not a model, a NaN loss...) as one line."""
+    """train(), with the known errors (bad data, a folder that is not a model, a NaN loss, a GPU out of memory,
+    a full disk...) as one line."""
     rank = int(os.environ.get("RANK", 0))
     who = f"rank {rank} failed" if "RANK" in os.environ else "error"
     try:
         train(argv)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, FloatingPointError, torch.cuda.OutOfMemoryError) as e:
+    except (OSError, ValueError, KeyError, FloatingPointError, torch.cuda.OutOfMemoryError) as e:  # (OSError: files)
         print(f"{who}: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         sys.exit(1)
     except (Interrupted, KeyboardInterrupt) as e:  # a bare KeyboardInterrupt: the second Ctrl-C

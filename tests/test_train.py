@@ -343,6 +343,29 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch, uninterrupted):
         assert not [f for f in os.listdir(run) if f.endswith(".tmp") or f.startswith(".")]
 
 
+def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path)
+    real_save, calls = torch.save, {"n": 0}
+
+    def torch_save(obj, f):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the checkpoint of step 3 (--save-every 1)
+            f.write(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(train.torch, "save", torch_save)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out", out, "--max-steps", "5", "--save-every", "1", "--eval-every", "0"] + FAST)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (f"error: could not save step 3 to {out} (No space left on device): "
+                                    "the checkpoint of step 2 there is intact")
+    assert torch.load(os.path.join(out, train.CHECKPOINT), weights_only=True)["step"] == 2
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
 def cli(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
