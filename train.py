@@ -297,10 +297,15 @@ def train(argv=None):
 
     def save():
         """Checkpoint this step (save_checkpoint); a write that fails (a full disk) says what is still there."""
+        path = os.path.join(args.out, CHECKPOINT)
+        before = os.stat(path).st_ino if os.path.exists(path) else None  # (each save renames a new file there)
         try:
             save_checkpoint(args.out, model, optimizer, step, world, args_dict)
         except OSError as e:
-            kept = f"the checkpoint of step {saved_step} there is intact" if saved_step else "no step was saved before"
+            if os.path.exists(path) and os.stat(path).st_ino != before:  # the adapter's files failed
+                kept = f"{CHECKPOINT} holds step {step}, and the adapter files there before are intact"
+            else:
+                kept = f"the checkpoint of step {saved_step} there is intact" if saved_step else "no step was saved before"
             raise OSError(f"could not save step {step} to {args.out} ({e.strerror or e}): {kept}") from e
 
     def stop_out_of_memory(message: str, where: str):

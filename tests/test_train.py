@@ -344,6 +344,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch, uninterrupted):
 
 
 def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """The checkpoint of step 3 fails half-way (torch.save raises as a full disk would): one line that names
+    what is still on disk, which is the checkpoint of step 2, whole."""
     out = str(tmp_path)
     real_save, calls = torch.save, {"n": 0}
 
@@ -364,6 +366,23 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path,
                                     "the checkpoint of step 2 there is intact")
     assert torch.load(os.path.join(out, train.CHECKPOINT), weights_only=True)["step"] == 2
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    # The adapter's files are written after checkpoint.pt: if they fail, checkpoint.pt holds the new step.
+    monkeypatch.undo()
+    real_write, calls["n"] = train.save_adapter, 0
+
+    def save_adapter(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        real_write(*a, **kw)
+
+    monkeypatch.setattr(train, "save_adapter", save_adapter)
+    with pytest.raises(SystemExit):
+        train.main(["--out", out, "--overwrite", "--max-steps", "5", "--save-every", "1", "--eval-every", "0"] + FAST)
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: could not save step 3 to {out} (No space left on device): checkpoint.pt holds step 3, and the "
+        "adapter files there before are intact")
+    assert torch.load(os.path.join(out, train.CHECKPOINT), weights_only=True)["step"] == 3
 
 
 def cli(*args):
