@@ -366,8 +366,9 @@ def cli(argv=None):
     except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
         sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
     except torch.cuda.OutOfMemoryError as e:
+        quant = "4-bit weights (--quant nf4, 3.5 GB for 7B), " if parse_args(argv).quant == "none" else ""
         sys.exit(f"error: out of GPU memory ({allocation(str(e))}): the weights and the KV cache must fit; try "
-                 "4-bit weights (--quant nf4, 3.5 GB for 7B), a shorter prompt or a smaller --max-new-tokens")
+                 f"{quant}a shorter prompt or a smaller --max-new-tokens")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -295,27 +296,29 @@ def train(argv=None):
     if main and val_batches and not args.resume:
         log({"step": 0, "val_loss": evaluate(model, val_batches, device)})  # the baseline: the base model itself
 
-    def save():
-        """Checkpoint this step (save_checkpoint); a write that fails (a full disk) says what is still there."""
-        path = os.path.join(args.out, CHECKPOINT)
-        before = os.stat(path).st_ino if os.path.exists(path) else None  # (each save renames a new file there)
+    def save(after: str = ""):
+        """Checkpoint this step. A save that fails (a full disk: torch.save and safetensors raise an OSError or a
+        RuntimeError, depending on where the write fails) stops with one line that says which step --resume
+        would continue from."""
         try:
             save_checkpoint(args.out, model, optimizer, step, world, args_dict)
-        except OSError as e:
-            if os.path.exists(path) and os.stat(path).st_ino != before:  # the adapter's files failed
-                kept = f"{CHECKPOINT} holds step {step}, and the adapter files there before are intact"
-            else:
-                kept = f"the checkpoint of step {saved_step} there is intact" if saved_step else "no step was saved before"
-            raise OSError(f"could not save step {step} to {args.out} ({e.strerror or e}): {kept}") from e
+        except Exception as e:
+            there = checkpoint_step(args.out)
+            kept = f"{CHECKPOINT} there holds step {there}" if there else f"no {CHECKPOINT} there"
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+            free = shutil.disk_usage(args.out).free / 2**20
+            raise OSError(f"could not save step {step} to {args.out}{after} ({why}; {free:,.0f} MiB free there): {kept}") from e
 
-    def stop_out_of_memory(message: str, where: str):
-        """Save the last completed step, whose adapters and AdamW state are whole (one process: under torchrun
-        the others wait in a collective), so that nothing is lost; then stop with what to change."""
+    def out_of_memory_stop(message: str, where: str, evaluating: bool = False) -> torch.cuda.OutOfMemoryError:
+        """Save the last completed step, whose adapters and AdamW state are whole, so that nothing is lost (rank 0:
+        its state is every rank's; when another rank runs out, rank 0 waits in a collective until torchrun ends
+        the job); then the error that says what to change."""
         nonlocal saved_step
-        if world == 1 and step > (saved_step or 0):
-            save()
+        if main and step > (saved_step or 0):
+            save(after=f" after running out of GPU memory in {where}")
             saved_step = step
-        raise out_of_memory(message, where, saved_step, args.out, device, model_args.grad_ckpt, use_graphs)
+        lighter = lighter_flags(model_args.grad_ckpt, use_graphs, evaluating) if step < total_steps else []
+        return out_of_memory(message, where, saved_step, args.out, device, lighter)
 
     # ---- the loop ----------------------------------------------------------------------------
     bar = tqdm(total=total_steps, initial=step, disable=not main, dynamic_ncols=True)
@@ -339,7 +342,7 @@ def train(argv=None):
                 group["lr"] = lr
             seed_step(args.seed, step, rank)
             oom = None
-            try:
+            try:  # (a failed allocation inside a CUDA graph's capture may surface as another error: not caught)
                 for i, batch in enumerate(window):
                     # DDP all-reduces the gradients once per step, in the backward of the last micro-batch.
                     with ddp_model.no_sync() if world > 1 and i < len(window) - 1 else contextlib.nullcontext():
@@ -351,7 +354,7 @@ def train(argv=None):
                 rows, width = batch["input_ids"].shape
                 oom = (str(e), f"step {step + 1}, a micro-batch of {rows} x {width} tokens")
             if oom:
-                stop_out_of_memory(*oom)
+                raise out_of_memory_stop(*oom)
             loss_val = loss_sum / max(n_target, 1)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf))
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
@@ -372,12 +375,13 @@ def train(argv=None):
                     log({"step": step, "epoch": epoch, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
                          "tokens_per_s": n_tokens / dt, "target_tokens": int(n_target), "max_mem_gib": mem})
                 if val_batches and ((args.eval_every and step % args.eval_every == 0) or step == total_steps):
-                    try:  # (outside the graphs' memory pool: it can run out where the steps did not)
+                    oom = None
+                    try:  # (eager, outside the graphs' memory pool: it can run out where the steps did not)
                         val = evaluate(model, val_batches, device)
                     except torch.cuda.OutOfMemoryError as e:
                         oom = (str(e), f"the held-out evaluation after step {step}")
                     if oom:
-                        stop_out_of_memory(*oom)
+                        raise out_of_memory_stop(*oom, evaluating=True)
                     log({"step": step, "val_loss": val})
                     tqdm.write(f"step {step}: loss {loss_val:.4f}, val_loss {val:.4f}")
             if (args.save_every and step % args.save_every == 0) or step == total_steps or stop_asked:
@@ -447,16 +451,28 @@ def restore_checkpoint(out: str, model, optimizer, world: int, args_dict: dict, 
     return ckpt["step"]
 
 
-def out_of_memory(message: str, where: str, saved_step: int | None, out: str, device: str, grad_ckpt: bool,
-                  graphs: bool) -> torch.cuda.OutOfMemoryError:
+def checkpoint_step(out: str) -> int | None:
+    """The step of OUT/checkpoint.pt, or None if there is none (memory-mapped: its tensors are not read)."""
+    path = os.path.join(out, CHECKPOINT)
+    return torch.load(path, mmap=True, weights_only=True, map_location="cpu")["step"] if os.path.isfile(path) else None
+
+
+def lighter_flags(grad_ckpt: bool, graphs: bool, evaluating: bool) -> list[str]:
+    """Flags a resumed run may change (SAME_ON_RESUME fixes the batches) that leave a pass more GPU memory. An
+    evaluation (eager, no gradients) runs beside the graphs' memory pool: only a smaller pool helps it."""
+    flags = ["--no-cuda-graphs (a graph keeps up to one more pass's activations)"] if graphs else []
+    if not grad_ckpt and (graphs or not evaluating):
+        flags.append("--grad-ckpt (recompute each block in the backward)")
+    return flags
+
+
+def out_of_memory(message: str, where: str, saved_step: int | None, out: str, device: str,
+                  lighter: list[str]) -> torch.cuda.OutOfMemoryError:
     """The error for a pass that ran out of GPU memory: where, how much, what is kept, what to change."""
     if device.startswith("cuda"):
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
         where += f"; {peak_memory_gib(device):.2f} of {total:.1f} GiB allocated at the peak"
     kept = f"the checkpoint of step {saved_step} in {out} is intact" if saved_step else "no checkpoint was saved"
-    # Flags a resumed run may change (SAME_ON_RESUME fixes the batches), then those that need a new run.
-    lighter = ([] if grad_ckpt else ["--grad-ckpt (recompute each block in the backward)"]) + (
-        ["--no-cuda-graphs (a graph keeps up to one more pass's activations)"] if graphs else [])
     resume = f"continue with --resume and {' or '.join(lighter)}, or " if saved_step and lighter else ""
     return torch.cuda.OutOfMemoryError(
         f"out of GPU memory ({allocation(message)}) in {where}: {kept}. To fit, {resume}start afresh with a smaller "

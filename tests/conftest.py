@@ -6,10 +6,10 @@
 - `@pytest.mark.cuda` marks a test that needs a CUDA GPU; without one it is skipped with a reason.
 - Under pytest-xdist (`pytest -n N`, worth it on a GPU machine, where the first run tunes and
   compiles for many minutes) each worker takes its share of the cores for torch's CPU threads,
-  and so do the programs it starts (OMP_NUM_THREADS). Every worker otherwise starts one thread
-  per core, and the CPU training tests, spinning for cores that other workers hold, ran 4x slower
-  on 2 cores with 6 workers (122 s against 30 s); on a 16-core H100 machine five of them had not
-  ended after 4 minutes.
+  and so do the programs it starts (OMP_NUM_THREADS; unless the user set that). Every worker
+  otherwise starts one thread per core, and the CPU training tests, spinning for cores that other
+  workers hold, ran 4x slower on 2 cores with 6 workers (122 s against 30 s); on a 16-core H100
+  machine five of them had not ended after 4 minutes.
 """
 
 import os
@@ -22,11 +22,11 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # (set in each worker by pytest-xdist)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:  # (xdist sets it in workers)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     torch.set_num_threads(threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def pytest_configure(config):

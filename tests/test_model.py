@@ -253,6 +253,9 @@ def test_generate_out_of_memory_is_one_line_with_what_to_try(monkeypatch):
         generate.cli(["--prompt", "Once upon a time", "--device", "cpu"])
     assert str(e.value.code).startswith("error: out of GPU memory (Tried to allocate 250.00 MiB): ")
     assert "--quant nf4" in str(e.value.code) and "\n" not in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        generate.cli(["--prompt", "Once upon a time", "--device", "cpu", "--quant", "nf4"])
+    assert "--quant" not in str(e.value.code) and "a shorter prompt" in str(e.value.code)  # (already 4-bit)
     assert generate.allocation("no size given") == "no size given"
 
 
