@@ -407,7 +407,7 @@ def train(argv=None):
 
 
 # --------------------------------------------------------------------------------------------
-# Saving and resuming
+# Saving, resuming, and stopping with what to change (out of GPU memory)
 # --------------------------------------------------------------------------------------------
 
 def save_checkpoint(out: str, model, optimizer, step: int, world: int, args_dict: dict):
