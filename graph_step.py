@@ -44,6 +44,12 @@ from dropout import Seed
 PAD = 64  # rows are padded to a multiple of this many tokens: one graph per width
 
 
+def padded_width(T: int, max_width: int = 0) -> int:
+    """The width a micro-batch of T tokens a row runs at under graphs: T rounded up to a multiple of PAD,
+    but not past max_width (the longest a batch can be, if known) unless T itself is longer."""
+    return max(T, min(-(-T // PAD) * PAD, max_width or T + PAD))
+
+
 def graphs_ok(model: nn.Module, device: str, world: int) -> tuple[bool, str]:
     """Whether train.py can replay this model's micro-batches as CUDA graphs, and if not, why."""
     if not str(device).startswith("cuda"):
@@ -95,9 +101,7 @@ class TrainStep:
             self._pass({k: v.to(self.loss_sum.device) for k, v in batch.items()}, select=True)
             return
         batch = {k: v for k, v in batch.items() if k != "attention_mask"}  # (not a model input)
-        T = batch["input_ids"].shape[1]
-        width = max(T, min(-(-T // PAD) * PAD, self.max_width or T + PAD))
-        batch = data.pad_batch(batch, width)
+        batch = data.pad_batch(batch, padded_width(batch["input_ids"].shape[1], self.max_width))
         key = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
         if key not in self.inputs:
             self.inputs[key] = {k: torch.empty_like(v, device=self.loss_sum.device) for k, v in batch.items()}

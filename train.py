@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 import data
 from generate import DEFAULT_MODEL, allocation, build_model, default_dtype, generate_tokens
-from graph_step import TrainStep, graphs_ok
+from graph_step import TrainStep, graphs_ok, padded_width
 from lora import add_lora, lora_state_dict, save_adapter
 from loss import causal_lm_loss_sum
 from model import compile_pointwise, load_tokenizer, read_args, set_pointwise
@@ -352,6 +352,7 @@ def train(argv=None):
                 loss_sum, stop_asked = all_sum([micro_step.take_loss_sum(), float(stop.asked)], world, device)
             except torch.cuda.OutOfMemoryError as e:  # (stopped below: this traceback holds the pass's activations)
                 rows, width = batch["input_ids"].shape
+                width = padded_width(width, data_args.max_len) if use_graphs else width
                 oom = (str(e), f"step {step + 1}, a micro-batch of {rows} x {width} tokens")
             if oom:
                 raise out_of_memory_stop(*oom)

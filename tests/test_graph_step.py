@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import train  # noqa: E402
 from generate import DEFAULT_MODEL, build_model  # noqa: E402
-from graph_step import TrainStep, graphs_ok  # noqa: E402
+from graph_step import TrainStep, graphs_ok, padded_width  # noqa: E402
 from lora import LoRALinear, add_lora  # noqa: E402
 from model import load_tokenizer  # noqa: E402
 
@@ -67,6 +67,14 @@ def test_padding_changes_no_real_token(pack):
     torch.testing.assert_close(hidden(padded)[:, :T], hidden(batch), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="cannot pad"):
         data.pad_batch(batch, T - 1)
+
+
+def test_padded_width():
+    """One graph per width: widths round up to multiples of 64, never past the longest batch (--max-len)
+    unless a batch is longer, and never down."""
+    assert [padded_width(t, 512) for t in (1, 64, 65, 500, 512)] == [64, 64, 128, 512, 512]
+    assert [padded_width(t, 100) for t in (60, 65, 100, 130)] == [64, 100, 100, 130]
+    assert [padded_width(t) for t in (64, 65, 1000)] == [64, 128, 1024]  # (no bound known)
 
 
 def test_eager_step_adds_the_loss_and_gradient_of_forward_loss():
