@@ -359,9 +359,8 @@ def train(argv=None):
             loss_val = loss_sum / max(n_target, 1)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf))
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
-                kept = f"the checkpoint of step {saved_step} in {args.out} is intact" if saved_step is not None else "no checkpoint was saved"
                 raise FloatingPointError(f"loss {loss_val}, gradient norm {grad_norm} at step {step + 1}: stopped before "
-                                         f"updating the adapters; {kept} (resume it with a lower --lr)")
+                                         f"updating the adapters; {kept(saved_step, args.out)} (resume it with a lower --lr)")
             optimizer.step()
             # In place under CUDA graphs (a graph adds into these tensors); else freed until the next backward.
             optimizer.zero_grad(set_to_none=not use_graphs)
@@ -452,6 +451,11 @@ def restore_checkpoint(out: str, model, optimizer, world: int, args_dict: dict, 
     return ckpt["step"]
 
 
+def kept(saved_step: int | None, out: str) -> str:
+    """What a run that stops on an error leaves for --resume (steps count from 1)."""
+    return f"the checkpoint of step {saved_step} in {out} is intact" if saved_step else "no checkpoint was saved"
+
+
 def checkpoint_step(out: str) -> int | None:
     """The step of OUT/checkpoint.pt, or None if there is none (memory-mapped: its tensors are not read)."""
     path = os.path.join(out, CHECKPOINT)
@@ -473,11 +477,10 @@ def out_of_memory(message: str, where: str, saved_step: int | None, out: str, de
     if device.startswith("cuda"):
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
         where += f"; {peak_memory_gib(device):.2f} of {total:.1f} GiB allocated at the peak"
-    kept = f"the checkpoint of step {saved_step} in {out} is intact" if saved_step else "no checkpoint was saved"
     resume = f"continue with --resume and {' or '.join(lighter)}, or " if saved_step and lighter else ""
     return torch.cuda.OutOfMemoryError(
-        f"out of GPU memory ({allocation(message)}) in {where}: {kept}. To fit, {resume}start afresh with a smaller "
-        f"--batch-size and a larger --grad-accum (the same global batch) or a smaller --max-len")
+        f"out of GPU memory ({allocation(message)}) in {where}: {kept(saved_step, out)}. To fit, {resume}start "
+        f"afresh with a smaller --batch-size and a larger --grad-accum (the same global batch) or a smaller --max-len")
 
 
 def open_metrics(out: str, resumed_step: int | None):

@@ -25,9 +25,10 @@ S (at most MAX_SPLITS, a compile-time constant) is chosen so that about 4 progra
 too small to give enough programs by itself. The S parts of a block are added without a second
 launch (add_parts): each program stores its part to part[ps], then counts itself with an atomic; the
 one that counts last adds the S parts in the order 0, 1, ..., S - 1, multiplies by 1 / (1 - p) and
-rounds. So the bits do not depend on which program ends last: CUDA graph replays and the tests need the same bits at every call, which
-float32 atomics on the output (adding in varying order) would not give. This is CUTLASS's serial
-split-K reduction without its waiting: no program ever waits for another.
+rounds. So the bits do not depend on which program ends last: CUDA graph replays and the tests need
+the same bits at every call, which float32 atomics on the output (adding in varying order) would not
+give. This is CUTLASS's serial split-K reduction without its waiting: no program ever waits for
+another.
 """
 
 import torch
@@ -172,10 +173,10 @@ def dropout_down_backward(x: torch.Tensor, dlow: torch.Tensor, a: torch.Tensor, 
     if dlow.shape != (*x.shape[:-1], r) or dlow.dtype != x.dtype or dlow.device != x.device:
         raise ValueError(f"dropout_down_backward: dlow {tuple(dlow.shape)} {dlow.dtype} must be "
                          f"{(*x.shape[:-1], r)} {x.dtype} on {x.device}")
-    x2, a, g = x.reshape(-1, K).contiguous(), a.contiguous(), dlow.reshape(-1, r).contiguous()
-    M = x2.shape[0]
     if not (need_dx or need_da):
         return None, None
+    x2, a, g = x.reshape(-1, K).contiguous(), a.contiguous(), dlow.reshape(-1, r).contiguous()
+    M = x2.shape[0]
     dx = torch.empty_like(x2) if need_dx else None
     if M == 0 or K == 0:
         return (dx.view(x.shape) if need_dx else None), (torch.zeros_like(a) if need_da else None)

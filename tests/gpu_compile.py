@@ -9,9 +9,10 @@ nothing) and calls the launchers with CPU tensors and each config of the tuners'
 dequantize, fused_matmul, fused_matmul_dx and skinny_matmul, for NF4 with double quantization and
 INT4 weights, the seeded dropout (kernels/dropout.py, one tensor and two) and the fused
 down-projection with dropout (kernels/dropout_down.py, forward and backward), with bf16
-activations (or fp16: generate.py's default on GPUs without bf16, such as a T4, sm_75; the byte-permute and tensor-core decoders are bf16 only, so their lists are left
-out); with bf16 on sm_90 also the Gluon kernels (decode_sm90 and fused_matmul_sm90, which it
-compiles with a 4096x4096 weight's arguments).
+activations (or fp16: generate.py's default on GPUs without bf16, such as a T4, sm_75; the
+byte-permute and tensor-core decoders are bf16 only, so their lists are left out); with bf16 on
+sm_90 also the Gluon kernels (decode_sm90 and fused_matmul_sm90, which it compiles with a
+4096x4096 weight's arguments).
 
 Why: Triton releases and GPU generations move under these kernels (inline PTX an older GPU lacks,
 such as mul.bf16x2 before sm_90; Gluon's renames; tiles larger than a GPU's shared memory), and
