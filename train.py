@@ -4,9 +4,10 @@
     python train.py --data alpaca.json --model path/to/Llama-2-7b-hf --quant nf4 --out runs/alpaca
     torchrun --nproc_per_node 2 train.py ...          # data parallel: 2 GPUs (or 2 CPU processes: --device cpu)
 
-The order follows Stanford Alpaca's train.py: constants, argument dataclasses, data, model, the loop,
-saving. What QLoRA adds (Dettmers et al. 2023): the frozen base weights are 4-bit NF4 (quant.py), only
-the LoRA adapters train (lora.py), computing in bf16 with fp32 adapter weights.
+The order follows Stanford Alpaca's train.py: constants, argument dataclasses, data, model, the loop.
+What a run saves, and how --resume continues it exactly, is checkpoint.py's. What QLoRA adds (Dettmers
+et al. 2023): the frozen base weights are 4-bit NF4 (quant.py), only the LoRA adapters train (lora.py),
+computing in bf16 with fp32 adapter weights.
 
 A step's loss is the sum of token losses over its whole accumulation window (all micro-batches, all
 processes) over the number of target tokens in it: every response token weighs the same whatever
@@ -32,7 +33,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -47,19 +47,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+from checkpoint import CHECKPOINT, Interrupted, StopRequest, kept, open_metrics, restore_checkpoint, save_or_explain
 from generate import DEFAULT_MODEL, allocation, build_model, default_dtype, generate_tokens
 from graph_step import TrainStep, graphs_ok, padded_width
-from lora import add_lora, lora_state_dict, save_adapter
+from lora import add_lora
 from loss import causal_lm_loss_sum
 from model import compile_pointwise, load_tokenizer, read_args, set_pointwise
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(HERE, "data", "alpaca_sample.json")
-CHECKPOINT = "checkpoint.pt"  # step, adapters, AdamW state: all that --resume needs
-METRICS = "metrics.jsonl"
-# --resume refuses other values of these: they change the data, its order, or what the saved state means.
-SAME_ON_RESUME = ("model", "quant", "lora_r", "lora_alpha", "lora_targets", "data", "val_data", "val_frac",
-                  "max_len", "pack", "batch_size", "grad_accum", "seed")
 
 
 @dataclass
@@ -162,27 +158,6 @@ def seed_step(seed: int, step: int, rank: int):
     """Reseed torch (CPU and CUDA) from (seed, step, rank): a resumed run draws the uninterrupted run's
     dropout masks without saving RNG state, and each rank draws its own."""
     torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
-
-
-class Interrupted(Exception):
-    """Training stopped on Ctrl-C, after saving a checkpoint."""
-
-
-class StopRequest:
-    """Ctrl-C (SIGINT) asks to stop after the current step, save and exit: a step is never cut in half (an
-    interrupt inside optimizer.step() would leave the adapters half updated). A second Ctrl-C aborts without
-    saving; not under torchrun, which repeats the Ctrl-C to its workers itself (and kills them 30 s later)."""
-
-    def __init__(self, verbose: bool, second_aborts: bool):
-        self.asked, self.verbose, self.second_aborts = False, verbose, second_aborts
-        self.previous = signal.signal(signal.SIGINT, self)
-
-    def __call__(self, signum, frame):
-        if self.asked and self.second_aborts:
-            raise KeyboardInterrupt
-        if self.verbose and not self.asked:
-            tqdm.write("Ctrl-C: stopping after this step to save a checkpoint" + (" (again: abort without saving)" if self.second_aborts else ""))
-        self.asked = True
 
 
 def forward_loss(model, batch: dict, select: bool = True) -> tuple[torch.Tensor, int | None]:
@@ -296,26 +271,13 @@ def train(argv=None):
     if main and val_batches and not args.resume:
         log({"step": 0, "val_loss": evaluate(model, val_batches, device)})  # the baseline: the base model itself
 
-    def save(after: str = ""):
-        """Checkpoint this step. A save that fails (a full disk: torch.save and safetensors raise an OSError or a
-        RuntimeError, depending on where the write fails) stops with one line that says which step --resume
-        would continue from."""
-        try:
-            save_checkpoint(args.out, model, optimizer, step, world, args_dict)
-        except Exception as e:
-            there = checkpoint_step(args.out)
-            kept = f"{CHECKPOINT} there holds step {there}" if there else f"no {CHECKPOINT} there"
-            why = (str(e).splitlines() or [type(e).__name__])[0]
-            free = shutil.disk_usage(args.out).free / 2**20
-            raise OSError(f"could not save step {step} to {args.out}{after} ({why}; {free:,.0f} MiB free there): {kept}") from e
-
     def out_of_memory_stop(message: str, where: str, evaluating: bool = False) -> torch.cuda.OutOfMemoryError:
         """Save the last completed step, whose adapters and AdamW state are whole, so that nothing is lost (rank 0:
         its state is every rank's; when another rank runs out, rank 0 waits in a collective until torchrun ends
         the job); then the error that says what to change."""
         nonlocal saved_step
         if main and step > (saved_step or 0):
-            save(after=f" after running out of GPU memory in {where}")
+            save_or_explain(args.out, model, optimizer, step, world, args_dict, f" after running out of GPU memory in {where}")
             saved_step = step
         lighter = lighter_flags(model_args.grad_ckpt, use_graphs, evaluating) if step < total_steps else []
         return out_of_memory(message, where, saved_step, args.out, device, lighter)
@@ -386,7 +348,7 @@ def train(argv=None):
                     tqdm.write(f"step {step}: loss {loss_val:.4f}, val_loss {val:.4f}")
             if (args.save_every and step % args.save_every == 0) or step == total_steps or stop_asked:
                 if main:  # the other ranks go on to the next all_sum, which waits for rank 0
-                    save()
+                    save_or_explain(args.out, model, optimizer, step, world, args_dict)
                 saved_step = step
             if stop_asked:
                 raise Interrupted(f"interrupted: saved step {step} to {args.out}; continue with --resume")
@@ -407,63 +369,11 @@ def train(argv=None):
 
 
 # --------------------------------------------------------------------------------------------
-# Saving, resuming, and stopping with what to change (out of GPU memory)
+# Stopping with what to change (out of GPU memory); saving and resuming are checkpoint.py's
 # --------------------------------------------------------------------------------------------
 
-def save_checkpoint(out: str, model, optimizer, step: int, world: int, args_dict: dict):
-    """checkpoint.pt (what --resume reads), then the adapter in PEFT's layout (for generate.py and PEFT).
-
-    Each file goes to a temporary file, flushed to disk, then renamed over the old one (atomic on POSIX):
-    a crash mid-save leaves the previous checkpoint whole."""
-    state = {"step": step, "world_size": world, "adapter": lora_state_dict(model), "optimizer": optimizer.state_dict(), "args": args_dict}
-    tmp = os.path.join(out, CHECKPOINT + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave a renamed empty file
-        os.replace(tmp, os.path.join(out, CHECKPOINT))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    save_adapter(model, out, base_model_path=args_dict["model"])
-
-
-def restore_checkpoint(out: str, model, optimizer, world: int, args_dict: dict, device) -> int:
-    """Load OUT/checkpoint.pt into the adapters and the optimizer, after checking it fits this run; its step."""
-    path = os.path.join(out, CHECKPOINT)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out} (drop --resume to start a new run)")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    if ckpt["world_size"] != world:
-        raise ValueError(f"--resume: {path} was trained by {ckpt['world_size']} process(es), this run has {world}: "
-                         f"use the same number (the global batches and their order depend on it)")
-    changed = [f"--{k.replace('_', '-')} {args_dict[k]!r} (checkpoint: {ckpt['args'].get(k)!r})"
-               for k in SAME_ON_RESUME if ckpt["args"].get(k) != args_dict[k]]
-    if changed:
-        raise ValueError(f"--resume: {path} was trained with other settings: {'; '.join(changed)}")
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, t in ckpt["adapter"].items():
-            named[name].copy_(t)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    return ckpt["step"]
-
-
-def kept(saved_step: int | None, out: str) -> str:
-    """What a run that stops on an error leaves for --resume (steps count from 1)."""
-    return f"the checkpoint of step {saved_step} in {out} is intact" if saved_step else "no checkpoint was saved"
-
-
-def checkpoint_step(out: str) -> int | None:
-    """The step of OUT/checkpoint.pt, or None if there is none (memory-mapped: its tensors are not read)."""
-    path = os.path.join(out, CHECKPOINT)
-    return torch.load(path, mmap=True, weights_only=True, map_location="cpu")["step"] if os.path.isfile(path) else None
-
-
 def lighter_flags(grad_ckpt: bool, graphs: bool, evaluating: bool) -> list[str]:
-    """Flags a resumed run may change (SAME_ON_RESUME fixes the batches) that leave a pass more GPU memory. An
+    """Flags a resumed run may change (checkpoint.SAME_ON_RESUME fixes the batches) that leave a pass more GPU memory. An
     evaluation (eager, no gradients) runs beside the graphs' memory pool: only a smaller pool helps it."""
     flags = ["--no-cuda-graphs (a graph keeps up to one more pass's activations)"] if graphs else []
     if not grad_ckpt and (graphs or not evaluating):
@@ -481,19 +391,6 @@ def out_of_memory(message: str, where: str, saved_step: int | None, out: str, de
     return torch.cuda.OutOfMemoryError(
         f"out of GPU memory ({allocation(message)}) in {where}: {kept(saved_step, out)}. To fit, {resume}start "
         f"afresh with a smaller --batch-size and a larger --grad-accum (the same global batch) or a smaller --max-len")
-
-
-def open_metrics(out: str, resumed_step: int | None):
-    """OUT/metrics.jsonl for appending. A resumed run first drops the lines logged after its checkpoint
-    (the interrupted run got further than it saved), so the file reads as one uninterrupted run."""
-    path = os.path.join(out, METRICS)
-    kept = []
-    if resumed_step is not None and os.path.isfile(path):
-        with open(path) as f:
-            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= resumed_step]
-    f = open(path, "w")
-    f.writelines(kept)
-    return f
 
 
 def show_samples(model, tokenizer, records: list[dict]):

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
 import train  # noqa: E402
 from test_graph_step import relative_difference  # noqa: E402  (tests/ is on sys.path: pytest puts it there)
 
@@ -54,7 +55,7 @@ def torchrun(*args, script=os.path.join(ROOT, "train.py"), timeout=300):
 
 
 def metrics(out):
-    with open(os.path.join(out, train.METRICS)) as f:
+    with open(os.path.join(out, checkpoint.METRICS)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -86,7 +87,7 @@ def test_two_ranks_train_like_one_rank_with_twice_the_batch(two_ranks, tmp_path)
     wa, wb = adapter(two_ranks), adapter(one)
     assert wa.keys() == wb.keys()
     assert relative_difference(wb, wa) < 1e-5  # float summation order only (seen ~1e-8)
-    ckpt = torch.load(os.path.join(two_ranks, train.CHECKPOINT), weights_only=True)
+    ckpt = torch.load(os.path.join(two_ranks, checkpoint.CHECKPOINT), weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["step"] == 3
 
 
@@ -96,7 +97,7 @@ def test_torchrun_cpu_default_run_writes_one_checkpoint(tmp_path):
     r = torchrun("--device", "cpu", "--max-steps", "5", "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "checkpoint.pt", "metrics.jsonl"]
-    ckpt = torch.load(os.path.join(out, train.CHECKPOINT), weights_only=True)
+    ckpt = torch.load(os.path.join(out, checkpoint.CHECKPOINT), weights_only=True)
     assert ckpt["step"] == 5 and ckpt["world_size"] == 2
     recs = metrics(out)
     assert [x["step"] for x in recs if "loss" in x] == [1, 2, 3, 4, 5]  # one writer
@@ -115,7 +116,7 @@ def test_failing_rank_ends_the_job_and_resume_continues(two_ranks, tmp_path):
     assert r.returncode != 0
     assert "rank 1 failed: RuntimeError: injected failure" in r.stderr
     assert time.monotonic() - t0 < 120  # ended by torchrun / the peer's error, well before any timeout
-    assert torch.load(os.path.join(out, train.CHECKPOINT), weights_only=True)["step"] == 2
+    assert torch.load(os.path.join(out, checkpoint.CHECKPOINT), weights_only=True)["step"] == 2
 
     with pytest.raises(ValueError, match="trained by 2 process"):
         train.train(COMMON + ["--batch-size", "2", "--out", out, "--resume"])

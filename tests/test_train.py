@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 from generate import build_model  # noqa: E402
@@ -33,7 +34,7 @@ FAST = CPU + ["--max-len", "128", "--batch-size", "4", "--samples", "0"]
 
 
 def metrics(out):
-    with open(os.path.join(out, train.METRICS)) as f:
+    with open(os.path.join(out, checkpoint.METRICS)) as f:
         return [json.loads(line) for line in f]
 
 
@@ -102,7 +103,7 @@ def test_metrics_and_files(run40):
     assert lrs[9] == pytest.approx(2e-3) and lrs[0] == pytest.approx(2e-4)
     assert all(a > b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-5
     assert sorted(os.listdir(run40)) == ["adapter_config.json", "adapter_model.safetensors", "checkpoint.pt", "metrics.jsonl"]
-    ckpt = torch.load(os.path.join(run40, train.CHECKPOINT), weights_only=True)
+    ckpt = torch.load(os.path.join(run40, checkpoint.CHECKPOINT), weights_only=True)
     assert ckpt["step"] == 40 and ckpt["world_size"] == 1
     # The PEFT-layout adapter holds the same weights as the checkpoint.
     saved = adapter(run40)
@@ -137,7 +138,7 @@ def test_ctrl_c_saves_the_step_and_resume_continues_exactly(tmp_path, monkeypatc
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(train.Interrupted, match="saved step 7"):
         train.train(["--out", out] + RESUME)
-    assert torch.load(os.path.join(out, train.CHECKPOINT), weights_only=True)["step"] == 7
+    assert torch.load(os.path.join(out, checkpoint.CHECKPOINT), weights_only=True)["step"] == 7
     assert signal.getsignal(signal.SIGINT) is handler  # restored
     monkeypatch.undo()
     train.train(["--out", out, "--resume"] + RESUME)
@@ -153,7 +154,7 @@ def test_crash_then_resume_from_last_checkpoint(tmp_path, monkeypatch, uninterru
     patch_training_forward(monkeypatch, 7, crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train.train(["--out", out] + RESUME)
-    assert torch.load(os.path.join(out, train.CHECKPOINT), weights_only=True)["step"] == 4  # --save-every 4
+    assert torch.load(os.path.join(out, checkpoint.CHECKPOINT), weights_only=True)["step"] == 4  # --save-every 4
     assert [r["step"] for r in steps(out)] == [1, 2, 3, 4, 5, 6]  # logged past the checkpoint
     monkeypatch.undo()
     train.train(["--out", out, "--resume"] + RESUME)
@@ -180,7 +181,7 @@ def test_out_of_memory_saves_the_last_step_and_resume_continues_exactly(tmp_path
     assert err.startswith("error: out of GPU memory (Tried to allocate 2.00 GiB) in step 7, a micro-batch of 4 x ")
     assert f"the checkpoint of step 6 in {out} is intact" in err
     assert "--resume and --grad-ckpt" in err and "--no-cuda-graphs" not in err  # (no graphs on the CPU)
-    assert torch.load(os.path.join(out, train.CHECKPOINT), weights_only=True)["step"] == 6
+    assert torch.load(os.path.join(out, checkpoint.CHECKPOINT), weights_only=True)["step"] == 6
     assert [r["step"] for r in steps(out)] == [1, 2, 3, 4, 5, 6]
     monkeypatch.undo()
     train.train(["--out", out, "--resume"] + RESUME)
@@ -204,7 +205,7 @@ def test_out_of_memory_in_the_evaluation_saves_the_step(tmp_path, monkeypatch, c
         train.main(["--out", out] + RESUME)
     err = capsys.readouterr().err.splitlines()[-1]
     assert "(Tried to allocate 20.00 MiB) in the held-out evaluation after step 6" in err, err
-    assert torch.load(os.path.join(out, train.CHECKPOINT), weights_only=True)["step"] == 6
+    assert torch.load(os.path.join(out, checkpoint.CHECKPOINT), weights_only=True)["step"] == 6
     monkeypatch.undo()
     train.train(["--out", out, "--resume"] + RESUME)
     assert steps(out) == steps(uninterrupted)
@@ -237,8 +238,8 @@ def test_resume_refusals(tmp_path, uninterrupted):
     # A checkpoint written by 2 processes cannot be resumed by 1.
     out = str(tmp_path / "two")
     os.makedirs(out)
-    ckpt = torch.load(os.path.join(uninterrupted, train.CHECKPOINT), weights_only=True)
-    torch.save({**ckpt, "world_size": 2}, os.path.join(out, train.CHECKPOINT))
+    ckpt = torch.load(os.path.join(uninterrupted, checkpoint.CHECKPOINT), weights_only=True)
+    torch.save({**ckpt, "world_size": 2}, os.path.join(out, checkpoint.CHECKPOINT))
     with pytest.raises(ValueError, match="trained by 2 process"):
         train.train(["--out", out, "--resume"] + RESUME)
 
@@ -305,13 +306,13 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, cap
     """An absurd learning rate (1e36, no clipping) makes the adapters overflow to inf and the loss NaN."""
     out = str(tmp_path)
     hashes = []
-    real_save = train.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
     def save_and_hash(out_dir, *a, **kw):
         real_save(out_dir, *a, **kw)
-        hashes.append(sha256(os.path.join(out_dir, train.CHECKPOINT)))
+        hashes.append(sha256(os.path.join(out_dir, checkpoint.CHECKPOINT)))
 
-    monkeypatch.setattr(train, "save_checkpoint", save_and_hash)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_and_hash)
     with pytest.raises(SystemExit) as e:
         train.main(["--out", out, "--lr", "1e36", "--warmup-steps", "0", "--max-grad-norm", "0", "--save-every", "1",
                     "--max-steps", "10"] + FAST)
@@ -320,8 +321,8 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, cap
     assert "error: loss nan" in err and "is intact" in err and "Traceback" not in err
     done = len(steps(out))  # steps completed (all logged) before the non-finite one
     assert done >= 1 and len(hashes) == done
-    assert sha256(os.path.join(out, train.CHECKPOINT)) == hashes[-1]  # not touched after its save
-    ckpt = torch.load(os.path.join(out, train.CHECKPOINT), weights_only=True)
+    assert sha256(os.path.join(out, checkpoint.CHECKPOINT)) == hashes[-1]  # not touched after its save
+    ckpt = torch.load(os.path.join(out, checkpoint.CHECKPOINT), weights_only=True)
     assert ckpt["step"] == done and f"at step {done + 1}" in err
     assert all(torch.isfinite(t).all() for t in ckpt["adapter"].values())
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
@@ -331,19 +332,19 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch, uninterrupted):
     """A save that fails half-way (disk full) leaves the previous checkpoint whole and no temporary file."""
     out = str(tmp_path)
     train.train(["--out", out] + FAST + ["--max-steps", "2", "--save-every", "1", "--eval-every", "0"])
-    before = sha256(os.path.join(out, train.CHECKPOINT))
+    before = sha256(os.path.join(out, checkpoint.CHECKPOINT))
 
     def torch_save_fails(obj, f):
         f.write(b"half a checkpoint")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train.torch, "save", torch_save_fails)
+    monkeypatch.setattr(checkpoint.torch, "save", torch_save_fails)
     model = build_model(train.DEFAULT_MODEL, "cpu", torch.float32, "nf4")
     train.add_lora(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     with pytest.raises(OSError, match="No space"):
-        train.save_checkpoint(out, model, optimizer, 3, 1, {"model": train.DEFAULT_MODEL})
-    assert sha256(os.path.join(out, train.CHECKPOINT)) == before
+        checkpoint.save_checkpoint(out, model, optimizer, 3, 1, {"model": train.DEFAULT_MODEL})
+    assert sha256(os.path.join(out, checkpoint.CHECKPOINT)) == before
     for run in (out, uninterrupted):
         assert not [f for f in os.listdir(run) if f.endswith(".tmp") or f.startswith(".")]
 
@@ -358,8 +359,8 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path)
     out = str(tmp_path)
     args = FAST + ["--out", out, "--save-every", "1", "--eval-every", "0"]
     train.train(args + ["--max-steps", "2"])
-    size = os.path.getsize(os.path.join(out, train.CHECKPOINT))
-    before = sha256(os.path.join(out, train.CHECKPOINT))
+    size = os.path.getsize(os.path.join(out, checkpoint.CHECKPOINT))
+    before = sha256(os.path.join(out, checkpoint.CHECKPOINT))
 
     def limit():  # (in the child: files stop growing at half a checkpoint; a write past that fails)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -371,14 +372,14 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path)
     last = run.stderr.splitlines()[-1]
     assert last.startswith(f"error: could not save step 3 to {out} (") and "MiB free there)" in last, last
     assert last.endswith(": checkpoint.pt there holds step 2"), last
-    assert sha256(os.path.join(out, train.CHECKPOINT)) == before
+    assert sha256(os.path.join(out, checkpoint.CHECKPOINT)) == before
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
 def test_a_failed_adapter_write_names_the_checkpoint_already_written(tmp_path, monkeypatch, capsys):
     """checkpoint.pt is written before the adapter's files: when those fail, it already holds the new step."""
     out = str(tmp_path)
-    real, calls = train.save_adapter, {"n": 0}
+    real, calls = checkpoint.save_adapter, {"n": 0}
 
     def save_adapter(*a, **kw):
         calls["n"] += 1
@@ -386,7 +387,7 @@ def test_a_failed_adapter_write_names_the_checkpoint_already_written(tmp_path, m
             raise RuntimeError("Error while serializing: IoError(No space left on device (os error 28))\nmore")
         real(*a, **kw)
 
-    monkeypatch.setattr(train, "save_adapter", save_adapter)
+    monkeypatch.setattr(checkpoint, "save_adapter", save_adapter)
     with pytest.raises(SystemExit) as e:
         train.main(["--out", out, "--max-steps", "5", "--save-every", "1", "--eval-every", "0"] + FAST)
     assert e.value.code == 1
