@@ -1,4 +1,5 @@
 """train.py on the CPU: learning, exact resume, token-normalized accumulation, NaN stop, atomic saves, errors.
+checkpoint.py (saving, resuming, the metrics log, Ctrl-C) is tested here, through the runs that use it.
 
 Runs call train.train(argv) in the test process (the bundled tiny model, --max-len 128, small batches)
 except the command-line error tests, which run `python train.py` as a user would. References are
