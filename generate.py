@@ -276,9 +276,23 @@ def parse_args(argv=None):
         p.error("give exactly one of --prompt, --instruction or --chat")
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
+    if args.temperature < 0:
+        p.error(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.compile is None:
         args.compile = args.device.startswith("cuda")
     return args
+
+
+def check_device(device: str) -> None:
+    """A clear error for --device cuda where this torch sees no GPU (instead of an assertion deep in torch)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        why = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None else
+               f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU")
+        raise ValueError(f"--device {device}: {why}; use --device cpu")
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -289,11 +303,14 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
 
 
-def stream(tokenizer, prompt_ids: list[int], tokens: Iterator[int]) -> int:
-    """Print the text of the new tokens as they come; return how many there were."""
+def stream(tokenizer, prompt_ids: list[int], tokens: Iterator[int], on_first=None) -> int:
+    """Print the text of the new tokens as they come; return how many there were. on_first() is
+    called when the first one comes."""
     new_ids, printed = [], ""
     prefix = tokenizer.decode(prompt_ids)
     for token in tokens:
+        if not new_ids and on_first:
+            on_first()
         new_ids.append(token)
         # Decode everything so far and print the new suffix: sentencepiece drops a token's leading
         # space when it is decoded alone, so the prompt is decoded with it and cut off again.
@@ -321,6 +338,7 @@ def read_lines() -> Iterator[str]:
 
 def main(argv=None):
     args = parse_args(argv)
+    check_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.device)
     tokenizer = load_tokenizer(args.model)
     model = build_model(args.model, args.device, dtype, args.quant, args.adapter)
@@ -330,24 +348,33 @@ def main(argv=None):
     sampling = (args.temperature, args.top_k, args.top_p, tokenizer.eos_id, generator)
 
     def answer(prompt_ids, decoder=None):
+        room = model.args.max_seq_len - len(prompt_ids)
+        if 0 < room < args.max_new_tokens:
+            print(f"[at most {room} new tokens: the model's context is {model.args.max_seq_len} tokens and the "
+                  f"prompt takes {len(prompt_ids)}]", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         tokens = (decoder.generate(prompt_ids, args.max_new_tokens, *sampling) if decoder else
                   generate_tokens(model, prompt_ids, args.max_new_tokens, *sampling))
-        n = stream(tokenizer, prompt_ids, tokens)
+        first = []  # when the first new token came: setup and prefill (on a first call, kernels compiled and tuned)
+        n = stream(tokenizer, prompt_ids, tokens, on_first=lambda: first.append(time.perf_counter() - t0))
         dt = time.perf_counter() - t0
-        print(f"\n\n[{n} tokens in {dt:.2f} s: {n / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr, flush=True)
+        print(flush=True)  # (stdout holds the answers alone, each ending its line)
+        rate = f", then {(n - 1) / (dt - first[0]):.1f} tokens/s" if n > 1 and dt > first[0] else ""
+        print(f"\n[{n} tokens in {dt:.2f} s: the first after {first[0] if first else dt:.2f} s{rate}]",
+              file=sys.stderr, flush=True)
 
     if not args.chat:
         text = args.prompt if args.prompt is not None else format_prompt(args.instruction, args.input)
+        ids = tokenizer.encode(text, bos=True)
+        context_needed(model, ids, args.max_new_tokens)  # a prompt too long: its error before it is printed
         print(text, end="", flush=True)
-        answer(tokenizer.encode(text, bos=True))
+        answer(ids)
         return
     print("One instruction per line (Ctrl-D ends).", file=sys.stderr, flush=True)
     decoder = Decoder(model)  # set up at the first answer, kept for the others
     for line in read_lines():
         try:
             answer(tokenizer.encode(format_prompt(line, ""), bos=True), decoder)
-            print(flush=True)  # (stdout holds the answers alone, one after another)
         except ValueError as e:  # a line too long for the context: say so, keep the chat going
             print(f"error: {e}", file=sys.stderr, flush=True)
     decoder.close()

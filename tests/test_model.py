@@ -6,6 +6,7 @@ References: tests/data/stories260K_reference.json was produced by transformers' 
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -109,7 +110,27 @@ def test_generate_cli_prints_reference_continuation():
                           "--temperature", "0", "--max-new-tokens", "60", "--device", "cpu"],
                          capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == PROMPTS[0]["greedy_full_text"].strip()
-    assert "tokens/s" in out.stderr
+    assert out.stdout.endswith("\n")  # (a file that holds the output ends its last line)
+    assert "60 tokens in" in out.stderr and "the first after" in out.stderr and "tokens/s" in out.stderr
+
+
+def test_generate_cli_refuses_bad_sampling_and_says_when_the_context_caps_the_answer(capsys, monkeypatch):
+    import generate
+    for flags, says in ((["--temperature", "-1"], "--temperature must be 0 (greedy) or more"),
+                        (["--top-k", "0"], "--top-k must be at least 1"),
+                        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+                        (["--top-p", "1.5"], "--top-p must be in (0, 1]")):
+        with pytest.raises(SystemExit):
+            generate.parse_args(["--prompt", "Once", *flags])
+        assert says in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: torch .* (is built without CUDA|sees no GPU); use --device cpu"):
+        generate.cli(["--prompt", "Once", "--device", "cuda"])
+    # the bundled model's context is 512 tokens: 600 new ones after a 5-token prompt cannot all come
+    generate.cli(["--prompt", "Once upon a time", "--temperature", "0", "--max-new-tokens", "600", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert "[at most 507 new tokens: the model's context is 512 tokens and the prompt takes 5]" in err, err
+    assert int(re.search(r"\[(\d+) tokens in", err).group(1)) <= 507
 
 
 def test_generate_chat_answers_each_line_as_alone():
@@ -123,7 +144,7 @@ def test_generate_chat_answers_each_line_as_alone():
     lines = ["Tell me a story about a cat.", "Write about a dog."]
     alone = [run("--instruction", line).stdout[len(format_prompt(line, "")):] for line in lines]
     chat = run("--chat", stdin=f"{lines[0]}\n\n{'word ' * 600}\n{lines[1]}\n")
-    assert chat.stdout == alone[0] + "\n" + alone[1] + "\n"
+    assert chat.stdout == alone[0] + alone[1] and alone[0].endswith("\n")  # each answer ends its line
     assert "leaves no room in the context of 512" in chat.stderr
     assert chat.stderr.count("tokens/s") == 2
 
