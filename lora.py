@@ -260,15 +260,20 @@ def _lora_hparams(model: nn.Module) -> tuple[int, float, float, list[str]]:
 
 
 def _atomic_write(path: str, write) -> None:
-    """Write via `write(tmp_path)` to a temporary file in the same folder, then rename over `path`."""
+    """Write via `write(tmp_path)` to a temporary file in the same folder, flush it to disk, then
+    rename it over `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
     try:
         write(tmp)
+        # The usual permissions, set after the write: mkstemp makes owner-only files, and so does
+        # safetensors' save_file, which replaces the file it is given.
+        os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave a renamed empty file
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new, never half of one
     except BaseException:
         if os.path.exists(tmp):

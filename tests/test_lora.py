@@ -7,6 +7,7 @@ installed (they load our adapter / merged export, we load PEFT's adapter, logits
 
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -298,6 +299,10 @@ def test_saved_adapter_has_peft_keys_and_config(tmp_path):
     m = adapted()
     save_adapter(m, str(tmp_path), base_model_path="models/stories260K")
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp files
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(tmp_path):  # the permissions of any new file (safetensors alone makes them owner-only)
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask, name
     from safetensors import safe_open
     with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
         keys = set(f.keys())
