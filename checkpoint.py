@@ -26,13 +26,26 @@ import signal
 import torch
 from tqdm import tqdm
 
-from lora import lora_state_dict, save_adapter
+from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_state_dict, save_adapter
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 # --resume refuses other values of these: they change the data, its order, or what the saved state means.
 SAME_ON_RESUME = ("model", "quant", "lora_r", "lora_alpha", "lora_targets", "data", "val_data", "val_frac",
                   "max_len", "pack", "batch_size", "grad_accum", "seed")
+PATHS = ("model", "data", "val_data")  # compared as the files they name: ./data/x.json is data/x.json
+
+
+def check_out(out: str, resume: bool, overwrite: bool):
+    """Refuse, before anything is loaded, an --out that cannot take this run: a file, --resume with no
+    checkpoint there, or a new run over a checkpoint without --overwrite (it would lose that run)."""
+    path = os.path.join(out, CHECKPOINT)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    if resume and not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out} (drop --resume to start a new run)")
+    if not resume and not overwrite and os.path.isfile(path):
+        raise FileExistsError(f"{path} exists: continue that run with --resume, or start afresh with --overwrite")
 
 
 def save_checkpoint(out: str, model, optimizer, step: int, world: int, args_dict: dict):
@@ -72,15 +85,13 @@ def save_or_explain(out: str, model, optimizer, step: int, world: int, args_dict
 
 def restore_checkpoint(out: str, model, optimizer, world: int, args_dict: dict, device) -> int:
     """Load OUT/checkpoint.pt into the adapters and the optimizer, after checking it fits this run; its step."""
-    path = os.path.join(out, CHECKPOINT)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out} (drop --resume to start a new run)")
+    path = os.path.join(out, CHECKPOINT)  # (check_out made sure it is there)
     ckpt = torch.load(path, map_location=device, weights_only=True)
     if ckpt["world_size"] != world:
         raise ValueError(f"--resume: {path} was trained by {ckpt['world_size']} process(es), this run has {world}: "
                          f"use the same number (the global batches and their order depend on it)")
     changed = [f"--{k.replace('_', '-')} {args_dict[k]!r} (checkpoint: {ckpt['args'].get(k)!r})"
-               for k in SAME_ON_RESUME if ckpt["args"].get(k) != args_dict[k]]
+               for k in SAME_ON_RESUME if not same_setting(k, ckpt["args"].get(k), args_dict[k])]
     if changed:
         raise ValueError(f"--resume: {path} was trained with other settings: {'; '.join(changed)}")
     named = dict(model.named_parameters())
@@ -89,6 +100,12 @@ def restore_checkpoint(out: str, model, optimizer, world: int, args_dict: dict, 
             named[name].copy_(t)
     optimizer.load_state_dict(ckpt["optimizer"])
     return ckpt["step"]
+
+
+def same_setting(key: str, saved, now) -> bool:
+    if key in PATHS and saved and now:
+        return os.path.realpath(saved) == os.path.realpath(now)
+    return saved == now
 
 
 def checkpoint_step(out: str) -> int | None:
@@ -102,10 +119,18 @@ def kept(saved_step: int | None, out: str) -> str:
     return f"the checkpoint of step {saved_step} in {out} is intact" if saved_step else "no checkpoint was saved"
 
 
-def open_metrics(out: str, resumed_step: int | None):
-    """OUT/metrics.jsonl for appending. A resumed run first drops the lines logged after its checkpoint
-    (the interrupted run got further than it saved), so the file reads as one uninterrupted run."""
+def start_run(out: str, resumed_step: int | None):
+    """OUT/metrics.jsonl, opened for this run's lines (on rank 0, once the data and the model are loaded).
+
+    A new run (--overwrite) first removes the previous run's checkpoint and adapter: if it stopped before
+    its first save, a --resume would otherwise continue the old run under the new one's log. A resumed run
+    drops the lines logged after its checkpoint (the interrupted run got further than it saved), so the
+    file reads as one uninterrupted run."""
     path = os.path.join(out, METRICS)
+    if resumed_step is None:
+        for name in (CHECKPOINT, ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            if os.path.isfile(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
     lines = []
     if resumed_step is not None and os.path.isfile(path):
         with open(path) as f:

@@ -1,8 +1,8 @@
 """Fine-tune a (4-bit) LLaMA with LoRA on instruction data: QLoRA in one readable loop.
 
-    python train.py                                   # bundled tiny model + Alpaca sample: a minute on a CPU
+    python train.py                                   # bundled tiny model + Alpaca sample: half a minute on a CPU
     python train.py --data alpaca.json --model path/to/Llama-2-7b-hf --quant nf4 --out runs/alpaca
-    torchrun --nproc_per_node 2 train.py ...          # data parallel: 2 GPUs (or 2 CPU processes: --device cpu)
+    torchrun --nproc_per_node 2 train.py --out runs/ddp ...   # data parallel: 2 GPUs (or 2 CPU processes: --device cpu)
 
 The order follows Stanford Alpaca's train.py: constants, argument dataclasses, data, model, the loop.
 What a run saves, and how --resume continues it exactly, is checkpoint.py's. What QLoRA adds (Dettmers
@@ -47,8 +47,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from checkpoint import CHECKPOINT, Interrupted, StopRequest, kept, open_metrics, restore_checkpoint, save_or_explain
-from generate import DEFAULT_MODEL, allocation, build_model, default_dtype, generate_tokens
+from checkpoint import Interrupted, StopRequest, check_out, kept, restore_checkpoint, save_or_explain, start_run
+from generate import DEFAULT_MODEL, allocation, build_model, check_device, default_dtype, generate_tokens
 from graph_step import TrainStep, graphs_ok, padded_width
 from lora import add_lora
 from loss import causal_lm_loss_sum
@@ -60,7 +60,7 @@ DEFAULT_DATA = os.path.join(HERE, "data", "alpaca_sample.json")
 
 @dataclass
 class ModelArguments:
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model folder (Hugging Face or Meta layout, with tokenizer.model); default: the bundled tiny stories260K"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model folder (Hugging Face or Meta layout, with tokenizer.model); default: the bundled tiny stories260K, %(default)s"})
     quant: str = field(default="nf4", metadata={"help": "frozen base weights: nf4 (QLoRA), int4, or none (16-bit on GPU, 32-bit on CPU)", "choices": ["nf4", "int4", "none"]})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank r (A is r x in, B is out x r)"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha: the update B A x is scaled by alpha / r"})
@@ -71,7 +71,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data: str = field(default=DEFAULT_DATA, metadata={"help": "Alpaca JSON (a list of {instruction, input, output}) or JSON Lines (.jsonl); default: the bundled 964-record sample"})
+    data: str = field(default=DEFAULT_DATA, metadata={"help": "Alpaca JSON (a list of {instruction, input, output}) or JSON Lines (.jsonl); default: the bundled 964-record sample, %(default)s"})
     val_data: str | None = field(default=None, metadata={"help": "held-out file in the same format; default: hold out --val-frac of --data"})
     val_frac: float = field(default=0.02, metadata={"help": "fraction of --data held out when --val-data is not given"})
     max_len: int = field(default=512, metadata={"help": "longest example in tokens; longer ones lose the start of their prompt first, keeping the response"})
@@ -114,9 +114,11 @@ def parse_args(argv=None):
             else:
                 group.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), choices=f.metadata.get("choices"), **kw)
     ns = vars(p.parse_args(argv))
-    for name in ("lora_r", "batch_size", "grad_accum", "epochs", "log_every", "max_len"):
-        if ns[name] < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {ns[name]}")
+    for name, least in (("lora_r", 1), ("batch_size", 1), ("grad_accum", 1), ("epochs", 1), ("log_every", 1),
+                        ("max_len", 1), ("max_steps", 0), ("warmup_steps", 0), ("eval_every", 0), ("save_every", 0),
+                        ("samples", 0)):
+        if ns[name] < least:
+            p.error(f"--{name.replace('_', '-')} must be at least {least}, got {ns[name]}")
     return [cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)}) for cls in (ModelArguments, DataArguments, TrainingArguments)]
 
 
@@ -189,6 +191,7 @@ def peak_memory_gib(device: str) -> float:
 
 def train(argv=None):
     model_args, data_args, args = parse_args(argv)
+    check_device(args.device)
     rank, world, device = setup_distributed(args.device, args.dist_timeout)
     main = rank == 0
     dtype = default_dtype(device)  # bf16 on GPU, fp32 on CPU
@@ -197,9 +200,7 @@ def train(argv=None):
         raise ValueError(f"{torch.cuda.get_device_name(device)} (compute capability {cc}) has no bf16, "
                          "which training computes in: it needs compute capability 8.0 or more "
                          "(A100, RTX 30xx and newer), or --device cpu")
-    if not args.resume and not args.overwrite and os.path.isfile(os.path.join(args.out, CHECKPOINT)):
-        raise FileExistsError(f"{os.path.join(args.out, CHECKPOINT)} exists: continue that run with --resume, or start afresh with --overwrite")
-    os.makedirs(args.out, exist_ok=True)
+    check_out(args.out, args.resume, args.overwrite)  # before anything is loaded
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)  # metrics report this run's peak, not the process's
 
@@ -252,7 +253,10 @@ def train(argv=None):
     if main:
         print(f"trainable LoRA parameters: {sum(p.numel() for p in params):,}; steps {step} -> {total_steps} of "
               f"{args.batch_size} x {args.grad_accum} x {world} sequences; writing to {args.out}")
-    metrics = open_metrics(args.out, step if args.resume else None) if main else None
+        if step >= total_steps:
+            print(f"nothing to train: the checkpoint is at step {step} (a larger --max-steps or --epochs goes on)")
+    os.makedirs(args.out, exist_ok=True)  # (only now: a run refused above leaves no empty folder)
+    metrics = start_run(args.out, step if args.resume else None) if main else None
     use_graphs, why_not = graphs_ok(model, device, world)
     use_graphs = use_graphs and not args.no_cuda_graphs
     # Under graphs the step's time is its kernels' time, and eager RMSNorm, rotary and SwiGLU run as ~15
@@ -321,8 +325,9 @@ def train(argv=None):
             loss_val = loss_sum / max(n_target, 1)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf))
             if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
+                again = "resume it" if saved_step else "start again"
                 raise FloatingPointError(f"loss {loss_val}, gradient norm {grad_norm} at step {step + 1}: stopped before "
-                                         f"updating the adapters; {kept(saved_step, args.out)} (resume it with a lower --lr)")
+                                         f"updating the adapters; {kept(saved_step, args.out)} ({again} with a lower --lr)")
             optimizer.step()
             # In place under CUDA graphs (a graph adds into these tensors); else freed until the next backward.
             optimizer.zero_grad(set_to_none=not use_graphs)

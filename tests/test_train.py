@@ -11,6 +11,7 @@ The CPU tests pin --device cpu (exact comparisons need fp32); one bf16 test runs
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -245,6 +246,41 @@ def test_resume_refusals(tmp_path, uninterrupted):
         train.train(["--out", out, "--resume"] + RESUME)
 
 
+def test_resume_takes_paths_as_the_files_they_name_and_says_when_nothing_is_left(tmp_path, uninterrupted, capsys):
+    """The checkpoint holds --data as given (here the default, an absolute path): the same file spelled
+    another way is the same data. A finished run resumed without more steps trains nothing and says so."""
+    out = str(tmp_path / "copy")
+    shutil.copytree(uninterrupted, out)
+    before = {name: sha256(os.path.join(out, name)) for name in os.listdir(out)}
+    data_dir = os.path.dirname(train.DEFAULT_DATA)
+    same_file = os.path.join(data_dir, "..", os.path.basename(data_dir), ".", os.path.basename(train.DEFAULT_DATA))
+    train.train(["--out", out, "--resume", "--data", same_file] + RESUME)
+    assert "nothing to train: the checkpoint is at step 12" in capsys.readouterr().out
+    assert {name: sha256(os.path.join(out, name)) for name in os.listdir(out)} == before
+    other = str(tmp_path / "other.json")
+    shutil.copy(train.DEFAULT_DATA, other)
+    with pytest.raises(ValueError, match="--data"):  # another file is still refused
+        train.train(["--out", out, "--resume", "--data", other] + RESUME)
+
+
+def test_overwrite_removes_the_old_run_so_resume_cannot_mix_two(tmp_path, capsys):
+    """A new run over an old one (--overwrite) that stops before its first save (a NaN at once) leaves no
+    checkpoint of the old run for --resume to continue under the new run's log; its error says to start
+    again, since there is nothing to resume."""
+    out = str(tmp_path)
+    train.train(["--out", out] + FAST + ["--max-steps", "2", "--save-every", "1", "--eval-every", "0"])
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "checkpoint.pt",
+                                       "metrics.jsonl"]
+    with pytest.raises(SystemExit):
+        train.main(["--out", out, "--overwrite", "--lr", "1e36", "--warmup-steps", "0", "--max-grad-norm", "0",
+                    "--max-steps", "10", "--save-every", "0", "--eval-every", "0"] + FAST)
+    err = capsys.readouterr().err
+    assert "error: loss nan" in err and "no checkpoint was saved (start again with a lower --lr)" in err, err
+    assert os.listdir(out) == ["metrics.jsonl"] and metrics(out)[0] == {"step": 0, "val_loss": metrics(out)[0]["val_loss"]}
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
+        train.train(["--out", out, "--resume"] + FAST)
+
+
 # ---------------------------------------------------------------------------------- accumulation
 
 def test_accumulation_equals_big_batch_and_normalizes_by_tokens(tmp_path):
@@ -415,17 +451,22 @@ def test_bad_input_errors_from_the_command_line(tmp_path):
         (["--data", str(bad_record)], [str(bad_record), "record 1", "'output'"]),
         (["--model", str(not_a_model)], [str(not_a_model), "not a LLaMA checkpoint"]),
     ]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases.append((["--out", str(a_file)], [str(a_file), "is a file, not a folder"]))
     for args, needles in cases:
-        r = cli(*args, *CPU, "--out", str(tmp_path / "out"))
+        r = cli(*CPU, "--out", str(tmp_path / "out"), *args)
         assert r.returncode == 1, (args, r.stderr)
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and all(n in last for n in needles), (args, r.stderr)
         assert "Traceback" not in r.stderr
+        assert not (tmp_path / "out").exists()  # a refused run leaves no empty output folder
 
 
 def test_a_gpu_without_bf16_is_refused(tmp_path, monkeypatch):
     """A T4 or V100 (compute capability 7.x) has no bf16, which training computes in: a clear
     error before anything runs (generate.py takes fp16 there instead)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     with pytest.raises(ValueError, match=r"Tesla T4 \(compute capability 7.5\) has no bf16"):
@@ -435,6 +476,21 @@ def test_a_gpu_without_bf16_is_refused(tmp_path, monkeypatch):
     assert generate.default_dtype("cuda") == torch.float16 and generate.default_dtype("cpu") == torch.float32
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
     assert generate.default_dtype("cuda:0") == torch.bfloat16
+
+
+def test_refusals_before_anything_loads(tmp_path, capsys, monkeypatch):
+    """Flags that cannot work, refused with one line before the data or the model are read."""
+    for flag, value in (("--max-steps", "-3"), ("--save-every", "-1"), ("--eval-every", "-1")):
+        with pytest.raises(SystemExit):
+            train.parse_args([flag, value])
+        assert f"{flag} must be at least 0, got {value}" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint.pt in"):
+        train.train(["--out", str(tmp_path / "none"), "--resume"] + FAST)
+    assert "examples from" not in capsys.readouterr().out  # (the data report) refused before the data
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda: torch .* (is built without CUDA|sees no GPU); use --device cpu"):
+        train.train(["--device", "cuda", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "none").exists()
 
 
 def test_help_explains_every_flag(capsys):
