@@ -96,7 +96,7 @@ class TrainingArguments:
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "cpu or cuda (under torchrun each process takes cuda:LOCAL_RANK)"})
     seed: int = field(default=42, metadata={"help": "seed of the held-out split, data order, adapter initialization and dropout"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt (same data/model/batch flags and number of processes; --lr, --max-steps... may change)"})
-    overwrite: bool = field(default=False, metadata={"help": "start afresh even if OUT already holds a checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh even if OUT already holds a checkpoint (that run's checkpoint and adapter are removed once this run has loaded its data and model)"})
     dist_timeout: int = field(default=1800, metadata={"help": "under torchrun: seconds a process waits for the others before failing (instead of hanging)"})
     no_cuda_graphs: bool = field(default=False, metadata={"help": "run every micro-batch eagerly; by default one CUDA GPU replays each micro-batch's forward and backward as a CUDA graph (graph_step.py: much faster at small batches; rows padded to a multiple of 64 tokens; up to one more pass's activations in memory; not under torchrun)"})
     no_compile: bool = field(default=False, metadata={"help": "keep RMSNorm, rotary and SwiGLU as eager PyTorch; by default, under CUDA graphs, torch.compile fuses each into one kernel (model.compile_pointwise: a 7B step 1.2x faster on an H100; the first micro-batches of a run compile them, about 10 s)"})
