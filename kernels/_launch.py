@@ -8,6 +8,7 @@ that kernels/ does not import quant.py): quant_type, out_features, in_features, 
 packed, scales, zeros, code, double_quant, absmax2, offset, code8, dq_block_size.
 """
 
+import inspect
 import os
 import weakref
 
@@ -165,6 +166,16 @@ def split_config(config: dict):
     meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
     opts = {k: config[k] for k in ("num_warps", "num_stages") if k in config}
     return meta, opts
+
+
+def autotune(configs: list, key: list):
+    """triton.autotune, with its timings kept on disk where the Triton has that (`cache_results`,
+    Triton 3.4 and later): a new process that meets the same kernel source, GPU target, configs
+    and key values (the shapes) takes the fastest config from Triton's cache (~/.triton/cache)
+    instead of timing every config again (each autotuner times each of its configs for about
+    0.1 s per shape). Delete the cache to tune again."""
+    cache = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs=configs, key=key, **cache)
 
 
 _tuned_choice = {}  # (autotuned kernel, key) -> the config its autotuner chose at the first call

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_device, check_lookup, interpreting, launch, weight_args
+from ._launch import autotune, check_device, check_lookup, interpreting, launch, weight_args
 from ._tile import dequantize_tile, dequantize_tile_prmt, load_block_scales
 
 
@@ -61,7 +61,7 @@ _CONFIGS = [
     triton.Config({"BLOCK_R": 32, "BLOCK_C": 256, "LOOKUP": 2}, num_warps=4),
     triton.Config({"BLOCK_R": 32, "BLOCK_C": 256, "LOOKUP": 1}, num_warps=4),
 ]
-_dequantize_tuned = triton.autotune(configs=_CONFIGS, key=["N", "K", "FORMAT", "QBLOCK"])(
+_dequantize_tuned = autotune(_CONFIGS, ["N", "K", "FORMAT", "QBLOCK"])(
     dequantize_kernel)
 
 INTERPRETER_CONFIG = {"BLOCK_R": 16, "BLOCK_C": 128, "LOOKUP": 0}

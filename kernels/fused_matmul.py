@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (check_activation, check_lookup, interpreting, launch, next_power_of_2,
+from ._launch import (autotune, check_activation, check_lookup, interpreting, launch, next_power_of_2,
                       prmt_ok, weight_args)
 from . import fused_matmul_sm90
 from ._tile import dequantize_tile, dequantize_tile_prmt, load_block_scales
@@ -150,10 +150,10 @@ PRMT_LARGE_M_CONFIGS = [_cfg(256, 128, 128, 8, 3, lookup=3, swap=1),
                         _cfg(256, 128, 64, 8, 3, lookup=3, swap=1)] + LARGE_M_CONFIGS
 PRMT_SMALL_M_CONFIGS = [_cfg(64, 128, 128, 4, 3, lookup=3, swap=1)] + SMALL_M_CONFIGS
 _KEY = ["M_BUCKET", "N", "K", "FORMAT", "QBLOCK"]
-_large_m_tuned = triton.autotune(configs=LARGE_M_CONFIGS, key=_KEY)(fused_matmul_kernel)
-_small_m_tuned = triton.autotune(configs=SMALL_M_CONFIGS, key=_KEY)(fused_matmul_kernel)
-_prmt_large_m_tuned = triton.autotune(configs=PRMT_LARGE_M_CONFIGS, key=_KEY)(fused_matmul_kernel)
-_prmt_small_m_tuned = triton.autotune(configs=PRMT_SMALL_M_CONFIGS, key=_KEY)(fused_matmul_kernel)
+_large_m_tuned = autotune(LARGE_M_CONFIGS, _KEY)(fused_matmul_kernel)
+_small_m_tuned = autotune(SMALL_M_CONFIGS, _KEY)(fused_matmul_kernel)
+_prmt_large_m_tuned = autotune(PRMT_LARGE_M_CONFIGS, _KEY)(fused_matmul_kernel)
+_prmt_small_m_tuned = autotune(PRMT_SMALL_M_CONFIGS, _KEY)(fused_matmul_kernel)
 
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2, "LOOKUP": 2}
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_activation, interpreting, launch, next_power_of_2, weight_args
+from ._launch import autotune, check_activation, interpreting, launch, next_power_of_2, weight_args
 from ._tile import dequantize_tile, load_block_scales
 
 
@@ -116,8 +116,8 @@ SMALL_M_CONFIGS = [
     _cfg(64, 128, 64, 4, 4, lookup=1),
 ]
 _KEY = ["M_BUCKET", "N", "K", "FORMAT", "QBLOCK"]
-_large_m_tuned = triton.autotune(configs=LARGE_M_CONFIGS, key=_KEY)(fused_matmul_dx_kernel)
-_small_m_tuned = triton.autotune(configs=SMALL_M_CONFIGS, key=_KEY)(fused_matmul_dx_kernel)
+_large_m_tuned = autotune(LARGE_M_CONFIGS, _KEY)(fused_matmul_dx_kernel)
+_small_m_tuned = autotune(SMALL_M_CONFIGS, _KEY)(fused_matmul_dx_kernel)
 
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_K": 128, "BLOCK_N": 32, "GROUP_M": 2, "LOOKUP": 2}
 

@@ -26,6 +26,7 @@ one wrong code or one block's scale fails.
 """
 
 import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -694,6 +695,36 @@ def test_gpu_llama_shapes_bf16(n, k):
         if m >= 16:
             dy = gaussian(m, n, seed=m + 1, dtype=dtype)
             assert_matmul_close(kernels.fused_matmul_dx(dy, qw), dy, w, dtype)
+
+
+TUNE_TWICE = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import kernels, quant
+torch.manual_seed(0)
+qw = quant.quantize_nf4(torch.randn(384, 320, device="cuda", dtype=torch.bfloat16) * 0.02)
+x = torch.randn(64, 320, device="cuda", dtype=torch.bfloat16)
+torch.save((kernels.dequantize(qw, torch.bfloat16), kernels.fused_matmul(x, qw)), sys.argv[1])
+"""
+
+
+@pytest.mark.cuda
+def test_gpu_autotuned_choices_kept_on_disk(tmp_path):
+    """kernels._launch.autotune: a second process with the same Triton cache takes the autotuners'
+    choices from it instead of timing the configs again (Triton prints a line for each tuning it
+    runs), and computes the same bits."""
+    import triton
+    if "cache_results" not in inspect.signature(triton.autotune).parameters:
+        pytest.skip(f"Triton {triton.__version__} keeps no autotuning on disk (3.4 and later do)")
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "cache"), "TRITON_PRINT_AUTOTUNING": "1"}
+    script = TUNE_TWICE.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    runs = [subprocess.run([sys.executable, "-c", script, str(tmp_path / f"out{i}.pt")], env=env,
+                           capture_output=True, text=True, timeout=300) for i in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
+    tuned = [r.stdout.count("Triton autotuning for function") for r in runs]
+    assert tuned[0] == 2 and tuned[1] == 0, (tuned, runs[0].stdout, runs[1].stdout)  # dequantize, fused_matmul
+    first, second = (torch.load(tmp_path / f"out{i}.pt") for i in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def check_first_configs(qw, w, dtype):
