@@ -173,7 +173,8 @@ def autotune(configs: list, key: list):
     Triton 3.4 and later): a new process that meets the same kernel source, GPU target, configs
     and key values (the shapes) takes the fastest config from Triton's cache (~/.triton/cache)
     instead of timing every config again (each autotuner times each of its configs for about
-    0.1 s per shape). Delete the cache to tune again."""
+    0.1 s per shape: on an H100 a one-shot generate.py on the bundled model waited 1.7-2.0 s for
+    its first token instead of 3.8-4.1; BENCHMARKS.md). Delete the cache to tune again."""
     cache = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     return triton.autotune(configs=configs, key=key, **cache)
 
