@@ -103,6 +103,7 @@ def restore_checkpoint(out: str, model, optimizer, world: int, args_dict: dict, 
 
 
 def same_setting(key: str, saved, now) -> bool:
+    """Whether a flag's value in the checkpoint and in this run are the same (paths: the same file)."""
     if key in PATHS and saved and now:
         return os.path.realpath(saved) == os.path.realpath(now)
     return saved == now

@@ -169,7 +169,7 @@ def split_config(config: dict):
 
 
 def autotune(configs: list, key: list):
-    """triton.autotune, with its timings kept on disk where the Triton has that (`cache_results`,
+    """triton.autotune, with its timings kept on disk where Triton has that (`cache_results`,
     Triton 3.4 and later): a new process that meets the same kernel source, GPU target, configs
     and key values (the shapes) takes the fastest config from Triton's cache (~/.triton/cache)
     instead of timing every config again (each autotuner times each of its configs for about
