@@ -378,8 +378,9 @@ def train(argv=None):
 # --------------------------------------------------------------------------------------------
 
 def lighter_flags(grad_ckpt: bool, graphs: bool, evaluating: bool) -> list[str]:
-    """Flags a resumed run may change (checkpoint.SAME_ON_RESUME fixes the batches) that leave a pass more GPU memory. An
-    evaluation (eager, no gradients) runs beside the graphs' memory pool: only a smaller pool helps it."""
+    """Flags a resumed run may change (checkpoint.SAME_ON_RESUME fixes the batches) that leave a pass more
+    GPU memory. An evaluation (eager, no gradients) runs beside the graphs' memory pool: only a smaller
+    pool helps it."""
     flags = ["--no-cuda-graphs (a graph keeps up to one more pass's activations)"] if graphs else []
     if not grad_ckpt and (graphs or not evaluating):
         flags.append("--grad-ckpt (recompute each block in the backward)")
