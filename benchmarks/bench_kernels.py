@@ -37,7 +37,10 @@ The sweep and the LOOKUP table are skipped once the run is past --budget-s (170 
 Prints markdown tables and checks the targets: fused <= 1.05 x cuBLAS at M = 4096; at M = 1,
 skinny HBM >= 60% of the measured HBM bandwidth (a device-to-device copy of 512 MiB timed in the
 same run: about 3.0 TB/s on an H100 SXM, against its 3.35 TB/s peak, --hbm-gbps, also shown)
-and at least 2x faster than bnb HBM. Writes JSON to --out. A measurement that fails (e.g. a
+and at least 2x faster than bnb HBM. Each check is on every shape; the ones marked "issue" are the
+targets as issue 3 states them (the fused one on all three shapes, the M = 1 ones at 11008x4096,
+the shape it gives "about 12.5 us" for), the others ("ours") are the same bars at the other shapes,
+which we hold ourselves to as well and report however they come out. Writes JSON to --out. A measurement that fails (e.g. a
 config that does not compile) prints ERR and the error on stderr; the run goes on. Needs CUDA. Autotuning and config choice happen in the
 first (warm-up) call of each measurement and are not timed.
 """
@@ -403,21 +406,26 @@ def main():
 
     checks = []
     for r in rows:
+        # Issue 3 states the M = 1 targets at 11008x4096 ("about 12.5 us for 11008x4096") and the
+        # fused one "on all three shapes"; see the module docstring.
+        decode_shape_of_issue = (r["N"], r["K"]) == (11008, 4096)
         if r["M"] == 4096 and r["fused_vs_cublas"] is not None:
-            checks.append({"target": f"fused <= 1.05 x cuBLAS, {r['N']}x{r['K']} M=4096",
+            checks.append({"target": f"fused <= 1.05 x cuBLAS, {r['N']}x{r['K']} M=4096", "issue": True,
                            "value": round(r["fused_vs_cublas"], 3), "ok": r["fused_vs_cublas"] <= 1.05})
         if r["M"] == 1 and r.get("skinny_hbm_pct_measured") is not None:
             checks.append({"target": f"skinny HBM >= 60% of the measured HBM bandwidth, {r['N']}x{r['K']} M=1",
+                           "issue": decode_shape_of_issue,
                            "value": f"{r['skinny_hbm_pct_measured']:.0f}% ({r['skinny_hbm_us']:.2f} us; "
                                     f"{r['skinny_hbm_pct_peak']:.0f}% of the peak)",
                            "ok": r["skinny_hbm_pct_measured"] >= 60.0})
             if isinstance(r["bnb_hbm_us"], float):
                 speedup = r["bnb_hbm_us"] / r["skinny_hbm_us"]
                 checks.append({"target": f"skinny HBM >= 2x bitsandbytes (both in the graph), {r['N']}x{r['K']} M=1",
+                               "issue": decode_shape_of_issue,
                                "value": f"{speedup:.2f}x ({r['bnb_hbm_us']:.2f} us; eager matmul_4bit "
                                         f"{fmt_us(r['bnb_matmul_us'])} us)", "ok": speedup >= 2.0})
     for c in checks:
-        print(f"{'PASS' if c['ok'] else 'MISS'}  {c['target']}: {c['value']}")
+        print(f"{'PASS' if c['ok'] else 'MISS'}  {'issue' if c['issue'] else 'ours '}  {c['target']}: {c['value']}")
     print(f"\ntotal {time.time() - t_start:.0f} s")
 
     if args.out:
