@@ -382,6 +382,11 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
 
     NF4: code[q] * absmax;  INT4: (q - zero) * scale  (each one float32 multiply).
     """
+    if not dtype.is_floating_point:
+        raise TypeError(f"dequantize returns floating point weights, got dtype {dtype}")
+    if qw.quant_type == "int4" and (qw.zeros is None or qw.zeros.shape != qw.scales.shape):
+        raise ValueError(f"INT4 zeros must have the scales' shape {tuple(qw.scales.shape)}, got "
+                         f"{None if qw.zeros is None else tuple(qw.zeros.shape)}")
     n = qw.out_features
     codes = unpack_4bit(qw.packed).view(n, -1, qw.block_size)  # (N, KB, B)
     scales = block_scales(qw).t()  # (N, KB)
@@ -481,6 +486,8 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tens
     """F.linear with a 4-bit weight: x (..., in_features) -> (..., out_features), in x.dtype."""
     if not x.is_floating_point():
         raise TypeError(f"input must be floating point, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"input must have a last dim of {qw.in_features} features, got a scalar")
     if x.shape[-1] != qw.in_features:
         raise ValueError(
             f"input has {x.shape[-1]} features in its last dim, the layer expects {qw.in_features}"
@@ -622,6 +629,8 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", block_size: int = 
     The embedding is never quantized; lm_head stays 16-bit unless include_lm_head (and is then
     untied from the embedding, which keeps its own 16-bit weight).
     """
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"unknown quant_type {quant_type!r}: expected one of {QUANT_TYPES}")
     if not hasattr(model, "layers"):
         raise ValueError("quantize_model expects a model with a .layers ModuleList (model.Transformer)")
     for block in model.layers:

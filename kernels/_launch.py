@@ -44,6 +44,9 @@ def weight_args(w):
     Pointer order: packed, scales, zeros, absmax2, code, code8, offset (unused ones get `packed`);
     for NF4, code is code_with_tables(w).
     """
+    needed = ("quant_type", "out_features", "in_features", "block_size", "packed", "scales")
+    if not all(hasattr(w, a) for a in needed):
+        raise TypeError(f"w must be a quant.QuantizedWeight (or have its attributes), got {type(w).__name__}")
     n, k, qb = w.out_features, w.in_features, w.block_size
     packed = w.packed
     if packed.dtype != torch.uint8 or packed.dim() != 2 or not packed.is_contiguous():
@@ -66,6 +69,13 @@ def weight_args(w):
                 raise ValueError("double-quantized NF4 needs uint8 scales and a 256-value code8")
             if w.absmax2 is None or w.offset is None:
                 raise ValueError("double-quantized NF4 needs absmax2 and offset")
+            dq = getattr(w, "dq_block_size", 256)
+            n2 = -(-w.scales.numel() // dq)  # one absmax2 per dq block of scales, the last one partial
+            if (w.absmax2.dtype != torch.float32 or w.absmax2.numel() != n2 or not w.absmax2.is_contiguous()
+                    or w.offset.dtype != torch.float32 or w.offset.numel() != 1):
+                raise ValueError(f"double-quantized NF4 needs {n2} contiguous float32 absmax2 values "
+                                 f"(one per {dq} scales) and one float32 offset, got "
+                                 f"{w.absmax2.numel()} {w.absmax2.dtype} and {w.offset.numel()} {w.offset.dtype}")
         else:
             fmt = FORMAT_NF4
             if w.scales.dtype != torch.float32:
@@ -74,6 +84,9 @@ def weight_args(w):
         fmt = FORMAT_INT4
         if w.scales.dtype != torch.float32 or w.zeros is None or w.zeros.dtype != torch.uint8:
             raise ValueError("INT4 needs float32 scales and uint8 zeros")
+        if w.zeros.shape != w.scales.shape or not w.zeros.is_contiguous():
+            raise ValueError(f"zeros must be contiguous with the scales' shape {tuple(w.scales.shape)}, "
+                             f"got {tuple(w.zeros.shape)}")
     else:
         raise ValueError(f"unknown quant_type {w.quant_type!r}")
     code = code_with_tables(w) if w.quant_type == "nf4" else None

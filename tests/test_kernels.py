@@ -547,6 +547,19 @@ def test_bad_input_raises_clear_errors():
     bad = quant.QuantizedWeight(**{**qw.__dict__, "quant_type": "fp4"})
     with pytest.raises(ValueError, match="quant_type"):
         kernels.fused_matmul(torch.randn(3, 128, device=DEVICE), bad)
+    with pytest.raises(TypeError, match="QuantizedWeight"):
+        kernels.dequantize(torch.randn(40, 128, device=DEVICE))
+    # tensors of the wrong size would be read out of bounds: refused before any launch
+    qd = make_weight("nf4dq", 40, 128)
+    bad = quant.QuantizedWeight(**{**qd.__dict__, "absmax2": torch.empty(0, device=DEVICE)})
+    with pytest.raises(ValueError, match="absmax2"):
+        kernels.fused_matmul(torch.randn(3, 128, device=DEVICE), bad)
+    qi = make_weight("int4", 40, 128)
+    bad = quant.QuantizedWeight(**{**qi.__dict__, "zeros": qi.zeros[:1].clone()})
+    with pytest.raises(ValueError, match="zeros"):
+        kernels.skinny_matmul(torch.randn(1, 128, device=DEVICE), bad)
+    with pytest.raises(ValueError, match="zeros"):
+        quant.dequantize(bad)
 
 
 # ----------------------------------------------------- localized errors (sparse x, exact weights)

@@ -319,6 +319,12 @@ def test_bad_weights_raise_clear_errors():
         ql(torch.randn(3, 65))
     with pytest.raises(TypeError, match="floating point"):
         ql(torch.ones(3, 64, dtype=torch.long))
+    with pytest.raises(ValueError, match="scalar"):
+        ql(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="floating point"):
+        quant.dequantize(ql.qweight(), torch.int8)
+    with pytest.raises(ValueError, match="quant_type"):  # before it looks at the model
+        quant.quantize_model(nn.Module(), "fp4")
 
 
 # ------------------------------------------------------------------------------- QuantLinear
@@ -429,6 +435,9 @@ def test_nothing_dense_is_kept_for_backward():
         y = ql(x)
     assert saved == []
     node = y.grad_fn  # (a 2-D x gets the function's output itself, not a view of it)
+    on_node = {name: v for name, v in vars(node).items()
+               if isinstance(v, torch.Tensor) or isinstance(v, (list, tuple, dict))}
+    assert on_node == {}  # no tensor (a dequantized W) put on ctx beside the 4-bit weight
     kept = node.qw.tensors()
     buffers = dict(ql.named_buffers())
     assert all(t is buffers[name] for name, t in kept.items() if t is not None)
@@ -489,6 +498,31 @@ def test_quantize_callback_frees_the_16bit_weights():
         if name in expected:
             assert isinstance(m, QuantLinear) and m.weight_dtype == torch.float16
             assert torch.equal(m.dequantize(), expected[name])
+
+
+def test_load_model_quantizes_each_block_before_the_next_is_made(monkeypatch):
+    """Quantize while loading: when the callback gets a block, its 7 linears are the only 16-bit
+    ones of any block that exists (the earlier blocks are quantized, the later ones not made)."""
+    model_py = pytest.importorskip("model")
+    blocks = []  # every Block built during the load, in order
+    build = model_py.Block.__init__
+
+    def recorded(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        blocks.append(self)
+
+    monkeypatch.setattr(model_py.Block, "__init__", recorded)
+    seen = []
+
+    def quantize(block):
+        dense = [(i, m) for i, b in enumerate(blocks) for m in b.modules()
+                 if isinstance(m, nn.Linear) and m.weight.device.type != "meta"]
+        seen.append((len(dense), {i for i, _ in dense} == {blocks.index(block)}))
+        quant.make_quantize_fn("nf4")(block)
+
+    model = model_py.load_model("models/stories260K", quantize=quantize)
+    assert len(blocks) == len(model.layers) == 5
+    assert seen == [(7, True)] * 5
 
 
 def test_load_model_with_quantize_callback_equals_quantizing_after():
