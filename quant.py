@@ -87,6 +87,7 @@ import torch.nn.functional as F
 __all__ = [
     "SKINNY_MAX_M",
     "DEQUANT_MATMUL_MIN_M",
+    "FUSED_SM90_MIN_M",
     "nf4_code",
     "dynamic_code_8bit",
     "pack_4bit",
@@ -111,6 +112,8 @@ __all__ = [
 # benchmarks/bench_kernels.py on the target GPU and change these numbers there).
 #   M = number of rows of x (tokens in the batch).
 #   M <= SKINNY_MAX_M                 -> kernels.skinny_matmul (decoding; reads each byte once)
+#   M >= FUSED_SM90_MIN_M on Hopper   -> kernels.fused_matmul, which runs the Gluon kernel there
+#                                        (kernels/fused_matmul_sm90.py, when its sm90_ok says so)
 #   M >= DEQUANT_MATMUL_MIN_M         -> kernels.dequantize into a temporary 16-bit weight, then
 #                                        torch.matmul (cuBLAS); the temporary is freed right after
 #   otherwise                         -> kernels.fused_matmul (dequantizes tiles on chip)
@@ -124,6 +127,12 @@ SKINNY_MAX_M = 16
 # with the fused kernel, 482-637 ms on the H200 with this threshold at 64. The fused kernel keeps
 # 17 <= M < 64 (short prompts, small batches).
 DEQUANT_MATMUL_MIN_M: Optional[int] = 64
+# The Hopper kernel came later (sm_90 only, M > 128). On an H100, forward, in us (thirty-sixth
+# session, BENCHMARKS.md): from M = 3072 up it beat dequantize+cuBLAS on all three shapes (0.94-0.99x
+# its time at 3072, 4096, 8192) and needs no 16-bit temporary; below, not on 4096x4096 (1.25x at
+# M = 2048: too few tiles for the 132 SMs). Its backward counterpart does not exist: dx keeps the
+# path above. None: never.
+FUSED_SM90_MIN_M: Optional[int] = 3072
 # ---------------------------------------------------------------------------------------------
 
 QUANT_TYPES = ("nf4", "int4")
@@ -444,6 +453,8 @@ def _matmul(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     m = x.shape[0]
     if 0 < m <= SKINNY_MAX_M:
         return k.skinny_matmul(x, qw)
+    if FUSED_SM90_MIN_M is not None and m >= FUSED_SM90_MIN_M and k.fused_matmul_sm90.sm90_ok(x, qw):
+        return k.fused_matmul(x, qw)
     if DEQUANT_MATMUL_MIN_M is not None and m >= DEQUANT_MATMUL_MIN_M:
         return x @ k.dequantize(qw, x.dtype).t()
     return k.fused_matmul(x, qw)

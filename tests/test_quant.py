@@ -445,6 +445,50 @@ def test_nothing_dense_is_kept_for_backward():
     torch.testing.assert_close(x.grad, quant.dequantize(ql.qweight()).sum(0).expand(8, -1))
 
 
+def test_cuda_dispatch_follows_its_thresholds(monkeypatch):
+    """Which kernel quant.py's dispatch runs at each M, as its table says (the kernels' results
+    are tested in test_kernels.py): a stand-in for the kernels package records the choice."""
+    qw = quant.quantize_nf4(gaussian(256, 64, seed=3))
+    chosen = []
+
+    class Kernels:  # what quant.py calls on the package, each returning the right shape
+        class fused_matmul_sm90:
+            hopper = True
+
+            @staticmethod
+            def sm90_ok(x, w):
+                return Kernels.fused_matmul_sm90.hopper
+
+        def skinny_matmul(x, w):
+            return chosen.append("skinny") or x.new_zeros(x.shape[0], w.out_features)
+
+        def fused_matmul(x, w):
+            return chosen.append("fused") or x.new_zeros(x.shape[0], w.out_features)
+
+        def fused_matmul_dx(dy, w):
+            return chosen.append("fused") or dy.new_zeros(dy.shape[0], w.in_features)
+
+        def dequantize(w, dtype):
+            return chosen.append("dequantize+cuBLAS") or quant.dequantize(w, dtype)
+
+    monkeypatch.setattr(quant, "_kernels_for", lambda t: Kernels)
+    skinny, dequant, sm90 = quant.SKINNY_MAX_M, quant.DEQUANT_MATMUL_MIN_M, quant.FUSED_SM90_MIN_M
+    assert skinny < dequant < sm90
+
+    def pick(fn, m, width):
+        chosen.clear()
+        fn(torch.zeros(m, width, dtype=torch.bfloat16), qw)
+        return chosen[0]
+
+    expected = {1: "skinny", skinny: "skinny", skinny + 1: "fused", dequant - 1: "fused",
+                dequant: "dequantize+cuBLAS", sm90 - 1: "dequantize+cuBLAS", sm90: "fused"}
+    assert {m: pick(quant._matmul, m, 64) for m in expected} == expected
+    Kernels.fused_matmul_sm90.hopper = False  # elsewhere the Triton fused kernel loses from dequant up
+    assert pick(quant._matmul, sm90, 64) == "dequantize+cuBLAS"
+    expected_dx = {1: "fused", dequant - 1: "fused", dequant: "dequantize+cuBLAS", sm90: "dequantize+cuBLAS"}
+    assert {m: pick(quant._matmul_dx, m, 256) for m in expected_dx} == expected_dx
+
+
 def test_to_dtype_keeps_quantization_buffers():
     ql = make_qlinear(16, 128, ("nf4", True, 64), "cpu", bias=True)
     w = ql.dequantize(torch.float32)
