@@ -84,7 +84,10 @@ def bench_rounds(fns, rounds, label=""):
             t = attempt(f"{name} {label}", bench, fn)
             if t is not None:
                 times[name].append(t)
-    return {name: statistics.median(v) if v else None for name, v in times.items()}
+    medians = {name: statistics.median(v) if v else None for name, v in times.items()}
+    if rounds > 1:  # each round's time too, to tell an outlier run from a slow kernel
+        medians.update({name.replace("_us", "_rounds_us"): [round(t, 1) for t in v] for name, v in times.items()})
+    return medians
 
 
 def bench_graph(fn, calls=GRAPH_CALLS, replays=30, back_to_back=1):
@@ -294,6 +297,9 @@ def main():
             r["rounds"] = args.rounds if m >= 1024 else 1
             r.update(bench_rounds(fns, r["rounds"], f"{n}x{k} M={m}"))
             r["configs"]["fused"] = best_config("fused_matmul", f"_prmt_{size}_m_tuned")  # NF4, bf16
+            if m > 128 and kernels.fused_matmul_sm90.sm90_ok(x, qw):  # the Gluon kernel ran instead
+                offset = kernels.fused_matmul_sm90.table_offset(x.device)
+                r["configs"]["fused"] = f"fused_matmul_sm90, decoding table at {offset} (-1: global memory)"
             r["skinny_us"] = r["skinny_graph_us"] = r["skinny_old_us"] = r["skinny_old_graph_us"] = "-"
             r["skinny_hbm_us"] = r["bnb_hbm_us"] = "-"
             if m <= 16:
