@@ -30,8 +30,9 @@ rounds, and the table gives each one's median over them: cuBLAS alone moved 490-
 Then:
   - a lookup table (4096x4096, M = 4096, one fixed tile): fused and dx with LOOKUP 0 / 1 / 2 (/ 3) and
     with INT4 weights (no code lookup at all), to see what the dequantization costs;
-  - a sweep of M (64, 256, 1024, and 4096 from above) for fused vs deq+cublas, to set
-    quant.DEQUANT_MATMUL_MIN_M.
+  - a sweep of M (64, 256, 1024, 2048, 3072, and 4096 from above) for fused vs deq+cublas, to set
+    quant.DEQUANT_MATMUL_MIN_M and, on Hopper, where fused runs the Gluon kernel (M > 128),
+    quant.FUSED_SM90_MIN_M.
 The sweep and the LOOKUP table are skipped once the run is past --budget-s (170 s).
 
 Prints markdown tables and checks the targets: fused <= 1.05 x cuBLAS at M = 4096; at M = 1,
@@ -208,7 +209,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write the results as JSON to this path")
     ap.add_argument("--ms", default="1,16,4096", help="token counts M, comma-separated")
-    ap.add_argument("--sweep", default="64,256,1024",
+    ap.add_argument("--sweep", default="64,256,1024,2048,3072",
                     help="M values for the fused vs dequantize+cuBLAS sweep ('' to skip); the "
                          "table adds the M = 4096 rows of the main measurement")
     ap.add_argument("--budget-s", type=float, default=170.0,
@@ -257,6 +258,7 @@ def main():
         "python": platform.python_version(), "bitsandbytes": bnb_note,
         "sms": torch.cuda.get_device_properties(dev).multi_processor_count,
         "SKINNY_MAX_M": quant.SKINNY_MAX_M, "DEQUANT_MATMUL_MIN_M": quant.DEQUANT_MATMUL_MIN_M,
+        "FUSED_SM90_MIN_M": quant.FUSED_SM90_MIN_M,
     }
     env["hbm_copy_gbps"] = copy_gbps(dev)
     print(f"# 4-bit kernels: {env['gpu']} ({env['sms']} SMs), torch {env['torch']}, "
