@@ -19,7 +19,9 @@ What a replay needs (PyTorch's `torch.cuda.graph`, its "whole-network capture"):
   So train.py zeroes them in place and never sets them to None (a replay would then add into freed
   memory and the optimizer would see no gradient: TrainStep checks and refuses).
 - Warm kernels. A width's first micro-batch runs eagerly: the Triton autotuners time their kernels
-  then, which a capture cannot. Its second is captured and replayed; later ones are replayed.
+  then, which a capture cannot. Its second is captured and replayed; later ones are replayed. Both
+  run inside quant.graph_bound(): kernels may be chosen by their GPU time alone, the launch being
+  paid once (on Hopper, a fused 4-bit matmul whose launch costs more host time than its GPU time).
 - Random numbers. A random op in a graph draws from the generator's seed and offset at each replay, so
   train.seed_step still decides them, and an eager pass and a replay from the same state draw the same.
   LoRA's dropout draws one seed per forward and hashes its masks from it (dropout.py), so gradient
@@ -39,6 +41,7 @@ import torch
 import torch.nn as nn
 
 import data
+import quant
 from dropout import Seed
 
 PAD = 64  # rows are padded to a multiple of this many tokens: one graph per width
@@ -110,7 +113,8 @@ class TrainStep:
             inputs[k].copy_(v.pin_memory() if v.device.type == "cpu" else v, non_blocking=True)
         with torch.cuda.device(self.loss_sum.device):  # (capture and replay on the model's GPU)
             if key not in self.graphs:  # first of its shape: eagerly (the autotuners time their kernels)
-                self._pass(inputs, select=False)
+                with quant.graph_bound():  # the kernels the capture will take
+                    self._pass(inputs, select=False)
                 self.graphs[key] = None
                 return
             if not self.grads:  # the first capture: from now on these tensors take the gradients
@@ -123,7 +127,7 @@ class TrainStep:
                                    "gradients in place (optimizer.zero_grad(set_to_none=False)), never replace them")
             if self.graphs[key] is None:  # second of its shape: capture, then replay to run it
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
+                with torch.cuda.graph(graph, pool=self.pool), quant.graph_bound():
                     self._pass(inputs, select=False)
                 self.pool = graph.pool()
                 self.graphs[key] = graph

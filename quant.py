@@ -74,6 +74,7 @@ here, in PyTorch, once per layer while loading), storing/loading quantized check
 (the matmul computes in the dtype of x).
 """
 
+import contextlib
 import functools
 import importlib
 import os
@@ -87,7 +88,8 @@ import torch.nn.functional as F
 __all__ = [
     "SKINNY_MAX_M",
     "DEQUANT_MATMUL_MIN_M",
-    "FUSED_SM90_MIN_M",
+    "FUSED_SM90_MIN_TILES",
+    "graph_bound",
     "nf4_code",
     "dynamic_code_8bit",
     "pack_4bit",
@@ -112,7 +114,9 @@ __all__ = [
 # benchmarks/bench_kernels.py on the target GPU and change these numbers there).
 #   M = number of rows of x (tokens in the batch).
 #   M <= SKINNY_MAX_M                 -> kernels.skinny_matmul (decoding; reads each byte once)
-#   M >= FUSED_SM90_MIN_M on Hopper   -> kernels.fused_matmul, which runs the Gluon kernel there
+#   in a pass replayed from a CUDA graph (inside graph_bound()), on Hopper, when the Gluon fused
+#   kernel's grid has FUSED_SM90_MIN_TILES tiles or more
+#                                     -> kernels.fused_matmul, which runs the Gluon kernel there
 #                                        (kernels/fused_matmul_sm90.py, when its sm90_ok says so)
 #   M >= DEQUANT_MATMUL_MIN_M         -> kernels.dequantize into a temporary 16-bit weight, then
 #                                        torch.matmul (cuBLAS); the temporary is freed right after
@@ -127,12 +131,17 @@ SKINNY_MAX_M = 16
 # with the fused kernel, 482-637 ms on the H200 with this threshold at 64. The fused kernel keeps
 # 17 <= M < 64 (short prompts, small batches).
 DEQUANT_MATMUL_MIN_M: Optional[int] = 64
-# The Hopper kernel came later (sm_90 only, M > 128). On an H100, forward, in us (thirty-sixth
-# session, BENCHMARKS.md): from M = 3072 up it beat dequantize+cuBLAS on all three shapes (0.94-0.99x
-# its time at 3072, 4096, 8192) and needs no 16-bit temporary; below, not on 4096x4096 (1.25x at
-# M = 2048: too few tiles for the 132 SMs). Its backward counterpart does not exist: dx keeps the
-# path above. None: never.
-FUSED_SM90_MIN_M: Optional[int] = 3072
+# The Hopper kernel came later (sm_90 only, M > 128; tiles of 256 tokens x 128 weight rows, one
+# program per SM taking tile after tile). Its GPU time on an H100 (thirty-sixth session,
+# BENCHMARKS.md) beat dequantize+cuBLAS on the three 7B shapes wherever its grid had 128 tiles or
+# more (0.73-0.99x, from M = 1024 at 4096x4096, 512 at 11008x4096), not below (1.05-2.3x: SMs left
+# idle), and it needs no 16-bit temporary. But launched eagerly it costs about 220 us of host time
+# per call (Python, Triton's launcher, two TMA descriptors), more than its GPU time at 4096x4096:
+# eager 7B training ran 13-19% slower with it. So only a pass that a CUDA graph replays takes it
+# (graph_step.TrainStep, train.py's default: +10% at 2 x 512, +4% at 4 x 512, +3% at 8 x 512).
+# Its backward counterpart does not exist: dx keeps the paths above. None: never.
+FUSED_SM90_MIN_TILES: Optional[int] = 128
+_graph_bound = False  # set by graph_bound()
 # ---------------------------------------------------------------------------------------------
 
 QUANT_TYPES = ("nf4", "int4")
@@ -443,6 +452,26 @@ def _kernels_for(t: torch.Tensor):
     return None
 
 
+@contextlib.contextmanager
+def graph_bound():
+    """Inside, the 4-bit matmuls are chosen for a pass that a CUDA graph will replay: by their GPU
+    time alone, the host's launch cost being paid once, at capture. graph_step.TrainStep enters it
+    for the passes it captures and for the eager pass before each capture, which compiles the same
+    kernels (the Triton autotuners cannot time them inside a capture)."""
+    global _graph_bound
+    before, _graph_bound = _graph_bound, True
+    try:
+        yield
+    finally:
+        _graph_bound = before
+
+
+def _fills_the_gpu(m: int, n: int) -> bool:
+    """Whether the Gluon fused kernel's grid, tiles of 256 tokens x 128 weight rows, has at least
+    FUSED_SM90_MIN_TILES tiles for y (m, n) (and m > 128, where kernels.fused_matmul runs it)."""
+    return FUSED_SM90_MIN_TILES is not None and m > 128 and -(-m // 256) * (n // 128) >= FUSED_SM90_MIN_TILES
+
+
 def _matmul(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     """y = x @ W_hat.T for 2-D x, in x.dtype."""
     k = _kernels_for(x)
@@ -453,7 +482,7 @@ def _matmul(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     m = x.shape[0]
     if 0 < m <= SKINNY_MAX_M:
         return k.skinny_matmul(x, qw)
-    if FUSED_SM90_MIN_M is not None and m >= FUSED_SM90_MIN_M and k.fused_matmul_sm90.sm90_ok(x, qw):
+    if _graph_bound and _fills_the_gpu(m, qw.out_features) and k.fused_matmul_sm90.sm90_ok(x, qw):
         return k.fused_matmul(x, qw)
     if DEQUANT_MATMUL_MIN_M is not None and m >= DEQUANT_MATMUL_MIN_M:
         return x @ k.dequantize(qw, x.dtype).t()

@@ -27,12 +27,18 @@ Our weight: quant.quantize_nf4 with double quantization (4.127 bits per weight).
 At M >= 1024, cublas, fused, deq+cublas and bnb matmul are timed in --rounds (5) interleaved
 rounds, and the table gives each one's median over them: cuBLAS alone moved 490-575 us at
 11008x4096 between runs that timed it once, which made a ratio from one measurement unreliable.
+There they are timed on the GPU alone (bench_gpu): do_bench's events around a call also count the
+host's time to launch it whenever that is longer than the L2 flush before it, and the Gluon fused
+kernel's launch takes about 240 us of Python and driver calls, more than its 190 us on the GPU at
+4096x4096 (rounds of 1.1-3x its GPU time in the thirty-sixth session). The host's time per call
+is printed beside (host_us).
 Then:
   - a lookup table (4096x4096, M = 4096, one fixed tile): fused and dx with LOOKUP 0 / 1 / 2 (/ 3) and
     with INT4 weights (no code lookup at all), to see what the dequantization costs;
-  - a sweep of M (64, 256, 1024, 2048, 3072, and 4096 from above) for fused vs deq+cublas, to set
+  - a sweep of M (64, 256, 512, 1024, 2048, 3072, and 4096 from above) for fused vs deq+cublas,
+    GPU time (bench_gpu: what a CUDA graph replays, train.py's default), to set
     quant.DEQUANT_MATMUL_MIN_M and, on Hopper, where fused runs the Gluon kernel (M > 128),
-    quant.FUSED_SM90_MIN_M.
+    quant.FUSED_SM90_MIN_TILES.
 The sweep and the LOOKUP table are skipped once the run is past --budget-s (170 s).
 
 Prints markdown tables and checks the targets: fused <= 1.05 x cuBLAS at M = 4096; at M = 1,
@@ -75,14 +81,45 @@ def bench(fn):
     return 1000.0 * (q[0] if isinstance(q, (list, tuple)) else q)
 
 
+def bench_gpu(fn, reps=100, host_slack_us=600):
+    """Median GPU time of fn() in microseconds, as do_bench (L2 flushed before each call, events
+    around it), with a GPU sleep of host_slack_us queued between the flush and the call: the host
+    launches fn while the GPU sleeps, so the events time the kernels alone, not the launch."""
+    fn()  # compile / autotune outside the timing
+    cache = torch.empty(int(256e6 // 4), dtype=torch.int, device="cuda")
+    cycles = int(host_slack_us * 2000)  # cycles at 2 GHz; at a lower clock the sleep is longer
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        cache.zero_()
+        torch.cuda._sleep(cycles)
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(1000.0 * s.elapsed_time(e) for s, e in events)
+
+
+def host_time(fn, calls=50):
+    """Microseconds of host time per fn() call, the GPU left to run behind."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return 1e6 * t / calls
+
+
 def bench_rounds(fns, rounds, label=""):
-    """{name: median over `rounds` rounds of bench(fn)} for fns {name: fn}; each round times
-    every fn in turn, so that the GPU's clock and temperature drift reach all of them alike.
-    A name whose every measurement failed maps to None."""
+    """{name: median over `rounds` rounds} for fns {name: fn}, timed by bench_gpu when rounds > 1
+    (M >= 1024), else by bench; each round times every fn in turn, so that the GPU's clock and
+    temperature drift reach all of them alike. A name whose every measurement failed maps to None."""
     times = {name: [] for name in fns}
+    timer = bench_gpu if rounds > 1 else bench
     for _ in range(rounds):
         for name, fn in fns.items():
-            t = attempt(f"{name} {label}", bench, fn)
+            t = attempt(f"{name} {label}", timer, fn)
             if t is not None:
                 times[name].append(t)
     medians = {name: statistics.median(v) if v else None for name, v in times.items()}
@@ -209,7 +246,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write the results as JSON to this path")
     ap.add_argument("--ms", default="1,16,4096", help="token counts M, comma-separated")
-    ap.add_argument("--sweep", default="64,256,1024,2048,3072",
+    ap.add_argument("--sweep", default="64,256,512,1024,2048,3072",
                     help="M values for the fused vs dequantize+cuBLAS sweep ('' to skip); the "
                          "table adds the M = 4096 rows of the main measurement")
     ap.add_argument("--budget-s", type=float, default=170.0,
@@ -258,7 +295,7 @@ def main():
         "python": platform.python_version(), "bitsandbytes": bnb_note,
         "sms": torch.cuda.get_device_properties(dev).multi_processor_count,
         "SKINNY_MAX_M": quant.SKINNY_MAX_M, "DEQUANT_MATMUL_MIN_M": quant.DEQUANT_MATMUL_MIN_M,
-        "FUSED_SM90_MIN_M": quant.FUSED_SM90_MIN_M,
+        "FUSED_SM90_MIN_TILES": quant.FUSED_SM90_MIN_TILES,
     }
     env["hbm_copy_gbps"] = copy_gbps(dev)
     print(f"# 4-bit kernels: {env['gpu']} ({env['sms']} SMs), torch {env['torch']}, "
@@ -298,6 +335,9 @@ def main():
                 r["bnb_dequant_us"] = t_bnb_dequant
             r["rounds"] = args.rounds if m >= 1024 else 1
             r.update(bench_rounds(fns, r["rounds"], f"{n}x{k} M={m}"))
+            if r["rounds"] > 1:
+                r["host_us"] = {name.replace("_us", ""): attempt(f"host {name}", host_time, fn)
+                                for name, fn in fns.items()}
             r["configs"]["fused"] = best_config("fused_matmul", f"_prmt_{size}_m_tuned")  # NF4, bf16
             if m > 128 and kernels.fused_matmul_sm90.sm90_ok(x, qw):  # the Gluon kernel ran instead
                 offset = kernels.fused_matmul_sm90.table_offset(x.device)
@@ -338,10 +378,10 @@ def main():
             x = randn(m, k)
             sweep_rows.append({
                 "N": n, "K": k, "M": m,
-                "fused_us": attempt("sweep fused", bench, lambda: kernels.fused_matmul(x, qw)),
-                "dequant_cublas_us": attempt("sweep deq+cublas", bench,
+                "fused_us": attempt("sweep fused", bench_gpu, lambda: kernels.fused_matmul(x, qw)),
+                "dequant_cublas_us": attempt("sweep deq+cublas", bench_gpu,
                                              lambda: torch.matmul(x, kernels.dequantize(qw, dtype).t())),
-                "cublas_us": attempt("sweep cublas", bench, lambda: torch.matmul(x, w.t())),
+                "cublas_us": attempt("sweep cublas", bench_gpu, lambda: torch.matmul(x, w.t())),
             })
         print(f"  sweep N={n} K={k}  ({time.time() - t_start:.0f} s)", file=sys.stderr)
 
@@ -388,6 +428,11 @@ def main():
     print("Configs chosen:")
     for r in rows:
         print(f"  {r['N']}x{r['K']} M={r['M']}: {r['configs']}")
+    print()
+    print("Host time per call at M >= 1024 (us; the GPU times above exclude it):")
+    for r in rows:
+        if "host_us" in r:
+            print(f"  {r['N']}x{r['K']} M={r['M']}: " + ", ".join(f"{a} {fmt_us(t)}" for a, t in r["host_us"].items()))
     print()
 
     if lookup_rows:

@@ -800,10 +800,11 @@ def test_gpu_quantlinear_autograd_and_dequant_matmul_path(monkeypatch):
     dtype = torch.bfloat16
     ql = quant.QuantLinear.from_linear(torch.nn.Linear(1024, 768, bias=False).cuda().to(dtype))
     w = quant.dequantize(ql.qweight(), dtype)  # the reference, not the kernel
-    # fused for every M; dequantize+cuBLAS from M = 64; then on Hopper the Gluon kernel from M = 129
-    for threshold, sm90_from in ((None, None), (64, None), (64, 129)):
+    # fused for every M; dequantize+cuBLAS from M = 64; then on Hopper the Gluon kernel (M > 128)
+    for threshold, graphed in ((None, False), (64, False), (64, True)):
         monkeypatch.setattr(quant, "DEQUANT_MATMUL_MIN_M", threshold)
-        monkeypatch.setattr(quant, "FUSED_SM90_MIN_M", sm90_from)
+        monkeypatch.setattr(quant, "FUSED_SM90_MIN_TILES", 1)
+        monkeypatch.setattr(quant, "_graph_bound", graphed)
         for m in (3, 200):
             x = gaussian(m, 1024, seed=m, dtype=dtype).requires_grad_()
             y = ql(x)

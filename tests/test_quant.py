@@ -448,7 +448,6 @@ def test_nothing_dense_is_kept_for_backward():
 def test_cuda_dispatch_follows_its_thresholds(monkeypatch):
     """Which kernel quant.py's dispatch runs at each M, as its table says (the kernels' results
     are tested in test_kernels.py): a stand-in for the kernels package records the choice."""
-    qw = quant.quantize_nf4(gaussian(256, 64, seed=3))
     chosen = []
 
     class Kernels:  # what quant.py calls on the package, each returning the right shape
@@ -472,20 +471,31 @@ def test_cuda_dispatch_follows_its_thresholds(monkeypatch):
             return chosen.append("dequantize+cuBLAS") or quant.dequantize(w, dtype)
 
     monkeypatch.setattr(quant, "_kernels_for", lambda t: Kernels)
-    skinny, dequant, sm90 = quant.SKINNY_MAX_M, quant.DEQUANT_MATMUL_MIN_M, quant.FUSED_SM90_MIN_M
-    assert skinny < dequant < sm90
+    skinny, dequant, tiles = quant.SKINNY_MAX_M, quant.DEQUANT_MATMUL_MIN_M, quant.FUSED_SM90_MIN_TILES
+    assert skinny < dequant <= 128 and tiles == 128
 
-    def pick(fn, m, width):
+    def pick(fn, m, n, k=64):  # the kernel fn takes for x (m, k) or dy (m, n), W (n, k)
         chosen.clear()
-        fn(torch.zeros(m, width, dtype=torch.bfloat16), qw)
+        qw = quant.quantize_nf4(gaussian(n, k, seed=3))
+        fn(torch.zeros(m, n if fn is quant._matmul_dx else k, dtype=torch.bfloat16), qw)
         return chosen[0]
 
-    expected = {1: "skinny", skinny: "skinny", skinny + 1: "fused", dequant - 1: "fused",
-                dequant: "dequantize+cuBLAS", sm90 - 1: "dequantize+cuBLAS", sm90: "fused"}
-    assert {m: pick(quant._matmul, m, 64) for m in expected} == expected
-    Kernels.fused_matmul_sm90.hopper = False  # elsewhere the Triton fused kernel loses from dequant up
-    assert pick(quant._matmul, sm90, 64) == "dequantize+cuBLAS"
-    expected_dx = {1: "fused", dequant - 1: "fused", dequant: "dequantize+cuBLAS", sm90: "dequantize+cuBLAS"}
+    eager = {1: "skinny", skinny: "skinny", skinny + 1: "fused", dequant - 1: "fused",
+             dequant: "dequantize+cuBLAS", 4096: "dequantize+cuBLAS"}
+    assert {m: pick(quant._matmul, m, 4096) for m in eager} == eager
+    with quant.graph_bound():  # a replayed pass: the Gluon kernel once its grid has 128 tiles
+        assert {m: pick(quant._matmul, m, 4096) for m in eager} == {**eager, 4096: "fused"}
+        # tiles of 256 tokens x 128 rows: 4 x 32 at M = 769, N = 4096; 3 x 32 at 768; 16 x 8 at 3841, 1024
+        assert pick(quant._matmul, 769, 4096) == "fused"
+        assert pick(quant._matmul, 768, 4096) == "dequantize+cuBLAS"
+        assert pick(quant._matmul, 3841, 1024) == "fused"
+        assert pick(quant._matmul, 3840, 1024) == "dequantize+cuBLAS"
+        assert pick(quant._matmul, 128, 32768) == "dequantize+cuBLAS"  # M <= 128: not the Gluon kernel's
+        assert pick(quant._matmul_dx, 4096, 4096) == "dequantize+cuBLAS"  # no Gluon dx
+        Kernels.fused_matmul_sm90.hopper = False  # elsewhere the Triton fused kernel loses from M = 64
+        assert pick(quant._matmul, 4096, 4096) == "dequantize+cuBLAS"
+    assert not quant._graph_bound
+    expected_dx = {1: "fused", dequant - 1: "fused", dequant: "dequantize+cuBLAS"}
     assert {m: pick(quant._matmul_dx, m, 256) for m in expected_dx} == expected_dx
 
 
