@@ -435,8 +435,7 @@ def test_nothing_dense_is_kept_for_backward():
         y = ql(x)
     assert saved == []
     node = y.grad_fn  # (a 2-D x gets the function's output itself, not a view of it)
-    on_node = {name: v for name, v in vars(node).items()
-               if isinstance(v, torch.Tensor) or isinstance(v, (list, tuple, dict))}
+    on_node = {name: v for name, v in vars(node).items() if isinstance(v, (torch.Tensor, list, tuple, dict))}
     assert on_node == {}  # no tensor (a dequantized W) put on ctx beside the 4-bit weight
     kept = node.qw.tensors()
     buffers = dict(ql.named_buffers())
