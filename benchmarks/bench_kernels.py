@@ -47,9 +47,10 @@ same run: about 3.0 TB/s on an H100 SXM, against its 3.35 TB/s peak, --hbm-gbps,
 and at least 2x faster than bnb HBM. Each check is on every shape; the ones marked "issue" are the
 targets as issue 3 states them (the fused one on all three shapes, the M = 1 ones at 11008x4096,
 the shape it gives "about 12.5 us" for), the others ("ours") are the same bars at the other shapes,
-which we hold ourselves to as well and report however they come out. Writes JSON to --out. A measurement that fails (e.g. a
-config that does not compile) prints ERR and the error on stderr; the run goes on. Needs CUDA. Autotuning and config choice happen in the
-first (warm-up) call of each measurement and are not timed.
+which we hold ourselves to as well and report however they come out. Writes JSON to --out. A
+measurement that fails (e.g. a config that does not compile) prints ERR and the error on stderr;
+the run goes on. Needs CUDA. Autotuning and config choice happen in the first (warm-up) call of
+each measurement and are not timed.
 """
 
 import argparse
@@ -422,7 +423,8 @@ def main():
                                "cublas_dx_us", "bnb_matmul_us", "bnb_hbm_us", "bnb_dequant_us")]
         print(f"| {r['N']}x{r['K']} | {r['M']} | " + " | ".join(fmt_us(c) for c in cols)
               + f" | {ratio} | {hbm} |")
-    print("\n(times in microseconds: median of do_bench, or per call inside a CUDA graph; HBM: a "
+    print("\n(times in microseconds: median of do_bench, or per call inside a CUDA graph; at M >= 1024 "
+          "cuBLAS, fused, deq+cuBLAS and bnb matmul in GPU time alone (bench_gpu); HBM: a "
           f"graph cycling through {COPIES} weights; measured HBM bandwidth "
           f"{env['hbm_copy_gbps']:.0f} GB/s, peak {args.hbm_gbps:.0f})\n")
     print("Configs chosen:")
