@@ -334,6 +334,8 @@ def quantize_nf4(
 ) -> QuantizedWeight:
     """NF4-quantize a 2-D weight (module docstring). Works on any device, in float32."""
     _check_weight(weight, block_size)
+    if not isinstance(double_quant, bool):  # ("no" would count as true)
+        raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
     n, k = weight.shape
     blocks = _blocks(weight, block_size)
     absmax = blocks.abs().amax(dim=2)  # (N, KB)

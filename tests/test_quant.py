@@ -314,6 +314,8 @@ def test_bad_weights_raise_clear_errors():
         quant.quantize_nf4(torch.randn(4, 64), block_size=48)
     with pytest.raises(ValueError, match="quant_type"):
         quant.quantize_weight(torch.randn(4, 64), "fp4")
+    with pytest.raises(TypeError, match="double_quant"):
+        quant.quantize_nf4(torch.randn(4, 64), double_quant="no")
     ql = QuantLinear.from_linear(nn.Linear(64, 8, bias=False))
     with pytest.raises(ValueError, match="expects 64"):
         ql(torch.randn(3, 65))
