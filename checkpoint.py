@@ -26,7 +26,7 @@ import signal
 import torch
 from tqdm import tqdm
 
-from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_state_dict, save_adapter
+from lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_write, lora_state_dict, save_adapter
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -54,17 +54,11 @@ def save_checkpoint(out: str, model, optimizer, step: int, world: int, args_dict
     Each file goes to a temporary file, flushed to disk, then renamed over the old one (atomic on POSIX):
     a crash mid-save leaves the previous checkpoint whole."""
     state = {"step": step, "world_size": world, "adapter": lora_state_dict(model), "optimizer": optimizer.state_dict(), "args": args_dict}
-    tmp = os.path.join(out, CHECKPOINT + ".tmp")
-    try:
+
+    def write(tmp):
         with open(tmp, "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave a renamed empty file
-        os.replace(tmp, os.path.join(out, CHECKPOINT))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(os.path.join(out, CHECKPOINT), write)
     save_adapter(model, out, base_model_path=args_dict["model"])
 
 

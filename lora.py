@@ -259,7 +259,7 @@ def _lora_hparams(model: nn.Module) -> tuple[int, float, float, list[str]]:
     return rs.pop(), alphas.pop(), max(dropouts), targets
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
     """Write via `write(tmp_path)` to a temporary file in the same folder, flush it to disk, then
     rename it over `path`."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -286,13 +286,13 @@ def _write_json(path: str, obj: dict) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def adapter_config(model: nn.Module, base_model_path: Optional[str] = None) -> dict:
@@ -472,4 +472,4 @@ def export_merged(model: nn.Module, out_dir: str, hf_config: dict, tokenizer_pat
     if tokenizer_path is not None:
         if not os.path.isfile(tokenizer_path):
             raise FileNotFoundError(f"tokenizer model not found: {tokenizer_path}")
-        _atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda tmp: shutil.copyfile(tokenizer_path, tmp))
+        atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda tmp: shutil.copyfile(tokenizer_path, tmp))
