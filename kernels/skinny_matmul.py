@@ -15,8 +15,8 @@ independent programs, each with a few wide loads in flight; "about" is at least 
 with FIT = 1 at most as many. FIT matters where all programs are resident at once (the
 skinny_mma configs): 32 row tiles x 9 splits = 288 programs on 132 SMs put 3 on some SMs and 2
 on others, and the SMs with 3 set the time; 8 or 12 splits (256 or 384) do not (4096x11008 at
-M = 16 on an H100, from HBM: 32.3 -> 21.4 us, BENCHMARKS.md). A second tiny kernel then adds the
-SPLIT_K partials in a fixed order (deterministic, no atomics) and rounds to x's dtype; with
+M = 16 on an H100, from HBM: 32.3 -> 21.4 us, BENCHMARKS.md). A second tiny kernel
+(reduce_partials.py) then adds the SPLIT_K partials in a fixed order (deterministic, no atomics) and rounds to x's dtype; with
 SPLIT_K = 1 the first kernel writes y directly. Both are plain launches with fixed arguments once
 the config is chosen, so the pair can be captured in a CUDA graph (the partial buffer comes from
 the caching allocator, which graph capture supports). On Hopper both are launched with
@@ -26,22 +26,8 @@ which hides the launches (the reduction's: 0.4-0.5 us per call; the main kernel'
 reduction of the call before: 0.2-0.6 us more), and skinny_mma fills its decoder table before
 that wait (0.5-0.8 us more; BENCHMARKS.md).
 
-M == 1 (gemv_kernel), on CUDA cores, float32 throughout:
-    y[n] = sum_b s[b, n] * sum_{k in block b} v(q[n, k]) * x[k]
-where v(q) = code[q] (NF4) or q - zero (INT4) and s = absmax or scale: the block scale is applied
-once per block sum instead of once per weight; the tile is 3-D (rows, blocks, bytes) so that the
-block sums meet their scales without a reshape; x meets the high / low nibbles of each byte as
-its even and odd columns (one 32-bit load per byte for contiguous bf16 x). The code lookup is
-LOOKUP 0 (gather from the 64-byte table, in L1) or 1 (select tree); 2 means 0 here. Unlike the
-other kernels, the weight is *not* rounded to x's dtype before multiplying (no tensor cores
-here), so y differs from x @ quant.dequantize(w, x.dtype).T by that rounding (relative 2^-9 per
-product in bf16, averaging out over K); the tests bound it.
-What limits it (H100, BENCHMARKS.md): with LOOKUP 0, about 10 instructions per weight (byte
-extraction, shift and mask, 64-bit table address, the lookup, the FMA) and the per-weight table
-gathers through L1; all tile shapes tried land within 10% of each other at 25-28 us for
-11008 x 4096, about 30% of HBM bandwidth. LOOKUP 3 (byte permutes, bf16 code values; NF4 with
-bf16 x) issues about 6.6 per weight and runs in 18.9 us there, 37%. A variant that read W as 32-bit words with constant shifts issued fewer
-instructions (6 per weight in the sm_90 assembly) yet ran slower (33 us) and was dropped.
+M == 1 (kernels/gemv.py): on CUDA cores, float32 throughout, the block scale applied once per
+block sum; the products are not rounded to x's dtype (its docstring says what limits it).
 1 < M <= 16 (skinny_matmul_kernel): the dequantized tile (rounded to x's dtype) goes through tl.dot
 with x padded to 16 rows, float32 accumulation; equal to the reference up to accumulation order.
 For NF4 with bf16 x the candidates also include LOOKUP=3 (the byte-permute decoder of _tile.py,
@@ -71,7 +57,9 @@ import triton.language as tl
 from ._launch import (FP_FUSION, pdl_chain, check_activation, check_lookup, interpreting, pdl_ok,
                       prmt_ok, sm_count, split_config, weight_args)
 from . import decode_sm90, skinny_mma
-from ._tile import code_values, dequantize_tile, dequantize_tile_prmt, load_block_scales, nf4_code_pairs
+from ._tile import dequantize_tile, dequantize_tile_prmt, load_block_scales
+from .gemv import gemv_kernel
+from .reduce_partials import reduce_partials_kernel
 
 
 @triton.heuristics({"EVEN_K": lambda a: a["K"] == a["KP"] and a["KP"] % a["BLOCK_K"] == 0})
@@ -142,86 +130,6 @@ def skinny_matmul_kernel(
     else:
         tl.store(out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + out_n[None, :] * stride_on,
                  acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (out_n < N)[None, :])
-
-
-@triton.heuristics({"EVEN_K": lambda a: a["K"] == a["KP"] and a["KP"] % a["BLOCK_K"] == 0})
-@triton.jit
-def gemv_kernel(
-    x_ptr, packed_ptr, scales_ptr, zeros_ptr, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, out_ptr,
-    N, K, KP, stride_pn, K_PER_SPLIT, stride_xk, stride_os, stride_on,
-    FORMAT: tl.constexpr, QBLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOKUP: tl.constexpr, EVEN_K: tl.constexpr,
-    XPAIR: tl.constexpr, ASM: tl.constexpr = 1, PDL: tl.constexpr = 0,
-):
-    """M = 1: out[s, n] = sum over split s of W[n, k] * x[k], float32 on CUDA cores.
-
-    3-D tile (BLOCK_N rows, G quantization blocks, QBLOCK/2 bytes per block): the block sums meet
-    their scales without any reshape (a reshape can cost a shared-memory round trip). The high
-    nibble of byte j meets x[2j], the low one x[2j+1]; with XPAIR (contiguous bf16 x) the pair
-    (x[2j], x[2j+1]) is one 32-bit load, split into two float32 by bit operations (a bf16 is
-    the top half of the float32 with the same value).
-    """
-    G: tl.constexpr = BLOCK_K // QBLOCK
-    HQ: tl.constexpr = QBLOCK // 2
-    LK: tl.constexpr = 0 if LOOKUP == 2 else LOOKUP
-    pid_n = tl.program_id(0)
-    pdl_chain(PDL)
-    pid_s = tl.program_id(1)
-    k_begin = pid_s * K_PER_SPLIT
-    k_end = min(k_begin + K_PER_SPLIT, KP)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    offs_g = tl.arange(0, G)
-    col_b = offs_g[:, None] * HQ + tl.arange(0, HQ)[None, :]
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        kblock = k0 // QBLOCK + offs_g
-        byte0 = tl.multiple_of(k0 // 2, 32)  # stated so that Triton proves 16-byte W loads
-        if XPAIR:
-            xw = tl.load(x_ptr + byte0 + col_b, mask=byte0 + col_b < K // 2, other=0)
-            x_even = (xw << 16).to(tl.float32, bitcast=True)
-            x_odd = (xw & -65536).to(tl.float32, bitcast=True)
-        else:
-            k_even = k0 + 2 * col_b
-            x_even = tl.load(x_ptr + k_even * stride_xk, mask=k_even < K, other=0.0).to(tl.float32)
-            x_odd = tl.load(x_ptr + (k_even + 1) * stride_xk, mask=k_even + 1 < K, other=0.0).to(tl.float32)
-        p3_ptrs = packed_ptr + offs_n[:, None, None] * stride_pn + (byte0 + col_b)[None, :, :]
-        if EVEN_K:
-            p = tl.load(p3_ptrs)
-            kb_ok = kblock >= 0
-        else:
-            p = tl.load(p3_ptrs, mask=(byte0 + col_b < KP // 2)[None, :, :], other=0)
-            kb_ok = kblock < KP // QBLOCK
-        scale, zero_f = load_block_scales(
-            scales_ptr, zeros_ptr, absmax2_ptr, code8_ptr, offset_ptr,
-            kblock[None, :], offs_n[:, None], kb_ok[None, :], N, FORMAT, DQ_BLOCK)
-        if LOOKUP == 3:  # byte permutes (_tile.py): bf16 code values, float32 products
-            pairs = nf4_code_pairs(p, code_ptr, ASM)
-            t = ((pairs << 16).to(tl.float32, bitcast=True) * x_even[None, :, :]
-                 + (pairs & -65536).to(tl.float32, bitcast=True) * x_odd[None, :, :])
-        else:
-            z3 = zero_f[:, :, None]
-            t = (code_values((p >> 4).to(tl.int32), z3, code_ptr, FORMAT, LK) * x_even[None, :, :]
-                 + code_values((p & 0xF).to(tl.int32), z3, code_ptr, FORMAT, LK) * x_odd[None, :, :])
-        acc += tl.sum(tl.sum(t, axis=2) * scale, axis=1)
-    out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + pid_s * stride_os + out_n * stride_on, acc.to(out_ptr.dtype.element_ty),
-             mask=out_n < N)
-
-
-@triton.jit
-def reduce_partials_kernel(part_ptr, y_ptr, SIZE, SPLIT_K, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
-    """y.flat[i] = sum_s partials[s].flat[i], s in order (float32), rounded to y's dtype.
-
-    With PDL (programmatic dependent launch, Hopper) this kernel is launched while the one that
-    writes the partials still runs, and waits here for it to finish (pdl_chain): its launch
-    overlaps the other's work instead of following it."""
-    pdl_chain(PDL)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < SIZE
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, SPLIT_K):
-        acc += tl.load(part_ptr + s * SIZE + offs, mask=mask, other=0.0)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _cand(bn, bk, lookup, warps, stages, per_sm, swap=0):

@@ -1,6 +1,6 @@
 """Decoding on tensor cores: y = x @ W.T for M = 1..16 rows of bf16 x and an NF4 W (block 64).
 
-Why: at M = 1 the CUDA-core kernel (skinny_matmul.gemv_kernel) issues about 6.6 instructions per
+Why: at M = 1 the CUDA-core kernel (kernels/gemv.py) issues about 6.6 instructions per
 weight: 2.9 to decode, then a shift to turn each bf16 code value into float32, an FMA, the sums.
 One warp-wide mma.sync.m16n8k16 multiplies a 16 x 16 tile of bf16 weights by a 16 x 8 tile of x:
 8 weights per thread in one instruction, products and sums in float32 on the tensor cores. The 8
