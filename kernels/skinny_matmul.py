@@ -16,8 +16,8 @@ with FIT = 1 at most as many. FIT matters where all programs are resident at onc
 skinny_mma configs): 32 row tiles x 9 splits = 288 programs on 132 SMs put 3 on some SMs and 2
 on others, and the SMs with 3 set the time; 8 or 12 splits (256 or 384) do not (4096x11008 at
 M = 16 on an H100, from HBM: 32.3 -> 21.4 us, BENCHMARKS.md). A second tiny kernel
-(reduce_partials.py) then adds the SPLIT_K partials in a fixed order (deterministic, no atomics) and rounds to x's dtype; with
-SPLIT_K = 1 the first kernel writes y directly. Both are plain launches with fixed arguments once
+(reduce_partials.py) then adds the SPLIT_K partials in a fixed order (deterministic, no atomics)
+and rounds to x's dtype; with SPLIT_K = 1 the first kernel writes y directly. Both are plain launches with fixed arguments once
 the config is chosen, so the pair can be captured in a CUDA graph (the partial buffer comes from
 the caching allocator, which graph capture supports). On Hopper both are launched with
 programmatic dependent launch (pdl_ok, _launch.pdl_chain): each starts while the kernel before
@@ -40,13 +40,20 @@ is one more candidate: one persistent program per SM, no reduction kernel (DECOD
 Config choice: a small list of candidates (CANDIDATES_M1, CANDIDATES_M16) timed once per
 (shape, format, dtype, device) in a CUDA graph (so that the ~20 us of Python launch overhead does
 not drown a ~5 us kernel), on copies of the weight read from HBM in turn (_stream_copies: as in
-decoding, not from L2), and cached; during graph capture, or in the interpreter, no timing
-happens (the first candidate / INTERPRETER_CONFIG is used).
+decoding, not from L2), and cached, in memory and on disk in Triton's cache (_disk_choice: a new
+process takes it from there, as the autotuners of _launch.autotune do; about 1.8 s saved on the
+three 7B shapes on an H100); during graph capture, or in the interpreter, no timing happens (the
+first candidate / INTERPRETER_CONFIG is used).
 
 Memory layout: x (M, K) any strides; packed uint8 (N, KP/2), two codes per byte, column 2j high
 nibble; per-block scales (KP/B, N); y (M, N) contiguous.
 """
 
+import functools
+import hashlib
+import json
+import os
+import time
 import warnings
 
 import torch
@@ -364,6 +371,46 @@ def _tune(x, w, candidates, args):
     return candidates[best]
 
 
+@functools.lru_cache(maxsize=None)
+def _sources_hash() -> str:
+    """A hash of every source file of this package: a changed kernel, candidate list or launcher
+    makes the choices kept on disk stale."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    h = hashlib.sha256()
+    for name in sorted(f for f in os.listdir(folder) if f.endswith(".py")):
+        with open(os.path.join(folder, name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read())
+    return h.hexdigest()
+
+
+def _disk_choice(key, device, candidates, config=None):
+    """The tuned choice for `key` kept in Triton's cache (~/.triton/cache, or TRITON_CACHE_DIR):
+    with config, store it there (and return None); without, return what is stored, or None
+    (nothing stored, or what is stored is not one of `candidates`). Its name hashes the key,
+    the GPU's name and compute capability, the candidates, Triton's and torch's versions and
+    _sources_hash. Delete the cache to tune again. Reading or writing failing only means tuning
+    again (with a warning)."""
+    try:
+        from triton.runtime.cache import get_cache_manager
+        where = (torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),
+                 triton.__version__, torch.__version__, _sources_hash())
+        name = hashlib.sha256(repr((key, where, candidates)).encode()).hexdigest()
+        cache = get_cache_manager(name)
+        if config is not None:
+            cache.put(json.dumps({"config": config}), "skinny_matmul.json", binary=False)
+            return None
+        path = cache.get_file("skinny_matmul.json")
+        if path is None:
+            return None
+        with open(path) as f:
+            stored = json.load(f)["config"]
+        return stored if stored in candidates else None
+    except Exception as e:  # an unreadable or unwritable cache: tune (again)
+        warnings.warn(f"skinny_matmul: the tuned choice could not be kept on disk: {type(e).__name__}: {e}",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
 def chosen_config(x, w):
     """The config that skinny_matmul(x, w) uses (after the first call), or None."""
     fmt, tensors, kp, qb, dq_block = weight_args(w)
@@ -416,5 +463,13 @@ def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
                 candidates = candidates + [DECODE_SM90_CANDIDATE]
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 return _launch(x, w, candidates[0], *args)  # no timing inside a capture
-            config = _chosen[key] = _tune(x, w, candidates, args)
+            config = _disk_choice(key, x.device, candidates)
+            if config is None:
+                start = time.perf_counter()
+                config = _tune(x, w, candidates, args)
+                _disk_choice(key, x.device, candidates, config)
+                if os.environ.get("TRITON_PRINT_AUTOTUNING", "0") not in ("", "0"):  # as Triton's autotuners
+                    print(f"skinny_matmul tuned for {w.out_features}x{w.in_features}, M = {m}, in "
+                          f"{time.perf_counter() - start:.2f} s: {config}")
+            _chosen[key] = config
     return _launch(x, w, config, *args)

@@ -740,15 +740,16 @@ import kernels, quant
 torch.manual_seed(0)
 qw = quant.quantize_nf4(torch.randn(384, 320, device="cuda", dtype=torch.bfloat16) * 0.02)
 x = torch.randn(64, 320, device="cuda", dtype=torch.bfloat16)
-torch.save((kernels.dequantize(qw, torch.bfloat16), kernels.fused_matmul(x, qw)), sys.argv[1])
+torch.save((kernels.dequantize(qw, torch.bfloat16), kernels.fused_matmul(x, qw),
+            kernels.skinny_matmul(x[:1], qw)), sys.argv[1])
 """
 
 
 @pytest.mark.cuda
 def test_gpu_autotuned_choices_kept_on_disk(tmp_path):
-    """kernels._launch.autotune: a second process with the same Triton cache takes the autotuners'
-    choices from it instead of timing the configs again (Triton prints a line for each tuning it
-    runs), and computes the same bits."""
+    """kernels._launch.autotune and skinny_matmul's tuner: a second process with the same Triton
+    cache takes their choices from it instead of timing the configs again (each prints a line for
+    each tuning it runs), and computes the same bits."""
     import triton
     if "cache_results" not in inspect.signature(triton.autotune).parameters:
         pytest.skip(f"Triton {triton.__version__} keeps no autotuning on disk (3.4 and later do)")
@@ -759,8 +760,36 @@ def test_gpu_autotuned_choices_kept_on_disk(tmp_path):
     assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
     tuned = [r.stdout.count("Triton autotuning for function") for r in runs]
     assert tuned[0] == 2 and tuned[1] == 0, (tuned, runs[0].stdout, runs[1].stdout)  # dequantize, fused_matmul
+    skinny = [r.stdout.count("skinny_matmul tuned for") for r in runs]
+    assert skinny == [1, 0], (runs[0].stdout, runs[1].stdout)
     first, second = (torch.load(tmp_path / f"out{i}.pt") for i in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_skinny_choice_kept_on_disk(tmp_path, monkeypatch):
+    """skinny_matmul._disk_choice (CPU, a fake GPU name): a stored choice is found by the same key,
+    GPU and candidates only, and a damaged or foreign file is not taken (a warning, then tuning)."""
+    sk = importlib.import_module("kernels.skinny_matmul")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    dev = torch.device("cuda", 0)
+    key = (4096, 4096, "nf4", True, 64, True, torch.bfloat16, dev, True, True, True)
+    cands = sk.CANDIDATES_M1 + [sk.DECODE_SM90_CANDIDATE]
+    assert sk._disk_choice(key, dev, cands) is None
+    sk._disk_choice(key, dev, cands, cands[2])
+    assert sk._disk_choice(key, dev, cands) == cands[2]  # what the next process finds
+    assert sk._disk_choice(key, dev, cands[:-1]) is None
+    assert sk._disk_choice(key[:6] + (torch.float16,) + key[7:], dev, cands) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert sk._disk_choice(key, dev, cands) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    [path] = list(tmp_path.rglob("skinny_matmul.json"))
+    path.write_text('{"config": {"BLOCK_N": 999}}')
+    assert sk._disk_choice(key, dev, cands) is None
+    path.write_text("not json")
+    with pytest.warns(RuntimeWarning, match="could not be kept on disk"):
+        assert sk._disk_choice(key, dev, cands) is None
 
 
 def check_first_configs(qw, w, dtype):
