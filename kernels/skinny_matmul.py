@@ -390,6 +390,8 @@ def _disk_choice(key, device, candidates, config=None):
     the GPU's name and compute capability, the candidates, Triton's and torch's versions and
     _sources_hash. Delete the cache to tune again. Reading or writing failing only means tuning
     again (with a warning)."""
+    if device.type != "cuda":  # (tuning on the CPU happens only in tests/test_kernels.py)
+        return None
     try:
         from triton.runtime.cache import get_cache_manager
         where = (torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),

@@ -504,6 +504,7 @@ def test_skinny_tuner_skips_a_candidate_that_fails(monkeypatch):
     broken.append(sk.CANDIDATES_M1[0])
     monkeypatch.setattr(sk, "_launch", failing_first)
     monkeypatch.setattr(sk, "_chosen", {})
+    monkeypatch.setattr(sk, "_disk_choice", lambda *a: None)  # tune each time, keep nothing on disk
     with pytest.warns(RuntimeWarning, match="skipped, it failed here"):
         y = sk.skinny_matmul(x, qw)
     assert sk.chosen_config(x, qw) is not broken[0]
