@@ -17,14 +17,14 @@ skinny_mma configs): 32 row tiles x 9 splits = 288 programs on 132 SMs put 3 on 
 on others, and the SMs with 3 set the time; 8 or 12 splits (256 or 384) do not (4096x11008 at
 M = 16 on an H100, from HBM: 32.3 -> 21.4 us, BENCHMARKS.md). A second tiny kernel
 (reduce_partials.py) then adds the SPLIT_K partials in a fixed order (deterministic, no atomics)
-and rounds to x's dtype; with SPLIT_K = 1 the first kernel writes y directly. Both are plain launches with fixed arguments once
-the config is chosen, so the pair can be captured in a CUDA graph (the partial buffer comes from
-the caching allocator, which graph capture supports). On Hopper both are launched with
-programmatic dependent launch (pdl_ok, _launch.pdl_chain): each starts while the kernel before
-it still runs and waits for it (griddepcontrol) before it reads anything that kernel may write,
-which hides the launches (the reduction's: 0.4-0.5 us per call; the main kernel's behind the
-reduction of the call before: 0.2-0.6 us more), and skinny_mma fills its decoder table before
-that wait (0.5-0.8 us more; BENCHMARKS.md).
+and rounds to x's dtype; with SPLIT_K = 1 the first kernel writes y directly. Both are plain
+launches with fixed arguments once the config is chosen, so the pair can be captured in a CUDA
+graph (the partial buffer comes from the caching allocator, which graph capture supports). On
+Hopper both are launched with programmatic dependent launch (pdl_ok, _launch.pdl_chain): each
+starts while the kernel before it still runs and waits for it (griddepcontrol) before it reads
+anything that kernel may write, which hides the launches (the reduction's: 0.4-0.5 us per call;
+the main kernel's behind the reduction of the call before: 0.2-0.6 us more), and skinny_mma
+fills its decoder table before that wait (0.5-0.8 us more; BENCHMARKS.md).
 
 M == 1 (kernels/gemv.py): on CUDA cores, float32 throughout, the block scale applied once per
 block sum; the products are not rounded to x's dtype (its docstring says what limits it).
