@@ -468,10 +468,13 @@ def graph_bound():
         _graph_bound = before
 
 
-def _fills_the_gpu(m: int, n: int) -> bool:
-    """Whether the Gluon fused kernel's grid, tiles of 256 tokens x 128 weight rows, has at least
-    FUSED_SM90_MIN_TILES tiles for y (m, n) (and m > 128, where kernels.fused_matmul runs it)."""
-    return FUSED_SM90_MIN_TILES is not None and m > 128 and -(-m // 256) * (n // 128) >= FUSED_SM90_MIN_TILES
+def _fills_the_gpu(sm90, m: int, n: int) -> bool:
+    """Whether the Gluon fused kernel's grid (module sm90: its tiles of BLOCK_M tokens x BLOCK_N
+    weight rows) has at least FUSED_SM90_MIN_TILES tiles for y (m, n) (and m > 128, where
+    kernels.fused_matmul runs it)."""
+    if FUSED_SM90_MIN_TILES is None or m <= 128:
+        return False
+    return -(-m // sm90.BLOCK_M) * -(-n // sm90.BLOCK_N) >= FUSED_SM90_MIN_TILES
 
 
 def _matmul(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
@@ -484,7 +487,8 @@ def _matmul(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     m = x.shape[0]
     if 0 < m <= SKINNY_MAX_M:
         return k.skinny_matmul(x, qw)
-    if _graph_bound and _fills_the_gpu(m, qw.out_features) and k.fused_matmul_sm90.sm90_ok(x, qw):
+    sm90 = k.fused_matmul_sm90
+    if _graph_bound and _fills_the_gpu(sm90, m, qw.out_features) and sm90.sm90_ok(x, qw):
         return k.fused_matmul(x, qw)
     if DEQUANT_MATMUL_MIN_M is not None and m >= DEQUANT_MATMUL_MIN_M:
         return x @ k.dequantize(qw, x.dtype).t()

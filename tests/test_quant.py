@@ -454,6 +454,7 @@ def test_cuda_dispatch_follows_its_thresholds(monkeypatch):
     class Kernels:  # what quant.py calls on the package, each returning the right shape
         class fused_matmul_sm90:
             hopper = True
+            BLOCK_M, BLOCK_N = 256, 128  # the Gluon kernel's tile (kernels/fused_matmul_sm90.py)
 
             @staticmethod
             def sm90_ok(x, w):
