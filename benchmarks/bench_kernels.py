@@ -29,7 +29,7 @@ rounds, and the table gives each one's median over them: cuBLAS alone moved 490-
 11008x4096 between runs that timed it once, which made a ratio from one measurement unreliable.
 There they are timed on the GPU alone (bench_gpu): do_bench's events around a call also count the
 host's time to launch it whenever that is longer than the L2 flush before it, and the Gluon fused
-kernel's launch takes about 240 us of Python and driver calls, more than its 190 us on the GPU at
+kernel's launch takes 120-270 us of Python and driver calls, about its 190 us on the GPU at
 4096x4096 (rounds of 1.1-3x its GPU time in the thirty-sixth session). The host's time per call
 is printed beside (host_us).
 Then:
