@@ -33,21 +33,23 @@ one unit: UNIT_BLOCKS / 4 TMA boxes of W (16 rows x 128 bytes each, 128-byte swi
 of the absmax codes.
 
 The 8 consumer warps each take UNIT_BLOCKS / 8 blocks of a unit, one mma block at a time as
-skinny_mma does (its mma_asm: the shared-memory decoding table, 4 mma.sync m16n8k16): thread
-(warp w, lane 4 g + t) reads 8 bytes of rows g and g + 8 (bytes 8t .. 8t + 7 of the block's 32)
-and x[64 b + 16 t .. + 16], and gets the block sums of rows g and g + 8 (every column of the
-mma's B is x, so every lane holds its rows' sums). Lane t scales block h = t of the unit (one
-code and absmax per row and unit, not per block) and adds only that block's sums: the 4 lanes of
-a row are added at the row tile's end. A whole unit's W words go into registers (16 per thread)
-before any is decoded, and the stage goes back to the loader then, not after the decoding: the
-ring holds a unit more in flight. All consumer tensors are (8, 8, 4) =
-(warp, g, t), one element per thread (THREAD): which thread holds what is the mma's fragment
-layout, written as linear layouts, and the W bytes are read through a view of the ring stage
-(W_VIEW) that undoes TMA's swizzle. Before the loop each program puts into shared memory the
-decoding table and code8 (static arrays declared in inline PTX, so that inline PTX can index
-them), the absmax2 of its units' blocks (one per block and row tile), all weight constants, read
-before the kernel before has ended. x comes from the loader after its PDL wait (x_ready[c]: the
-x of the units c of a row tile; the consumers wait for it before a unit's first mma).
+skinny_mma does (its mma_asm: the shared-memory decoding table, 4 mma.sync m16n8k16): thread (warp
+w, lane 4 g + t) reads 8 bytes (bytes 8t .. 8t + 7 of the block's 32) of rows 2 g and 2 g + 1 of
+the row tile, the mma's rows g and g + 8 (rows 2 g + r, not g + 8 r, so that the 8-byte loads have
+no bank conflicts: W_VIEW). x is the mma's B, 8 columns, and column n holds the x of the unit's
+block n // 2 (lanes g = n load it, x[64 b + 16 t .. + 16], once per unit instead of once per
+block): the mma of the unit's block h is right in columns 2 h and 2 h + 1 only, which lane t = h
+holds. Lane t scales block h = t of the unit (one code and absmax per row and unit, not per block)
+and adds only that block's sums: the 4 lanes of a row are added at the row tile's end. A whole
+unit's W words go into registers (16 per thread) before any is decoded, and the stage goes back to
+the loader then, not after the decoding: the ring holds a unit more in flight. All consumer tensors
+are (8, 8, 4) = (warp, g, t), one element per thread (THREAD): which thread holds what is the mma's
+fragment layout, written as linear layouts, and the W bytes are read through a view of the ring
+stage (W_VIEW) that undoes TMA's swizzle. Before the loop each program puts into shared memory the
+decoding table and code8 (static arrays declared in inline PTX, so that inline PTX can index them),
+the absmax2 of its units' blocks (one per block and row tile), all weight constants, read before
+the kernel before has ended. x comes from the loader after its PDL wait (x_ready[c]: the x of the
+units c of a row tile; the consumers wait for it before a unit's first mma).
 
 End of a row tile: each warp writes its 16 sums to a shared buffer (two, alternating) and the
 consumers arrive on done[buf]; the epilogue warp adds the 8 warps' sums in a fixed order and
@@ -75,7 +77,9 @@ the hand-over's wait moved ahead, then 0-5% from the absmax offset read before t
 then (twentieth session) 3-4% at the two large shapes from the stage given back before decoding,
 and 1.5-6% at the two large shapes from x by TMA (the loop had waited for all of x), then
 (twenty-sixth session) 2-3% at 4096x4096 from one unit fewer before the PDL wait in short
-shares. TMA alone streams the bytes in 9.5 us.
+shares, then (thirty-eighth session) 5-7% from x read once per unit instead of once per block,
+and 2.5-4% more from the rows that free W's loads of bank conflicts. TMA alone streams the bytes
+in 9.5 us.
 
 Restrictions (decode_ok): an sm_90 GPU with Gluon; bf16 x of one row, contiguous; NF4 with double
 quantization, blocks of 64, K a multiple of 64 (no padding); N a multiple of 16; x, the packed
@@ -102,28 +106,34 @@ ROWS = 16             # rows per unit (the mma's M)
 BOX = 128             # bytes per row of a TMA box (the 128-byte swizzle's span)
 WARPS = 8
 # W_VIEW's basis (below; tests/test_kernels.py checks it against the map it inverts)
-W_VIEW_BASES = [[0, 0, 1, 0], [0, 0, 2, 0], [1, 0, 0, 0], [2, 0, 0, 0], [0, 1, 2, 0], [1, 2, 0, 0],
-                [2, 4, 0, 0], [0, 0, 0, 1], [4, 0, 0, 0]]
+W_VIEW_BASES = [[0, 0, 1, 0], [0, 0, 2, 0], [1, 0, 0, 0], [2, 0, 0, 0], [0, 0, 2, 1], [1, 1, 0, 0],
+                [2, 2, 0, 0], [0, 4, 0, 0], [4, 0, 0, 0]]
 
 if HAVE_GLUON:
     _LANES = [[0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 2, 0], [0, 4, 0]]  # lane = 4 g + t
     _WARPS = [[1, 0, 0], [2, 0, 0], [4, 0, 0]]
     # (warp w, g, t): one element per thread, the thread with lane 4 g + t of warp w
     THREAD = gl.constexpr(gl.DistributedLinearLayout([], _LANES, _WARPS, [], [8, 8, 4]))
-    # (w, g, t, r): r = 0 row g, r = 1 row g + 8; the two 8-byte words of a thread
+    # (w, g, t, r): row 2 g + r; the two 8-byte words of a thread
     W_REGS = gl.constexpr(gl.DistributedLinearLayout(
         [[0, 0, 0, 1]], [b + [0] for b in _LANES], [b + [0] for b in _WARPS], [], [8, 8, 4, 2]))
     # Two TMA boxes (16 rows x 128 bytes, 128-byte swizzle: the 16-byte chunk j of row r sits at
     # chunk j ^ (r % 8)) seen as 8-byte words: element (w, g, t, r) is bytes 32 (w % 4) + 8 t
-    # .. + 8 of row g + 8 r of box w // 4, at word 256 (w // 4) + 16 (g + 8 r) +
-    # 2 ((2 (w % 4) + t // 2) ^ g) + t % 2. Linear over GF(2); its inverse, per bit of the word
-    # offset (what SharedLinearLayout takes). Lanes g = 0, 1 (one pass of an 8-byte load)
-    # read 8 different 16-byte chunks: no bank conflicts.
+    # .. + 8 of row p = 2 g + r of box w // 4, at word 256 (w // 4) + 16 p +
+    # 2 ((2 (w % 4) + t // 2) ^ (p % 8)) + t % 2. Linear over GF(2); its inverse, per bit of the
+    # word offset (what SharedLinearLayout takes). Why rows 2 g + r, not g + 8 r: an 8-byte load
+    # serves 16 lanes (g = 0..3, or 4..7) per pass; rows 0, 2, 4, 6 put a warp's two chunks of a
+    # row at 8 different chunks, rows 0..3 at 4 (a 2-way bank conflict, which ncu showed).
     W_VIEW = gl.constexpr(gl.SharedLinearLayout(W_VIEW_BASES))
-    # (w, t, 1): x's word of a thread (lanes g share it), one i of xs[cb] (the consumers' view)
-    X_REGS = gl.constexpr(gl.DistributedLinearLayout(
-        [], [[0, 1, 0], [0, 2, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]], [[1, 0, 0], [2, 0, 0], [4, 0, 0]],
-        [], [8, 4, 1]))
+    # (w, h, b, t): lane 4 g + t with g = 2 h + b; b = lane bit 2 (the two lanes of a pair
+    # share h). x's words are loaded in its slice without b, one 8-byte word per thread.
+    X_PAIRS = gl.constexpr(gl.DistributedLinearLayout(
+        [], [[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 1, 0], [0, 1, 0, 0], [0, 2, 0, 0]],
+        [[1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]], [], [8, 4, 2, 4]))
+    # (w, h, t, 1): how a word of x is read, one per lane pair (the slice of X_PAIRS, plus i)
+    X_LOAD = gl.constexpr(gl.DistributedLinearLayout(
+        [], [[0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 0, 0], [0, 1, 0, 0], [0, 2, 0, 0]],
+        [[1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]], [], [8, 4, 4, 1]))
     PLAIN1 = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [0]))
     PLAIN2 = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     PLAIN3 = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
@@ -186,7 +196,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _w_words(w_ring, s, h: gl.constexpr, BPW: gl.constexpr):
         """This thread's W words of block 8 cb + w of the row (boxes 2 h, 2 h + 1 of stage s):
-        bytes 8 t .. 8 t + 7 of rows g (wa) and g + 8 (wb)."""
+        bytes 8 t .. 8 t + 7 of rows 2 g (wa) and 2 g + 1 (wb)."""
         # the ring seen as pairs of boxes (32 rows; the swizzle repeats every 8 rows, so the
         # bytes are where they were), then the pair h of stage s as W_VIEW's words (a view of
         # two boxes taken from one box's view reads past it: Triton 3.9 refuses that)
@@ -198,32 +208,30 @@ if HAVE_GLUON:
         return wa, wb
 
     @gluon.jit
-    def _x_word(xb, i: gl.constexpr):
-        """x's word i of block 8 cb + w for each (w, t) (xb = xs[cb]: (w, t, i)) -> the (8, 8, 4)
-        THREAD tensor (the same for every g)."""
-        v = gl.reshape(xb.slice(i, 1, dim=2).load(X_REGS), [8, 4])
-        return _spread(gl.convert_layout(v, gl.SliceLayout(1, THREAD), assert_trivial=True), 1)
+    def _x_word(xu, i: gl.constexpr):
+        """Word i of x for lane (g, t) of warp w: x[64 (8 (cb + g // 2) + w) + 16 t + 4 i .. + 4],
+        from block cb + g // 2 of the unit (xu = its 4 blocks' x, (h, w, t, i)) -> the (8, 8, 4)
+        THREAD tensor."""
+        v = gl.reshape(xu.slice(i, 1, dim=3).permute([1, 0, 2, 3]).load(X_LOAD), [8, 4, 4])
+        v = gl.convert_layout(v, gl.SliceLayout(2, X_PAIRS), assert_trivial=True)   # (w, h, t)
+        v = gl.expand_dims(v, 2)
+        v = v + gl.zeros([8, 4, 2, 4], v.dtype, X_PAIRS)                      # (w, h, b, t)
+        return gl.convert_layout(gl.reshape(v, [8, 8, 4]), THREAD, assert_trivial=True)
 
     @gluon.jit
-    def _block_sums(wa, wb, xs, cb, tw):
-        """The block sums of rows g (d0) and g + 8 (d2) of block 8 cb + w by skinny_mma's decode
-        and 4 mma.sync (wa, wb: _w_words)."""
-        xb = xs.index(cb)   # (w, t, i): x[64 (8 cb + w) + 16 t + 4 i .. + 4]
-        x0 = _x_word(xb, 0)
-        x1 = _x_word(xb, 1)
-        x2 = _x_word(xb, 2)
-        x3 = _x_word(xb, 3)
+    def _add_block(acc_a, acc_b, wa, wb, x0, x1, x2, x3, h: gl.constexpr, sa, sb, t3, tw):
+        """Block 8 cb + w of the unit's blocks cb .. cb + 3 (h = its place): skinny_mma's decode
+        and 4 mma.sync with every lane's x words, those of block cb + g // 2. Column n of the mma's
+        B is then block cb + n // 2's x, and column n of the result (lanes t = n // 2) that block's
+        weights times it: block h's sums of the mma's rows g (d0) and g + 8 (d2), the tile's rows
+        2 g and 2 g + 1, in lane t = h, which scales and adds them; the other lanes' columns pair
+        block h's weights with another block's x."""
         d0, d1, d2, d3 = gl.inline_asm_elementwise(
             MMA_ASM, MMA_CONSTRAINTS, [wa, wb, x0, x1, x2, x3, tw, tw, tw, tw, tw, tw, tw, tw, tw],
             dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True, pack=1)
-        return d0, d2
-
-    @gluon.jit
-    def _add_block(acc_a, acc_b, wa, wb, xs, cb, h: gl.constexpr, sa, sb, t3, tw):
-        """The block's sums, scaled by lane t = h (the lane that scales block h of the unit),
-        added to the rows' accumulators."""
-        d0, d2 = _block_sums(wa, wb, xs, cb, tw)
-        return acc_a + gl.where(t3 == h, sa, 0.0) * d0, acc_b + gl.where(t3 == h, sb, 0.0) * d2
+        # (a select, not a product with 0: another block's sums may be infinite where block h's
+        # are not, and 0 * inf would make this row's sum NaN)
+        return gl.where(t3 == h, acc_a + sa * d0, acc_a), gl.where(t3 == h, acc_b + sb * d2, acc_b)
 
     @gluon.jit
     def _consumers(w_ring, s_ring, a2s, x_ring, red, ready, empty, done, free, x_ready, code_ptr,
@@ -261,12 +269,13 @@ if HAVE_GLUON:
             _st_shared(lut + 4 * (32 * tid + (tid + l) % 32), pair)
         gl.barrier()   # (the tables, for every consumer warp)
         # x, as the loader brings it (x_ready[c]: the 32 blocks of units c of a row tile), seen as
-        # 8-byte words: xs[cb, w, t, i] = x[64 (8 cb + w) + 16 t + 4 i .. + 4] (plain, row-major)
-        xs = x_ring.reinterpret(gl.int64, [KUC * BPW, 8, 4, 4], PLAIN3)
+        # 8-byte words: xs[c, h, w, t, i] = x[64 (8 (BPW c + h) + w) + 16 t + 4 i .. + 4] (plain,
+        # row-major)
+        xs = x_ring.reinterpret(gl.int64, [KUC, BPW, 8, 4, 4], PLAIN4)
 
         tw = (g3 * 4 + t3) * 4  # this lane's column of the table
-        acc_a = gl.zeros([8, 8, 4], gl.float32, THREAD)   # row g: lane t adds the blocks h = t
-        acc_b = gl.zeros([8, 8, 4], gl.float32, THREAD)   # row g + 8
+        acc_a = gl.zeros([8, 8, 4], gl.float32, THREAD)   # row 2 g: lane t adds the blocks h = t
+        acc_b = gl.zeros([8, 8, 4], gl.float32, THREAD)   # row 2 g + 1
         piece = 0
         # c: the unit's place in its row tile, counted on (a division by the runtime KU per
         # unit sat on every unit's critical path: BENCHMARKS.md, nineteenth session)
@@ -275,10 +284,10 @@ if HAVE_GLUON:
             c = gl.where(c == KU - 1, 0, c + 1)
             s = j % STAGES
             mbarrier.wait(ready.index(s), (j // STAGES) & 1)
-            # absmax = code8[q] * absmax2 + offset of block h = t (lane t), rows g and g + 8;
+            # absmax = code8[q] * absmax2 + offset of block h = t (lane t), rows 2 g and 2 g + 1;
             # zero past K (TMA filled those codes with 0)
-            q = s_ring.index(s).reinterpret(gl.uint8, [BPW, 8, 2, 8], PLAIN4)   # (h, w, r, g)
-            q = q.permute([1, 3, 0, 2])
+            q = s_ring.index(s).reinterpret(gl.uint8, [BPW, 8, 8, 2], PLAIN4)   # (h, w, g, r)
+            q = q.permute([1, 2, 0, 3])
             qa, qb = gl.split(q.load(W_REGS))
             qa = gl.convert_layout(qa, THREAD, assert_trivial=True).to(gl.int32)
             qb = gl.convert_layout(qb, THREAD, assert_trivial=True).to(gl.int32)
@@ -297,16 +306,20 @@ if HAVE_GLUON:
                 wa3, wb3 = _w_words(w_ring, s, 3, BPW)
                 mbarrier.arrive(empty.index(s))
                 mbarrier.wait(x_ready.index(c), 0)
-                acc_a, acc_b = _add_block(acc_a, acc_b, wa0, wb0, xs, BPW * c, 0, sa, sb, t3, tw)
-                acc_a, acc_b = _add_block(acc_a, acc_b, wa1, wb1, xs, BPW * c + 1, 1, sa, sb, t3, tw)
-                acc_a, acc_b = _add_block(acc_a, acc_b, wa2, wb2, xs, BPW * c + 2, 2, sa, sb, t3, tw)
-                acc_a, acc_b = _add_block(acc_a, acc_b, wa3, wb3, xs, BPW * c + 3, 3, sa, sb, t3, tw)
+                xu = xs.index(c)
+                x0, x1, x2, x3 = _x_word(xu, 0), _x_word(xu, 1), _x_word(xu, 2), _x_word(xu, 3)
+                acc_a, acc_b = _add_block(acc_a, acc_b, wa0, wb0, x0, x1, x2, x3, 0, sa, sb, t3, tw)
+                acc_a, acc_b = _add_block(acc_a, acc_b, wa1, wb1, x0, x1, x2, x3, 1, sa, sb, t3, tw)
+                acc_a, acc_b = _add_block(acc_a, acc_b, wa2, wb2, x0, x1, x2, x3, 2, sa, sb, t3, tw)
+                acc_a, acc_b = _add_block(acc_a, acc_b, wa3, wb3, x0, x1, x2, x3, 3, sa, sb, t3, tw)
             else:  # a row's last unit, in part past K: its blocks past K are skipped
                 mbarrier.wait(x_ready.index(c), 0)
+                xu = xs.index(c)   # (TMA filled x past K with zeros)
+                x0, x1, x2, x3 = _x_word(xu, 0), _x_word(xu, 1), _x_word(xu, 2), _x_word(xu, 3)
                 for h in gl.static_range(BPW):
                     if 8 * (BPW * c + h) < K // 64:
                         wa, wb = _w_words(w_ring, s, h, BPW)
-                        acc_a, acc_b = _add_block(acc_a, acc_b, wa, wb, xs, BPW * c + h, h, sa, sb,
+                        acc_a, acc_b = _add_block(acc_a, acc_b, wa, wb, x0, x1, x2, x3, h, sa, sb,
                                                   t3, tw)
                 mbarrier.arrive(empty.index(s))
             if (c == KU - 1) | (j == u1 - u0 - 1):
@@ -314,6 +327,7 @@ if HAVE_GLUON:
                 # of a row hold its blocks h = t
                 buf = piece % 2
                 mbarrier.wait(free.index(buf), ((piece // 2) & 1) ^ 1, pred=piece >= 2)
+                # (red's place i holds row 2 (i % 8) + i // 8 of the tile: the epilogue's store)
                 red.index(buf).slice(0, 8, dim=1).store(gl.sum(acc_a, axis=2))
                 red.index(buf).slice(8, 8, dim=1).store(gl.sum(acc_b, axis=2))
                 mbarrier.arrive(done.index(buf))
@@ -411,7 +425,9 @@ if HAVE_GLUON:
                 while (c2 < G) & (_share_start(c2, TOT, G) < tile_end):
                     total += _take_sums(scratch_ptr, flags_ptr, c2, rows)
                     c2 += 1
-                gl.store(y_ptr + rt * 16 + rows, total.to(y_ptr.dtype.element_ty))
+                # (place i of the sums is row 2 (i % 8) + i // 8: W_VIEW)
+                y_rows = rt * 16 + 2 * (rows % 8) + rows // 8
+                gl.store(y_ptr + y_rows, total.to(y_ptr.dtype.element_ty))
 
     @gluon.jit
     def decode_sm90_kernel(p_desc, s_desc, x_desc, code_ptr, code8_ptr, absmax2_ptr, offset_ptr, y_ptr,

@@ -27,6 +27,7 @@ one wrong code or one block's scale fails.
 
 import importlib
 import inspect
+import itertools
 import os
 import subprocess
 import sys
@@ -1156,19 +1157,24 @@ def test_kernels_compile_for_gpus(arch, dtype):
 
 def test_decode_sm90_swizzle_view():
     """W_VIEW (kernels/decode_sm90.py) is the inverse of the map it states: 8-byte word of
-    (warp w, g, t, r) = 256 (w // 4) + 16 (g + 8 r) + 2 ((2 (w % 4) + t // 2) ^ g) + t % 2
-    (bytes 32 (w % 4) + 8 t of row g + 8 r of box w // 4, 128-byte swizzle: 16-byte chunk j of
-    row r at chunk j ^ (r % 8)). Checked over all 512 words, on the basis the layout is built
-    from (independent of Gluon, which may be missing here)."""
+    (warp w, g, t, r) = 256 (w // 4) + 16 p + 2 ((2 (w % 4) + t // 2) ^ (p % 8)) + t % 2 with
+    p = 2 g + r (bytes 32 (w % 4) + 8 t of row p of box w // 4, 128-byte swizzle: 16-byte chunk j
+    of row p at chunk j ^ (p % 8)). Checked over all 512 words, on the basis the layout is built
+    from (independent of Gluon, which may be missing here). And the 16 lanes g = 0..3 (or 4..7)
+    that one pass of an 8-byte load serves read 16 different 8-byte bank slots: no conflict."""
     dec = importlib.import_module("kernels.decode_sm90")
     bases = dec.W_VIEW_BASES
-    seen = set()
+    seen = {}
     for off in range(512):
         idx = [0, 0, 0, 0]
         for bit, basis in enumerate(bases):
             if off >> bit & 1:
                 idx = [a ^ b for a, b in zip(idx, basis)]
         w, g, t, r = idx
-        assert off == 256 * (w // 4) + 16 * (g + 8 * r) + 2 * ((2 * (w % 4) + t // 2) ^ g) + t % 2
-        seen.add(tuple(idx))
+        p = 2 * g + r
+        assert off == 256 * (w // 4) + 16 * p + 2 * ((2 * (w % 4) + t // 2) ^ (p % 8)) + t % 2
+        seen[tuple(idx)] = off
     assert len(seen) == 512
+    for w, r, half in itertools.product(range(8), range(2), range(2)):
+        slots = {seen[w, g, t, r] % 16 for g in range(4 * half, 4 * half + 4) for t in range(4)}
+        assert len(slots) == 16, (w, r, half)
