@@ -466,12 +466,20 @@ def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 return _launch(x, w, candidates[0], *args)  # no timing inside a capture
             config = _disk_choice(key, x.device, candidates)
-            if config is None:
-                start = time.perf_counter()
-                config = _tune(x, w, candidates, args)
-                _disk_choice(key, x.device, candidates, config)
-                if os.environ.get("TRITON_PRINT_AUTOTUNING", "0") not in ("", "0"):  # as Triton's autotuners
-                    print(f"skinny_matmul tuned for {w.out_features}x{w.in_features}, M = {m}, in "
-                          f"{time.perf_counter() - start:.2f} s: {config}")
+            if config is not None:  # tuned by an earlier process
+                try:
+                    y = _launch(x, w, config, *args)
+                    _chosen[key] = config
+                    return y
+                except Exception as e:  # something its name does not cover changed (the driver)
+                    warnings.warn(f"skinny_matmul: the choice kept on disk, {config}, failed here "
+                                  f"({type(e).__name__}: {e}); tuning again", RuntimeWarning,
+                                  stacklevel=2)
+            start = time.perf_counter()
+            config = _tune(x, w, candidates, args)
+            _disk_choice(key, x.device, candidates, config)
+            if os.environ.get("TRITON_PRINT_AUTOTUNING", "0") not in ("", "0"):  # as Triton's autotuners
+                print(f"skinny_matmul tuned for {w.out_features}x{w.in_features}, M = {m}, in "
+                      f"{time.perf_counter() - start:.2f} s: {config}")
             _chosen[key] = config
     return _launch(x, w, config, *args)

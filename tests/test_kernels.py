@@ -794,6 +794,41 @@ def test_skinny_choice_kept_on_disk(tmp_path, monkeypatch):
         assert sk._disk_choice(key, dev, cands) is None
 
 
+
+def test_skinny_stored_choice_that_fails_is_tuned_again(monkeypatch):
+    """A choice kept on disk that fails to launch here (its name covers the GPU, Triton, torch and
+    the sources, not the driver) gives a warning, then a live tuning whose choice is stored and
+    used; one that launches is used without tuning. On the CPU, with the disk, launch and tuner
+    stood in for (they are tested elsewhere)."""
+    sk = importlib.import_module("kernels.skinny_matmul")
+    qw = make_weight("nf4dq", 32, 128, seed=31)
+    x = gaussian(1, 128, seed=32, dtype=torch.float32)
+    monkeypatch.setattr(sk, "interpreting", lambda: False)
+    monkeypatch.setattr(sk, "_chosen", {})
+    stored, tuned = sk.CANDIDATES_M1[1], sk.CANDIDATES_M1[0]
+    disk, tunings = {"config": stored}, []
+
+    def disk_choice(key, device, candidates, config=None):
+        if config is None:
+            return disk["config"]
+        disk["config"] = config
+
+    def launch(x, w, config, *args):
+        if config == stored and disk.get("broken"):
+            raise RuntimeError("no kernel image is available for execution on the device")
+        return ("y of", config)
+
+    monkeypatch.setattr(sk, "_disk_choice", disk_choice)
+    monkeypatch.setattr(sk, "_launch", launch)
+    monkeypatch.setattr(sk, "_tune", lambda *a: tunings.append(1) or tuned)
+    assert sk.skinny_matmul(x, qw) == ("y of", stored) and not tunings  # taken from disk
+    monkeypatch.setattr(sk, "_chosen", {})
+    disk["broken"] = True
+    with pytest.warns(RuntimeWarning, match="kept on disk.*failed here.*tuning again"):
+        assert sk.skinny_matmul(x, qw) == ("y of", tuned)
+    assert tunings == [1] and disk["config"] == tuned   # the new choice is stored
+    assert sk.skinny_matmul(x, qw) == ("y of", tuned) and tunings == [1]   # and kept in memory
+
 def check_first_configs(qw, w, dtype):
     """Each kernel with the first config of each of its lists (autotuning every format and dtype
     would compile every config again) at M = 1, 16 and 512, against w = qw dequantized."""
