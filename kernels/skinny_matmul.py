@@ -42,8 +42,9 @@ Config choice: a small list of candidates (CANDIDATES_M1, CANDIDATES_M16) timed 
 not drown a ~5 us kernel), on copies of the weight read from HBM in turn (_stream_copies: as in
 decoding, not from L2), and cached, in memory and on disk in Triton's cache (_disk_choice: a new
 process takes it from there, as the autotuners of _launch.autotune do: 2.3 -> 1.0 s for the
-first calls on the three 7B shapes on an H100); during graph capture, or in the interpreter, no
-timing happens (the first candidate / INTERPRETER_CONFIG is used).
+first calls on the three 7B shapes on an H100; a stored choice that fails to launch is tuned
+again, with a warning); during graph capture, or in the interpreter, no timing happens (the first
+candidate / INTERPRETER_CONFIG is used).
 
 Memory layout: x (M, K) any strides; packed uint8 (N, KP/2), two codes per byte, column 2j high
 nibble; per-block scales (KP/B, N); y (M, N) contiguous.
