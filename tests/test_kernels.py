@@ -1140,14 +1140,24 @@ def test_gpu_decode_sm90(n, k, programs):
     """The persistent M = 1 kernel against the float64 product (the bound of the M = 1 kernels).
     `programs` below one per SM makes row tiles cross programs in other places (48x192: one unit
     per row tile, 5 programs for 3 units -> 3; 64x4096: 8 units in 3 shares, one tile handed
-    over); calls repeat bit for bit, and the hand-over flags are all zero after each call."""
+    over); calls repeat bit for bit, and the hand-over flags are all zero after each call. An
+    infinite x[k] makes each row +-inf (or NaN where its weight at k is NF4's exact zero), as in
+    the float64 product: the kernel's discarded mma columns, which pair one block's weights with
+    another block's x, must not turn an infinity into NaN."""
     dec = importlib.import_module("kernels.decode_sm90")
     qw = quant.quantize_nf4(gaussian(n, k, seed=70, dtype=torch.bfloat16) * 0.02)
     x = gaussian(1, k, seed=71, dtype=torch.bfloat16)
     assert dec.decode_ok(x, qw)
     y = dec.decode_sm90(x, qw, programs=programs)
-    assert_matmul_close(y, x, quant.dequantize(qw, torch.float64).t(), torch.bfloat16)
+    w64 = quant.dequantize(qw, torch.float64).t()
+    assert_matmul_close(y, x, w64, torch.bfloat16)
     assert torch.equal(dec.decode_sm90(x, qw, programs=programs), y)
+    assert int(dec._handover(x.device)[1].abs().sum()) == 0
+    x_inf = x.clone()
+    x_inf[0, k // 3] = float("inf")
+    y_inf, ref = dec.decode_sm90(x_inf, qw, programs=programs).double(), x_inf.double() @ w64
+    assert ref.isinf().any() and torch.equal(y_inf.isnan(), ref.isnan())
+    assert torch.equal(y_inf[ref.isinf()], ref[ref.isinf()])
     assert int(dec._handover(x.device)[1].abs().sum()) == 0
     assert not dec.decode_ok(x.float(), qw) and not dec.decode_ok(gaussian(2, k, dtype=torch.bfloat16), qw)
     x8 = torch.empty(k + 4, dtype=torch.bfloat16, device=x.device)[4:].view(1, k)  # TMA: 16-byte aligned
