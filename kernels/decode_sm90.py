@@ -209,9 +209,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _x_word(xu, i: gl.constexpr):
-        """Word i of x for lane (g, t) of warp w: x[64 (8 (cb + g // 2) + w) + 16 t + 4 i .. + 4],
-        from block cb + g // 2 of the unit (xu = its 4 blocks' x, (h, w, t, i)) -> the (8, 8, 4)
-        THREAD tensor."""
+        """Word i of the x that lane (g, t) of warp w gives the mma, x[64 (8 (4 c + g // 2) + w) +
+        16 t + 4 i .. + 4]: of the warp's block h = g // 2 of unit c (xu = xs[c]: (h, w, t, i)), as
+        the (8, 8, 4) THREAD tensor. Lanes g = 2 h and 2 h + 1 read the same words."""
         v = gl.reshape(xu.slice(i, 1, dim=3).permute([1, 0, 2, 3]).load(X_LOAD), [8, 4, 4])
         v = gl.convert_layout(v, gl.SliceLayout(2, X_PAIRS), assert_trivial=True)   # (w, h, t)
         v = gl.expand_dims(v, 2)
@@ -220,12 +220,12 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _add_block(acc_a, acc_b, wa, wb, x0, x1, x2, x3, h: gl.constexpr, sa, sb, t3, tw):
-        """Block 8 cb + w of the unit's blocks cb .. cb + 3 (h = its place): skinny_mma's decode
-        and 4 mma.sync with every lane's x words, those of block cb + g // 2. Column n of the mma's
-        B is then block cb + n // 2's x, and column n of the result (lanes t = n // 2) that block's
-        weights times it: block h's sums of the mma's rows g (d0) and g + 8 (d2), the tile's rows
-        2 g and 2 g + 1, in lane t = h, which scales and adds them; the other lanes' columns pair
-        block h's weights with another block's x."""
+        """The warp's block h of unit c (block 8 (4 c + h) + w of the row): skinny_mma's decode and
+        4 mma.sync, B from every lane's x words (_x_word). Column n of B is then the x of the
+        warp's block n // 2, and column n of the result (lanes t = n // 2) block h's weights times
+        it: right where n // 2 = h, in lane t = h, which so holds block h's sums of the mma's rows
+        g (d0) and g + 8 (d2), the tile's rows 2 g and 2 g + 1, and scales and adds them. The
+        other lanes' columns pair block h's weights with another block's x."""
         d0, d1, d2, d3 = gl.inline_asm_elementwise(
             MMA_ASM, MMA_CONSTRAINTS, [wa, wb, x0, x1, x2, x3, tw, tw, tw, tw, tw, tw, tw, tw, tw],
             dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True, pack=1)

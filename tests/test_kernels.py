@@ -794,7 +794,6 @@ def test_skinny_choice_kept_on_disk(tmp_path, monkeypatch):
         assert sk._disk_choice(key, dev, cands) is None
 
 
-
 def test_skinny_stored_choice_that_fails_is_tuned_again(monkeypatch):
     """A choice kept on disk that fails to launch here (its name covers the GPU, Triton, torch and
     the sources, not the driver) gives a warning, then a live tuning whose choice is stored and
@@ -828,6 +827,7 @@ def test_skinny_stored_choice_that_fails_is_tuned_again(monkeypatch):
         assert sk.skinny_matmul(x, qw) == ("y of", tuned)
     assert tunings == [1] and disk["config"] == tuned   # the new choice is stored
     assert sk.skinny_matmul(x, qw) == ("y of", tuned) and tunings == [1]   # and kept in memory
+
 
 def check_first_configs(qw, w, dtype):
     """Each kernel with the first config of each of its lists (autotuning every format and dtype
