@@ -430,6 +430,35 @@ def _key(x, w, tensors, dq_block):
             skinny_mma.ring_ok(w.out_features, tensors[0], tensors[1], dq_block))
 
 
+def _candidates(x, w, args) -> list:
+    """The configs the tuner times for this call: the CUDA-core lists, then the byte-permute,
+    tensor-core and Hopper ones where they can run."""
+    fmt, tensors, kp, qb, dq_block = args
+    m1 = x.shape[0] == 1
+    candidates = CANDIDATES_M1 if m1 else CANDIDATES_M16
+    if prmt_ok(fmt, x.dtype):
+        candidates = candidates + (PRMT_CANDIDATES_M1 if m1 else PRMT_CANDIDATES_M16)
+    if mma_ok(x, fmt, w.in_features, kp, qb):
+        ring = skinny_mma.ring_ok(w.out_features, tensors[0], tensors[1], dq_block)
+        candidates = candidates + [c for c in (MMA_CANDIDATES_M1 if m1 else MMA_CANDIDATES_M16)
+                                   if ring or not c.get("STAGES")]
+    if decode_sm90.decode_ok(x, w):
+        candidates = candidates + [DECODE_SM90_CANDIDATE]
+    return candidates
+
+
+def _tune_and_keep(x, w, key, candidates, args):
+    """_tune, then the choice kept on disk for the next process (and printed, as Triton's
+    autotuners do, with TRITON_PRINT_AUTOTUNING=1)."""
+    start = time.perf_counter()
+    config = _tune(x, w, candidates, args)
+    _disk_choice(key, x.device, candidates, config)
+    if os.environ.get("TRITON_PRINT_AUTOTUNING", "0") not in ("", "0"):
+        print(f"skinny_matmul tuned for {w.out_features}x{w.in_features}, M = {x.shape[0]}, in "
+              f"{time.perf_counter() - start:.2f} s: {config}")
+    return config
+
+
 def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
     """y = x @ W.T for a 2-D x with 1 <= M <= 16 rows; y (M, out_features) in x's dtype.
 
@@ -454,33 +483,18 @@ def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
     if config is None:
         key = _key(x, w, tensors, dq_block)
         config = _chosen.get(key)
-        if config is None:
-            candidates = CANDIDATES_M1 if m == 1 else CANDIDATES_M16
-            if prmt_ok(fmt, x.dtype):
-                candidates = candidates + (PRMT_CANDIDATES_M1 if m == 1 else PRMT_CANDIDATES_M16)
-            if mma_ok(x, fmt, w.in_features, kp, qb):
-                ring = skinny_mma.ring_ok(w.out_features, tensors[0], tensors[1], dq_block)
-                candidates = candidates + [c for c in (MMA_CANDIDATES_M1 if m == 1 else MMA_CANDIDATES_M16)
-                                           if ring or not c.get("STAGES")]
-            if decode_sm90.decode_ok(x, w):
-                candidates = candidates + [DECODE_SM90_CANDIDATE]
-            if x.is_cuda and torch.cuda.is_current_stream_capturing():
-                return _launch(x, w, candidates[0], *args)  # no timing inside a capture
-            config = _disk_choice(key, x.device, candidates)
-            if config is not None:  # tuned by an earlier process
-                try:
-                    y = _launch(x, w, config, *args)
-                    _chosen[key] = config
-                    return y
-                except Exception as e:  # something its name does not cover changed (the driver)
-                    warnings.warn(f"skinny_matmul: the choice kept on disk, {config}, failed here "
-                                  f"({type(e).__name__}: {e}); tuning again", RuntimeWarning,
-                                  stacklevel=2)
-            start = time.perf_counter()
-            config = _tune(x, w, candidates, args)
-            _disk_choice(key, x.device, candidates, config)
-            if os.environ.get("TRITON_PRINT_AUTOTUNING", "0") not in ("", "0"):  # as Triton's autotuners
-                print(f"skinny_matmul tuned for {w.out_features}x{w.in_features}, M = {m}, in "
-                      f"{time.perf_counter() - start:.2f} s: {config}")
-            _chosen[key] = config
+    if config is None:  # this process's first call of its kind
+        candidates = _candidates(x, w, args)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return _launch(x, w, candidates[0], *args)  # no timing inside a capture
+        stored = _disk_choice(key, x.device, candidates)
+        if stored is not None:  # tuned by an earlier process
+            try:
+                y = _launch(x, w, stored, *args)
+                _chosen[key] = stored
+                return y
+            except Exception as e:  # something its name does not cover changed (the driver)
+                warnings.warn(f"skinny_matmul: the choice kept on disk, {stored}, failed here "
+                              f"({type(e).__name__}: {e}); tuning again", RuntimeWarning, stacklevel=2)
+        config = _chosen[key] = _tune_and_keep(x, w, key, candidates, args)
     return _launch(x, w, config, *args)
