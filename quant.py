@@ -137,8 +137,9 @@ DEQUANT_MATMUL_MIN_M: Optional[int] = 64
 # more (0.73-0.99x, from M = 1024 at 4096x4096, 512 at 11008x4096), not below (1.05-2.3x: SMs left
 # idle), and it needs no 16-bit temporary. But launched eagerly it costs 120-270 us of host time
 # per call (Python, Triton's launcher, two TMA descriptors; dequantize+cuBLAS 75-130 us), about
-# its GPU time at 4096x4096: eager 7B training ran 13-19% slower with it. So only a pass that a CUDA graph replays takes it
-# (graph_step.TrainStep, train.py's default: +10% at 2 x 512, +5% at 4 x 512, +3% at 8 x 512).
+# its GPU time at 4096x4096: eager 7B training ran 13-19% slower with it. So only a pass that a
+# CUDA graph replays takes it (graph_step.TrainStep, train.py's default: +10% at 2 x 512, +5% at
+# 4 x 512, +3% at 8 x 512).
 # Its backward counterpart does not exist: dx keeps the paths above. None: never.
 FUSED_SM90_MIN_TILES: Optional[int] = 128
 _graph_bound = False  # set by graph_bound()
