@@ -72,7 +72,8 @@ def main():
                    "mma table": sk._mma_cand(8, 2, 1), "mma table + ring": sk._mma_cand(8, 2, 1, 2),
                    "mma table + ring + x shared": sk._mma_cand(8, 2, 1, 2, xs=1)}
         if sk.decode_sm90.decode_ok(x, qws[0]):  # the persistent Gluon kernel (Hopper)
-            configs["decode_sm90"] = sk.DECODE_SM90_CANDIDATE
+            for cand in sk.DECODE_SM90_CANDIDATES:
+                configs[f"decode_sm90, {cand['DECODE_SM90']} per SM"] = cand
         nbytes = qws[0].packed.numel() + qws[0].scales.numel()
         for name, cfg in configs.items():
             warm = bench_graph(lambda: kernels.skinny_matmul(x, qws[0], config=cfg), calls=CALLS)

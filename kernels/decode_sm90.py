@@ -4,7 +4,8 @@ A candidate of skinny_matmul's tuner at M = 1 (it runs where it times faster tha
 candidates). At M = 1 the matmul reads each packed byte once and does little with it, so the
 kernel must keep HBM busy throughout. skinny_mma splits K over thousands of small programs with a
 few cp.async copies in flight each, then adds the partial sums in a second kernel. This kernel:
-  - is persistent: one program per SM, each taking an equal contiguous share of the work;
+  - is persistent: one program per SM (or two: PER_SM, below), each taking an equal contiguous
+    share of the work;
   - streams W and its 8-bit absmax codes through a ring in shared memory (STAGES stages of one
     unit) filled by TMA from a loader warp that starts at once: W is never written by a kernel,
     so only x, y and the hand-over wait for the kernel before (programmatic dependent launch);
@@ -61,11 +62,18 @@ consumers arrive on done[buf]; the epilogue warp adds the 8 warps' sums in a fix
     program's sums are waited for before this program's own are done: it published them when it
     began, and the flag's round trips to L2 then overlap this program's last units.
 A program only waits for programs after it, which publish before they wait for anything, and
-all of a call's programs are resident together (at most as many as SMs, each SM has room for
-two, and the kernel before frees its slots without waiting on this one; the kernel after starts
-only once every program of this one has let it): no deadlock. The flags are zero between calls
+every program of a call gets a place on an SM without waiting on the call (at most two per SM,
+each SM has room for two, and the kernel before, all of whose programs had started before this
+one could, frees its places without waiting on this one; the kernel after starts only once every
+program of this one has let it): no deadlock. The flags are zero between calls
 (each call resets what it set), so one scratch pair per device serves every call on one stream
 (the stream orders the calls; two streams must not run it at once).
+
+Programs per SM (skinny_matmul's tuner times both, PER_SM): one, so that the next call's programs
+take the SMs' second places and overlap this call's end; or two of this call, twice the warps to
+hide the loop's latencies, without that overlap. On an H200 two were 7% faster at 11008x4096
+(9.2 against 9.9 us from HBM) and slower at 4096x4096 and 4096x11008; on an H100 slower at all
+three (BENCHMARKS.md, thirty-eighth and fortieth sessions).
 
 Measured (BENCHMARKS.md, twelfth to fifteenth sessions): 3-9% faster than the tuned skinny_mma
 on the H100 at the three LLaMA shapes from HBM, then 0-3% more (7-8% with W in L2) from the
@@ -95,13 +103,14 @@ import torch
 import triton
 
 from ._gluon import HAVE_GLUON, TensorDescriptor, gl, gluon, mbarrier, tma
-from ._launch import FP_FUSION, check_activation, pdl_ok, weight_args
+from ._launch import FP_FUSION, check_activation, pdl_ok, sm_count, weight_args
 from . import skinny_mma
 
 UNIT_BLOCKS = 32      # NF4 blocks per row in a unit (8 warps x 4 blocks, 4 lanes t): 1 KB per row
 STAGES = 3            # ring depth: 3 x 16 KB of W in flight per program (two programs fit an SM)
 MAXNREG = 80          # registers per thread at launch (12 warps): two programs fit an SM
 LAUNCH_AHEAD = 4      # units a program has left to bring when it lets the next kernel start
+PER_SM = (1, 2)       # programs per SM that launch may run (two fit: MAXNREG, the ring)
 ROWS = 16             # rows per unit (the mma's M)
 BOX = 128             # bytes per row of a TMA box (the 128-byte swizzle's span)
 WARPS = 8
@@ -483,15 +492,15 @@ def decode_ok(x: torch.Tensor, w) -> bool:
 @functools.lru_cache(maxsize=None)
 def _handover(device: torch.device):
     """The hand-over buffers of a device: float32 sums (16 per program) and flags (zero between
-    calls)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return (torch.zeros(sms * 16, dtype=torch.float32, device=device),
-            torch.zeros(sms, dtype=torch.int32, device=device))
+    calls), for up to max(PER_SM) programs per SM."""
+    programs = max(PER_SM) * sm_count(device)
+    return (torch.zeros(programs * 16, dtype=torch.float32, device=device),
+            torch.zeros(programs, dtype=torch.int32, device=device))
 
 
 def decode_sm90(x: torch.Tensor, w, stages: int = STAGES, programs: int = None) -> torch.Tensor:
     """y = x @ W.T for one row of bf16 x (1, in_features) and an NF4 weight (decode_ok).
-    programs: at most this many (default: one per SM)."""
+    programs: at most this many (default: one per SM; at most max(PER_SM) per SM)."""
     _fmt, tensors, _kp, _qb, dq_block = weight_args(w)
     check_activation(x, w.in_features, w.packed.device, "x")
     if not decode_ok(x, w):
@@ -530,7 +539,7 @@ def launch(x, tensors, n: int, k: int, dq_block: int, stages: int = STAGES,
         raise ValueError("decode_sm90 needs a ring of more than 48 KB (stages >= 3: 16.5 KB each)")
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     scratch, flags = _handover(x.device)
-    programs = min(programs or flags.numel(), flags.numel())
+    programs = min(programs or sm_count(x.device), flags.numel())
     grid, args, options = kernel_call(x, tensors, y, scratch, flags, n, k, dq_block, stages, programs,
                                       pdl_ok(x.device))
     decode_sm90_kernel[grid](*args, **options)
@@ -541,7 +550,7 @@ def kernel_call(x, tensors, y, scratch, flags, n: int, k: int, dq_block: int, st
                 programs: int, pdl: bool):
     """decode_sm90_kernel's grid, arguments and options for one call: launch runs them, and
     tests/gpu_compile.py compiles them without a GPU (with CPU stand-ins for y and the hand-over
-    buffers). programs: at most this many (one per SM in launch)."""
+    buffers). programs: at most this many (one or two per SM in launch)."""
     packed, scales, _zeros, absmax2, code, code8, offset = tensors
     ku, tot = units(n, k)
     g = min(programs, tot)

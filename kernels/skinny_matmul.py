@@ -35,7 +35,8 @@ W = bf16(bf16(code) * bf16(absmax))) with SWAP=1 (acc = W_tile @ x.T, the decode
 register operand of the tensor cores), and, for NF4 with block 64, skinny_mma.py (mma.sync on
 decoded bytes, 1 <= M <= 16, launched from here: same split-K and reduction): the tuner times
 them all in a graph. At M = 1 on Hopper (NF4 with double quantization) kernels/decode_sm90.py
-is one more candidate: one persistent program per SM, no reduction kernel (DECODE_SM90).
+is one more candidate, twice: one or two persistent programs per SM, no reduction kernel
+(DECODE_SM90 = programs per SM).
 
 Config choice: a small list of candidates (CANDIDATES_M1, CANDIDATES_M16) timed once per
 (shape, format, dtype, device) in a CUDA graph (so that the ~20 us of Python launch overhead does
@@ -196,9 +197,10 @@ MMA_CANDIDATES_M16 = [_mma_cand(2, 8, 0), _mma_cand(4, 4, 0), _mma_cand(8, 2, 0,
                       _mma_cand(8, 4, 0, stages=3, xs=1), _mma_cand(8, 2, 0, stages=2, xs=1),
                       _mma_cand(4, 6, 0, stages=4), _mma_cand(8, 3, 0, stages=3, xs=1, fit=1),
                       _mma_cand(8, 1, 0, stages=3, xs=1, fit=1)]
-# kernels/decode_sm90.py (M = 1, Hopper, NF4 with double quantization): a candidate where
-# decode_sm90.decode_ok
-DECODE_SM90_CANDIDATE = {"DECODE_SM90": 1}
+# kernels/decode_sm90.py (M = 1, Hopper, NF4 with double quantization): candidates where
+# decode_sm90.decode_ok, with 1 and 2 programs per SM (the second won only at 11008x4096 on an
+# H200: BENCHMARKS.md)
+DECODE_SM90_CANDIDATES = [{"DECODE_SM90": p} for p in decode_sm90.PER_SM]
 # Small enough for the interpreter; SPLIT_K = 2 so that the tests exercise the reduction.
 # (LOOKUP 2, the tl.gather table, is for tl.dot; the M = 1 kernel takes it as 0.)
 INTERPRETER_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 64, "LOOKUP": 2, "SPLIT_K": 2}
@@ -236,7 +238,8 @@ def mma_ok(x, fmt, k, kp, qb) -> bool:
 def _launch(x, w, config, fmt, tensors, kp, qb, dq_block):
     m, n, k = x.shape[0], w.out_features, w.in_features
     if config.get("DECODE_SM90"):  # the persistent Gluon kernel (M = 1 on Hopper): one launch
-        return decode_sm90.launch(x, tensors, n, k, dq_block)
+        programs = config["DECODE_SM90"] * sm_count(x.device)
+        return decode_sm90.launch(x, tensors, n, k, dq_block, programs=programs)
     meta, opts = split_config(config)
     per_sm = meta.pop("PROGRAMS_PER_SM", 4)
     split_k = meta.pop("SPLIT_K", None)
@@ -443,7 +446,7 @@ def _candidates(x, w, args) -> list:
         candidates = candidates + [c for c in (MMA_CANDIDATES_M1 if m1 else MMA_CANDIDATES_M16)
                                    if ring or not c.get("STAGES")]
     if decode_sm90.decode_ok(x, w):
-        candidates = candidates + [DECODE_SM90_CANDIDATE]
+        candidates = candidates + DECODE_SM90_CANDIDATES
     return candidates
 
 
@@ -474,12 +477,16 @@ def skinny_matmul(x: torch.Tensor, w, config: dict = None) -> torch.Tensor:
     args = (fmt, tensors, kp, qb, dq_block)
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
-    if config is not None and config.get("DECODE_SM90") and not decode_sm90.decode_ok(x, w):
+    if config is not None and config.get("DECODE_SM90"):
+        if config["DECODE_SM90"] not in decode_sm90.PER_SM:
+            raise ValueError(f"DECODE_SM90 is the programs per SM: one of {decode_sm90.PER_SM}, "
+                             f"got {config['DECODE_SM90']}")
         # (a tuned choice needs no check: the tuner offers it only where decode_ok, and _key
         # keeps it from calls where it could not run)
-        raise ValueError("DECODE_SM90 needs what decode_sm90.decode_ok checks: an sm_90 GPU, "
-                         "one contiguous, 16-byte aligned bf16 row of x and an NF4 weight with "
-                         "double quantization, blocks of 64, no padding")
+        if not decode_sm90.decode_ok(x, w):
+            raise ValueError("DECODE_SM90 needs what decode_sm90.decode_ok checks: an sm_90 GPU, "
+                             "one contiguous, 16-byte aligned bf16 row of x and an NF4 weight with "
+                             "double quantization, blocks of 64, no padding")
     if config is None:
         key = _key(x, w, tensors, dq_block)
         config = _chosen.get(key)

@@ -564,6 +564,8 @@ def test_bad_input_raises_clear_errors():
         kernels.fused_matmul_dx(torch.randn(3, 128, device=DEVICE), qw)
     with pytest.raises(ValueError, match="1 to 16 rows"):
         kernels.skinny_matmul(torch.randn(17, 128, device=DEVICE), qw)
+    with pytest.raises(ValueError, match="programs per SM: one of"):
+        kernels.skinny_matmul(torch.randn(1, 128, device=DEVICE), qw, config={"DECODE_SM90": 3})
     with pytest.raises(TypeError, match="output dtype"):
         kernels.dequantize(qw, torch.int8)
     bad = quant.QuantizedWeight(**{**qw.__dict__, "scales": qw.scales.t().contiguous()})
@@ -777,7 +779,7 @@ def test_skinny_choice_kept_on_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     dev = torch.device("cuda", 0)
     key = (4096, 4096, "nf4", True, 64, True, torch.bfloat16, dev, True, True, True)
-    cands = sk.CANDIDATES_M1 + [sk.DECODE_SM90_CANDIDATE]
+    cands = sk.CANDIDATES_M1 + sk.DECODE_SM90_CANDIDATES
     assert sk._disk_choice(key, dev, cands) is None
     sk._disk_choice(key, dev, cands, cands[2])
     assert sk._disk_choice(key, dev, cands) == cands[2]  # what the next process finds
@@ -1135,12 +1137,16 @@ def test_gpu_decode_sm90_x_alignment():
 @pytest.mark.cuda
 @pytest.mark.skipif(not SM90, reason="the Gluon kernel kernels/decode_sm90.py needs an sm_90 GPU")
 @pytest.mark.parametrize("n, k, programs", [(4096, 4096, None), (11008, 4096, None), (4096, 11008, None),
-                                            (4096, 4096, 7), (48, 192, 5), (64, 4096, 3)])
+                                            (4096, 4096, 7), (48, 192, 5), (64, 4096, 3),
+                                            (4096, 4096, "2 per SM"), (11008, 4096, "2 per SM"),
+                                            (4096, 11008, "2 per SM")])
 def test_gpu_decode_sm90(n, k, programs):
     """The persistent M = 1 kernel against the float64 product (the bound of the M = 1 kernels).
     `programs` below one per SM makes row tiles cross programs in other places (48x192: one unit
     per row tile, 5 programs for 3 units -> 3; 64x4096: 8 units in 3 shares, one tile handed
-    over); calls repeat bit for bit, and the hand-over flags are all zero after each call. An
+    over); two per SM is the tuner's other candidate, which skinny_matmul's config
+    {"DECODE_SM90": 2} launches (the same bits). Calls repeat bit for bit, and the hand-over flags
+    are all zero after each call. An
     infinite x[k] makes each row +-inf (or NaN where its weight at k is NF4's exact zero), as in
     the float64 product: the kernel's discarded mma columns, which pair one block's weights with
     another block's x, must not turn an infinity into NaN."""
@@ -1148,6 +1154,10 @@ def test_gpu_decode_sm90(n, k, programs):
     qw = quant.quantize_nf4(gaussian(n, k, seed=70, dtype=torch.bfloat16) * 0.02)
     x = gaussian(1, k, seed=71, dtype=torch.bfloat16)
     assert dec.decode_ok(x, qw)
+    if programs == "2 per SM":
+        programs = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
+        assert torch.equal(kernels.skinny_matmul(x, qw, config={"DECODE_SM90": 2}),
+                           dec.decode_sm90(x, qw, programs=programs))
     y = dec.decode_sm90(x, qw, programs=programs)
     w64 = quant.dequantize(qw, torch.float64).t()
     assert_matmul_close(y, x, w64, torch.bfloat16)
