@@ -61,13 +61,13 @@ consumers arrive on done[buf]; the epilogue warp adds the 8 warps' sums in a fix
     adds their sums in program order (deterministic), writes y and resets the flags. The next
     program's sums are waited for before this program's own are done: it published them when it
     began, and the flag's round trips to L2 then overlap this program's last units.
-A program only waits for programs after it, which publish before they wait for anything, and
-every program of a call gets a place on an SM without waiting on the call (at most two per SM,
-each SM has room for two, and the kernel before, all of whose programs had started before this
-one could, frees its places without waiting on this one; the kernel after starts only once every
-program of this one has let it): no deadlock. The flags are zero between calls
-(each call resets what it set), so one scratch pair per device serves every call on one stream
-(the stream orders the calls; two streams must not run it at once).
+A program only waits for programs after it, which publish before they wait for anything, and every
+program of a call gets a place on an SM without waiting on the call (at most two per SM, each SM
+has room for two, and the kernel before, all of whose programs had started before this one could,
+frees its places without waiting on this one; the kernel after starts only once every program of
+this one has let it): no deadlock. The flags are zero between calls (each call resets what it set),
+so one scratch pair per device serves every call on one stream (the stream orders the calls; two
+streams must not run it at once).
 
 Programs per SM (skinny_matmul's tuner times both, PER_SM): one, so that the next call's programs
 take the SMs' second places and overlap this call's end; or two of this call, twice the warps to

@@ -1143,13 +1143,12 @@ def test_gpu_decode_sm90_x_alignment():
 def test_gpu_decode_sm90(n, k, programs):
     """The persistent M = 1 kernel against the float64 product (the bound of the M = 1 kernels).
     `programs` below one per SM makes row tiles cross programs in other places (48x192: one unit
-    per row tile, 5 programs for 3 units -> 3; 64x4096: 8 units in 3 shares, one tile handed
-    over); two per SM is the tuner's other candidate, which skinny_matmul's config
-    {"DECODE_SM90": 2} launches (the same bits). Calls repeat bit for bit, and the hand-over flags
-    are all zero after each call. An
-    infinite x[k] makes each row +-inf (or NaN where its weight at k is NF4's exact zero), as in
-    the float64 product: the kernel's discarded mma columns, which pair one block's weights with
-    another block's x, must not turn an infinity into NaN."""
+    per row tile, 5 programs for 3 units -> 3; 64x4096: 8 units in 3 shares, one tile handed over);
+    two per SM is the tuner's other candidate, which skinny_matmul's config {"DECODE_SM90": 2}
+    launches (the same bits). Calls repeat bit for bit, and the hand-over flags are all zero after
+    each call. An infinite x[k] makes each row +-inf (or NaN where its weight at k is NF4's exact
+    zero), as in the float64 product: the kernel's discarded mma columns, which pair one block's
+    weights with another block's x, must not turn an infinity into NaN."""
     dec = importlib.import_module("kernels.decode_sm90")
     qw = quant.quantize_nf4(gaussian(n, k, seed=70, dtype=torch.bfloat16) * 0.02)
     x = gaussian(1, k, seed=71, dtype=torch.bfloat16)
