@@ -6,6 +6,7 @@ sets them on Triton's own objects, as aliases of the old names:
     gl.barrier()             was gl.thread_barrier()                (a CTA barrier, bar.sync)
     smem.reinterpret(...)    was smem._reinterpret(...)             (a view of shared memory)
     tma.async_load(...)      was tma.async_copy_global_to_shared()  (a TMA copy to shared memory)
+    tma.async_store(...)     was tma.async_copy_shared_to_global()  (a TMA copy to global memory)
 tests/test_kernels.py compiles both kernels for sm_90 with the installed Triton, without a GPU,
 so that the next rename shows up there (HAVE_GLUON is False where Gluon cannot be imported: the
 plain Triton kernels run instead).
@@ -14,12 +15,13 @@ plain Triton kernels run instead).
 try:  # Gluon ships with Triton >= 3.5
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                  warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover
-    gluon = gl = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = TensorDescriptor = None
+    gluon = gl = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = None
+    TensorDescriptor = None
     HAVE_GLUON = False
 
 if HAVE_GLUON:
@@ -30,3 +32,5 @@ if HAVE_GLUON:
         _smem.reinterpret = _smem._reinterpret
     if not hasattr(tma, "async_load"):  # Triton 3.5, 3.6
         tma.async_load = tma.async_copy_global_to_shared
+    if not hasattr(tma, "async_store"):  # Triton 3.5, 3.6
+        tma.async_store = tma.async_copy_shared_to_global

@@ -12,15 +12,15 @@ rows are the instruction's M (64 per warp group) and the tokens its N (up to 256
 
 A persistent grid: one program per SM, each taking the tiles t = pid, pid + G, ... (G programs)
 of BLOCK_N = 128 weight rows x BLOCK_M = 256 tokens, in turn. Per program: 8 decoding warps = 2
-warp groups, group g owns weight rows 64 g .. 64 g + 63 of the tile, one loader warp and one
-scale warp (Gluon's warp_specialize runs each on its own function; 12 warps launch, warp groups
-being whole). The K loop steps by BLOCK_K = 64 = one NF4 block (one scale per row per step). A
-ring of STAGES (4) stages in shared memory holds, per step, the (256, 64) bf16 x tile and the
+warp groups, group g owns weight rows 64 g .. 64 g + 63 of the tile, one loader warp, one scale
+warp and one store warp (Gluon's warp_specialize runs each on its own function; 12 warps
+launch, warp groups being whole). The K loop steps by BLOCK_K = 64 = one NF4 block (one scale
+per row per step). A ring of STAGES (5) stages in shared memory holds, per step, the (256, 64) bf16 x tile and the
 (128, 32) packed W bytes, brought by two TMA copies, and the 128 rows' scales, each as the bf16
 pair (absmax, absmax); the stage's mbarrier ready[s] completes when both copies have landed
 and the scale warp has arrived. The loader and scale warps each fill their part of step j's
-stage once the decoding warps have freed it (empty[j % STAGES]); the ring runs on across tiles,
-so the next tile's first steps arrive while the decoding warps store the last tile's y. The
+stage once it is free again (empty[j % STAGES]); the ring runs on across tiles, so the next
+tile's first steps are there when the decoding warps finish the last tile. The
 scale warp computes absmax = code8[q] * absmax2 + offset (double quantization) from global
 memory: its loads are issued before it waits for the stage, so their latency is off every
 critical path. Decoding warps, step i:
@@ -42,8 +42,11 @@ critical path. Decoding warps, step i:
      x from shared memory; it runs while the warps do steps 1-2 of step i + 1.
   4. wait until step i - 1's wgmma is done (at most one running); barrier of the 8 warps; one
      arrive on empty[(i - 1) % STAGES]: the loader and scale warps may refill that stage.
-After the last step, y's tile: rounded to bf16, transposed into y_bufs by stmatrix, read back
-as 16 contiguous bytes of a row of y per thread and stored, 128 tokens at a time. And the last
+After the last step, y's tile: rounded to bf16 and transposed by stmatrix into the x stages of
+the tile's last two steps (128 tokens in each, 32 KB, an x tile's size), which the K loop
+keeps instead of freeing; the store warp copies each to y by TMA as soon as it is written, and
+frees the stage once TMA has read it. So the decoding warps go on to the next tile while y
+goes out, and the writes to global memory overlap its K loop. And the last
 wave: T tiles on G programs leave T % G for it; when that is G / 2 or fewer
 (11008x4096 at M = 4096: 1376 tiles, 10 waves of 132, then 56), those tiles are split along K
 into up to 4 parts run by different programs, whose float32 sums meet in a workspace (parts
@@ -77,8 +80,15 @@ of the one-tile-per-program kernel (globaltimer stamps) showed per tile of 54 us
 filling and checking the table and 2 us storing y outside the loop, and at 11008x4096 the 56
 programs with an eleventh tile ending 55 us after the others. Filling the table once per
 program, with the next tile's loads during the epilogue: 1-4%; the split last wave: 3% at
-11008x4096; stores from registers instead of TMA stores (whose wait took 0.77 us per 128
-tokens): 1-2%.
+11008x4096; stores from registers instead of TMA stores by the decoding warps (whose wait
+took 0.77 us per 128 tokens): 1-2%. Why y leaves through x stages, by a store warp (forty-first
+session): without y's stores at all the kernel ran 3-5% faster (fortieth session), the tensor
+cores idling while the decoding warps stored; shared memory had no room for a second buffer
+of y. TMA stores issued by a warp of their own, from the stages the tile had just used, and a
+fifth stage (the 32 KB that y's own buffer had taken) so that three steps of the next tile are
+ready while two stages wait for TMA: 1.1% faster at 4096x4096 and 1.7-1.9% at 11008x4096 on
+M = 4096, 0.8-1% slower at M = 256 and 1024, where a program has one tile and nothing to
+overlap (BENCHMARKS.md).
 
 Hazards, and what orders them:
   - wgmma reads its register operand until the wait that retires it: step i decodes into the
@@ -91,8 +101,15 @@ Hazards, and what orders them:
     (the decode, before step i's wgmma); the loader and scale warps wait for that arrive. The
     scale warp's stores to a stage are ordered before its arrive on ready by a barrier of its
     lanes; the decoding warps read them after their wait on ready.
-  - y's tile goes through y_bufs after the item's final wgmma wait; a barrier after reading
-    it back comes before the next item's first store to them.
+  - y's tile goes into the x stages of the item's last two steps after the item's final
+    wgmma wait and a barrier (each warp group's wgmma reads all of a stage); the K loop does
+    not free them (no arrive on empty), the store warp does, after its TMA stores have read
+    them (wait_group.read), so the loader and scale warps refill them only then. Each
+    thread's stmatrix writes are made visible to TMA (the async proxy) by fence.proxy.async
+    before the barrier and the arrive on y_ready[h]; the store warp waits for it. It arrives
+    on y_free[h] once it has seen that phase, and the decoding warps wait for that before
+    writing the next tile's half h, so that y_ready[h] never completes two phases unseen
+    (tiles of few steps: the next one need not wait for the stages the store warp frees).
   - a split tile's part 0 spins on flags that parts 1.. raise after writing their sums (a
     barrier, then a release); they wait for nothing, so the spin ends as soon as they have run,
     on other SMs (G is at most the number of SMs, one program each).
@@ -100,13 +117,14 @@ Hazards, and what orders them:
     it is an argument of their function, so the compiler keeps its memory while they run
     (it does not see the reads, which are by address).
 
-Restrictions (sm90_ok): NF4 with double quantization and blocks of 64, out_features a multiple
-of 128, bf16 x that TMA can read; fused_matmul runs the Triton kernel otherwise.
+Restrictions (sm90_ok): NF4 with double quantization and blocks of 64, at least two of them
+along K (y's tile takes two stages of the ring), out_features a multiple of 128, bf16 x that
+TMA can read; fused_matmul runs the Triton kernel otherwise.
 
 Layout read: x (M, K) bf16 row-major with 16-byte aligned rows (TMA); packed uint8 (N, KP/2);
 scales (KP/64, N) uint8 codes (read 4 per lane by the scale warp) with absmax2 / code8 / offset
-(double quantization); y (M, N) bf16 with unit stride along N. K < KP (padded weights): TMA reads
-x's columns beyond K as zeros.
+(double quantization); y (M, N) bf16, contiguous (TMA writes it; rows beyond M are not
+written). K < KP (padded weights): TMA reads x's columns beyond K as zeros.
 """
 
 import re
@@ -115,11 +133,11 @@ import torch
 import triton
 
 # (without Gluon, or without sm_90, fused_matmul is used)
-from ._gluon import (HAVE_GLUON, TensorDescriptor, gl, gluon, mbarrier, tma, warpgroup_mma,
-                     warpgroup_mma_wait)
+from ._gluon import (HAVE_GLUON, TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma,
+                     warpgroup_mma, warpgroup_mma_wait)
 from ._launch import FP_FUSION, check_activation, weight_args
 
-BLOCK_N, BLOCK_M, BLOCK_K, STAGES, GROUP_M, WARPS = 128, 256, 64, 4, 1, 8
+BLOCK_N, BLOCK_M, BLOCK_K, STAGES, GROUP_M, WARPS = 128, 256, 64, 5, 1, 8
 # Decoding through the shared-memory table: byte c of word $1 ($2 = 0x4440 + c: prmt's selector
 # for that byte, zeros above) -> its word of the table (byte * 128 + $3: $3 = the table's address
 # plus 4 * lane, each lane reading its own copy)
@@ -216,8 +234,8 @@ if HAVE_GLUON:
         return tiles + (tiles % gl.num_programs(0)) * (SPLIT - 1)
 
     @gluon.jit
-    def _decode_and_mma(x_ring, p_ring, s_ring, y_bufs, table, ready, empty, code_ptr, cands_ptr,
-                        n_cands, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP,
+    def _decode_and_mma(x_ring, p_ring, s_ring, table, ready, empty, y_ready, y_free, code_ptr, cands_ptr,
+                        n_cands, ws_ptr, flags_ptr, SPLIT, M, N, KP,
                         BLOCK_M: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
                         num_warps: gl.constexpr):
         """The 8 decoding warps (steps 1-4 of the module docstring), for each of this program's
@@ -232,38 +250,38 @@ if HAVE_GLUON:
         table_off = _find_table(words, e[:, None] * 128 + lane[None, :] * 4, cands_ptr, n_cands)
         gl.store(cands_ptr + n_cands, table_off)  # what was found, for the tests (every program alike)
         if table_off >= 0:
-            _tiles(x_ring, p_ring, s_ring, y_bufs, ready, empty, code_ptr, table_off, y_ptr, stride_ym,
-                   ws_ptr, flags_ptr, SPLIT, M, N, KP, BLOCK_M, STAGES, GROUP_M, num_warps, True)
+            _tiles(x_ring, p_ring, s_ring, ready, empty, y_ready, y_free, code_ptr, table_off, ws_ptr,
+                   flags_ptr, SPLIT, M, N, KP, BLOCK_M, STAGES, GROUP_M, num_warps, True)
         else:
-            _tiles(x_ring, p_ring, s_ring, y_bufs, ready, empty, code_ptr, table_off, y_ptr, stride_ym,
-                   ws_ptr, flags_ptr, SPLIT, M, N, KP, BLOCK_M, STAGES, GROUP_M, num_warps, False)
+            _tiles(x_ring, p_ring, s_ring, ready, empty, y_ready, y_free, code_ptr, table_off, ws_ptr,
+                   flags_ptr, SPLIT, M, N, KP, BLOCK_M, STAGES, GROUP_M, num_warps, False)
 
     @gluon.jit
-    def _tiles(x_ring, p_ring, s_ring, y_bufs, ready, empty, code_ptr, table_off, y_ptr, stride_ym,
-               ws_ptr, flags_ptr, SPLIT, M, N, KP, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+    def _tiles(x_ring, p_ring, s_ring, ready, empty, y_ready, y_free, code_ptr, table_off, ws_ptr,
+               flags_ptr, SPLIT, M, N, KP, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                GROUP_M: gl.constexpr, num_warps: gl.constexpr, TABLE: gl.constexpr):
         """This program's work items u = pid, pid + G, ... (G programs, _work_item): the K loop,
-        then y's tile (for a split tile: from its part 0, with the other parts' sums), which the
-        loader warp overlaps with the next item's first loads."""
+        then y's tile (for a split tile: from its part 0, with the other parts' sums) into the
+        x stages of the item's last two steps, which the store warp copies out (_stage_tile)."""
         BLOCK_N: gl.constexpr = p_ring.shape[1]
         BLOCK_K: gl.constexpr = 2 * p_ring.shape[2]
         num_k = KP // BLOCK_K
         num_pid_m = gl.cdiv(M, BLOCK_M)
         num_pid_n = gl.cdiv(N, BLOCK_N)
+        r = num_pid_m * num_pid_n % gl.num_programs(0)
         step = 0  # steps done by this program, over all its work items: the ring's position
+        stored = 0  # tiles this program has stored
         for u in range(gl.program_id(0), _num_items(num_pid_m, num_pid_n, SPLIT), gl.num_programs(0)):
             t, k0, nk, v = _work_item(u, num_pid_m, num_pid_n, num_k, SPLIT)
-            off_m, off_n = _tile_offsets(t, num_pid_m, num_pid_n, GROUP_M, BLOCK_M, BLOCK_N)
-            acc = _k_loop(x_ring, p_ring, s_ring, ready, empty, code_ptr, table_off, nk, step, BLOCK_M,
-                          STAGES, num_warps, TABLE)
-            step += nk
+            hold = v < r  # a whole tile, or part 0 of a split one: it stores y
+            acc = _k_loop(x_ring, p_ring, s_ring, ready, empty, code_ptr, table_off, nk, step, hold,
+                          BLOCK_M, STAGES, num_warps, TABLE)
             if v >= 0:  # a part of a split tile: parts 1.. hand their sums to part 0
-                r = num_pid_m * num_pid_n % gl.num_programs(0)
                 acc = _split_sums(acc, ws_ptr, flags_ptr, v, r, SPLIT)
-                if v < r:
-                    _store_tile(acc, y_bufs, y_ptr, stride_ym, M, off_m, off_n)
-            else:
-                _store_tile(acc, y_bufs, y_ptr, stride_ym, M, off_m, off_n)
+            if hold:
+                _stage_tile(acc, x_ring, y_ready, y_free, step + nk - 2, stored, STAGES)
+                stored += 1
+            step += nk
 
     @gluon.jit
     def _split_sums(acc, ws_ptr, flags_ptr, v, r, SPLIT):
@@ -290,38 +308,36 @@ if HAVE_GLUON:
         return acc
 
     @gluon.jit
-    def _store_tile(acc, y_bufs, y_ptr, stride_ym, M, off_m, off_n):
-        """y[off_m + m, off_n + n] = acc[n, m] (bf16), through y_bufs (2, 128 tokens, 64 rows of
-        W): 128 tokens at a time, transposed on the way into shared memory (stmatrix), then read
-        back as 16 contiguous bytes of a row of y per thread and stored (no wait: the stores leave
-        the registers, not shared memory). The split, permutes and reshapes only rename
+    def _stage_tile(acc, x_ring, y_ready, y_free, first, stored, STAGES: gl.constexpr):
+        """y's tile (tokens, rows of W) = acc.T in bf16, for the store warp (_storer), into the x
+        stages of the item's last two steps, first and first + 1 (the K loop kept them: hold),
+        128 tokens into each: transposed on the way (stmatrix), as two (128, 64) boxes of y with
+        wgmma's 128-byte swizzle, which an x stage's (256, 64) has too. Half h: wait until the
+        store warp has seen the previous tile's half h (y_free, so that y_ready[h] cannot run a
+        phase ahead of it), write, make the writes visible to TMA (fence.proxy.async), a barrier
+        of the 8 warps, one arrive on y_ready[h]. The split, permutes and reshapes only rename
         registers."""
         BLOCK_N: gl.constexpr = acc.shape[0]
         HALF: gl.constexpr = acc.shape[1] // 2
         BOX_N: gl.constexpr = BLOCK_N // 2
-        num_warps: gl.constexpr = gl.num_warps()
-        rd: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 4, 8], [2, num_warps // 2, 1], [2, 1, 0])
-        c = gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, rd)))
-        mm = gl.arange(0, HALF, layout=gl.SliceLayout(0, gl.SliceLayout(2, rd)))
-        nn = gl.arange(0, BOX_N, layout=gl.SliceLayout(0, gl.SliceLayout(1, rd)))
-        col = off_n + c[:, None, None] * BOX_N + nn[None, None, :]
+        boxes: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
         halves = gl.split(acc.to(gl.bfloat16).reshape([BLOCK_N, 2, HALF]).permute(0, 2, 1))
         for h in gl.static_range(2):
             part = halves[h].permute(1, 0)  # (128 tokens, 128 rows of W)
-            # columns 64 c .. 64 c + 63 (warp group c's rows of W) into buffer c
-            y_bufs.store(part.reshape([HALF, 2, BOX_N]).permute(1, 0, 2))
+            mbarrier.wait(y_free.index(h), (stored & 1) ^ 1, pred=stored >= 1)
+            buf = x_ring.index((first + h) % STAGES).reinterpret(gl.bfloat16, [2, HALF, BOX_N], boxes)
+            # columns 64 c .. 64 c + 63 (warp group c's rows of W) into box c
+            buf.store(part.reshape([HALF, 2, BOX_N]).permute(1, 0, 2))
+            fence_async_shared()
             gl.barrier()
-            vals = y_bufs.load(rd)
-            gl.barrier()  # read by every warp: the buffers may be written again
-            row = off_m + h * HALF + mm[None, :, None]
-            gl.store(y_ptr + row.to(gl.int64) * stride_ym + col, vals, mask=row < M)
+            mbarrier.arrive(y_ready.index(h))
 
     @gluon.jit
-    def _step(x_ring, p_ring, s_ring, ready, empty, code_ptr, base, sel, acc, step0, i,
+    def _step(x_ring, p_ring, s_ring, ready, empty, code_ptr, base, sel, acc, step0, i, kept,
               STAGES: gl.constexpr, TABLE: gl.constexpr):
         """K step i of a work item (the program's step step0 + i): decode the stage's W tile into
         wgmma's register operand, start acc += W @ x.T, wait for step i - 1's wgmma and hand its
-        stage back to the loader and scale warps."""
+        stage back to the loader and scale warps, unless step i - 1 is kept (y's tile goes there)."""
         L3: gl.constexpr = sel.type.layout  # (row, word, c), _k_loop
         BLOCK_N: gl.constexpr = p_ring.shape[1]
         WORDS: gl.constexpr = sel.shape[1]
@@ -355,11 +371,11 @@ if HAVE_GLUON:
         # be written and its stage refilled, once every warp is here
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
         gl.barrier()
-        mbarrier.arrive(empty.index((step0 + i + STAGES - 1) % STAGES), pred=i >= 1)
+        mbarrier.arrive(empty.index((step0 + i + STAGES - 1) % STAGES), pred=(i >= 1) & (i - 1 != kept))
         return acc
 
     @gluon.jit
-    def _k_loop(x_ring, p_ring, s_ring, ready, empty, code_ptr, table_off, num_k, step0,
+    def _k_loop(x_ring, p_ring, s_ring, ready, empty, code_ptr, table_off, num_k, step0, hold,
                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr, TABLE: gl.constexpr):
         """The K loop of one work item: num_k K steps, the program's steps step0 .. step0 + num_k
         - 1 in the ring; TABLE: decode through the shared-memory table at table_off, else from
@@ -367,7 +383,9 @@ if HAVE_GLUON:
         register operand while it runs (until the wait that retires it), so consecutive steps
         must decode into different registers, which two copies of the step get (PTX names
         registers per value; one loop body would reuse them). Every ring stage it reads is
-        handed back: at step i the stage of step i - 1, at the end that of its last step."""
+        handed back: at step i the stage of step i - 1, at the end that of its last step; with
+        hold, the last two are kept instead, for y's tile (_stage_tile), and the store warp
+        hands them back once TMA has read it out."""
         BLOCK_N: gl.constexpr = p_ring.shape[1]
         WORDS: gl.constexpr = p_ring.shape[2] // 4
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -391,18 +409,21 @@ if HAVE_GLUON:
             " mad.lo.u32 $0, l, 4, $0; add.u32 $0, $0, $1; }",
             "=r,r", [table_off], dtype=gl.int32, is_pure=True, pack=1)
 
+        kept = num_k - 2 if hold else -1  # (num_k >= 2 where hold: sm90_ok, _split_last_wave)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, acc_layout)
         for i in range(0, num_k - 1, 2):
-            acc = _step(x_ring, p_ring, s_ring, ready, empty, code_ptr, base, sel, acc, step0, i,
+            acc = _step(x_ring, p_ring, s_ring, ready, empty, code_ptr, base, sel, acc, step0, i, kept,
                         STAGES, TABLE)
-            acc = _step(x_ring, p_ring, s_ring, ready, empty, code_ptr, base, sel, acc, step0, i + 1,
+            acc = _step(x_ring, p_ring, s_ring, ready, empty, code_ptr, base, sel, acc, step0, i + 1, kept,
                         STAGES, TABLE)
         if num_k % 2 == 1:
             acc = _step(x_ring, p_ring, s_ring, ready, empty, code_ptr, base, sel, acc, step0, num_k - 1,
-                        STAGES, TABLE)
+                        kept, STAGES, TABLE)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        gl.barrier()  # both warp groups' last wgmmas are done: the last stage may go
-        mbarrier.arrive(empty.index((step0 + num_k + STAGES - 1) % STAGES))
+        # both warp groups' last wgmmas are done (each reads all of an x stage): the last stage
+        # may go, or take y's tile
+        gl.barrier()
+        mbarrier.arrive(empty.index((step0 + num_k + STAGES - 1) % STAGES), pred=not hold)
         return acc
 
     @gluon.jit
@@ -464,9 +485,46 @@ if HAVE_GLUON:
                 mbarrier.arrive(ready.index(s))
                 j += 1
 
+    @gluon.jit
+    def _storer(y_desc, x_ring, empty, y_ready, y_free, M, N, KP, SPLIT, STAGES: gl.constexpr,
+                GROUP_M: gl.constexpr):
+        """The store warp: for each tile the program stores (a whole tile, or part 0 of a split
+        one), y's two halves of 128 tokens from the x stages where the decoding warps put them
+        (_stage_tile), by TMA (two (128, 64) boxes each; rows beyond M are not written). It
+        issues each half as soon as y_ready says it is there, and hands each stage back to the
+        loader and scale warps (empty) once TMA has read it (wait_group.read): the writes to
+        global memory go on while the next tile's K loop runs."""
+        HALF: gl.constexpr = y_desc.block_type.shape[0]
+        BOX_N: gl.constexpr = y_desc.block_type.shape[1]
+        BLOCK_M: gl.constexpr = 2 * HALF
+        BLOCK_N: gl.constexpr = 2 * BOX_N
+        num_k = KP // x_ring.shape[2]
+        num_pid_m = gl.cdiv(M, BLOCK_M)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        r = num_pid_m * num_pid_n % gl.num_programs(0)
+        step = 0
+        stored = 0
+        for u in range(gl.program_id(0), _num_items(num_pid_m, num_pid_n, SPLIT), gl.num_programs(0)):
+            t, k0, nk, v = _work_item(u, num_pid_m, num_pid_n, num_k, SPLIT)
+            if v < r:
+                off_m, off_n = _tile_offsets(t, num_pid_m, num_pid_n, GROUP_M, BLOCK_M, BLOCK_N)
+                for h in gl.static_range(2):
+                    mbarrier.wait(y_ready.index(h), stored & 1)
+                    mbarrier.arrive(y_free.index(h))
+                    stage = x_ring.index((step + nk - 2 + h) % STAGES)
+                    for c in gl.static_range(2):
+                        tma.async_store(y_desc, [off_m + h * HALF, off_n + c * BOX_N],
+                                        stage.slice(c * HALF, HALF))
+                tma.store_wait(2)  # the first half is read out: its stage may be refilled
+                mbarrier.arrive(empty.index((step + nk - 2) % STAGES))
+                tma.store_wait(0)
+                mbarrier.arrive(empty.index((step + nk - 1) % STAGES))
+                stored += 1
+            step += nk
+
     @gluon.jit(do_not_specialize=["n_cands", "SPLIT"])
     def fused_matmul_sm90_kernel(
-        x_desc, p_desc, y_ptr, stride_ym, scales_ptr, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, cands_ptr,
+        x_desc, p_desc, y_desc, scales_ptr, absmax2_ptr, code_ptr, code8_ptr, offset_ptr, cands_ptr,
         ws_ptr, flags_ptr, M, N, KP, n_cands, SPLIT,
         DQ_BLOCK: gl.constexpr, BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr, GROUP_M: gl.constexpr, WORKER_REGS: gl.constexpr, num_warps: gl.constexpr,
@@ -482,11 +540,11 @@ if HAVE_GLUON:
         x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
         p_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, BYTES], p_desc.layout)
         s_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        # y's tile on its way out, 128 tokens at a time (_store_tile)
-        y_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_M // 2, BLOCK_N // 2], gl.NVMMASharedLayout(
-            swizzle_byte_width=128, element_bitwidth=16, rank=3))
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        # y's halves in x stages: written (y_ready[h]), seen by the store warp (y_free[h])
+        y_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        y_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         # the decoding table, byte -> the bf16 pair of its two weights, one copy per lane (lane l
         # reads word [e, l]: bank l, no conflicts); passed to the decoding warps, which keeps it
         # allocated while they run (they read it by address, which the compiler does not see)
@@ -494,22 +552,29 @@ if HAVE_GLUON:
         for j0 in gl.static_range(STAGES):
             mbarrier.init(ready.index(j0), count=2)
             mbarrier.init(empty.index(j0), count=1)
+        for h in gl.static_range(2):
+            mbarrier.init(y_ready.index(h), count=1)
+            mbarrier.init(y_free.index(h), count=1)
         STEP_BYTES: gl.constexpr = x_desc.block_type.nbytes + p_desc.block_type.nbytes
 
         # the decoding warps (num_warps of them), the loader warp and the scale warp, each running
         # its function
         gl.warp_specialize([
-            (_decode_and_mma, (x_ring, p_ring, s_ring, y_bufs, table, ready, empty, code_ptr, cands_ptr,
-                               n_cands, y_ptr, stride_ym, ws_ptr, flags_ptr, SPLIT, M, N, KP, BLOCK_M,
-                               STAGES, GROUP_M, num_warps)),
+            (_decode_and_mma, (x_ring, p_ring, s_ring, table, ready, empty, y_ready, y_free, code_ptr,
+                               cands_ptr, n_cands, ws_ptr, flags_ptr, SPLIT, M, N, KP, BLOCK_M, STAGES,
+                               GROUP_M, num_warps)),
             (_loader, (x_desc, p_desc, x_ring, p_ring, ready, empty, M, N, KP, SPLIT, STEP_BYTES, STAGES,
                        GROUP_M)),
             (_scales, (s_ring, ready, empty, scales_ptr, absmax2_ptr, code8_ptr, offset_ptr, M, N, KP, SPLIT,
                        DQ_BLOCK, BLOCK_M, STAGES, GROUP_M)),
-        ], [1, 1], [WORKER_REGS, WORKER_REGS])
+            (_storer, (y_desc, x_ring, empty, y_ready, y_free, M, N, KP, SPLIT, STAGES, GROUP_M)),
+        ], [1, 1, 1], [WORKER_REGS, WORKER_REGS, WORKER_REGS])
         for j0 in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(j0))
             mbarrier.invalidate(empty.index(j0))
+        for h in gl.static_range(2):
+            mbarrier.invalidate(y_ready.index(h))
+            mbarrier.invalidate(y_free.index(h))
 
 
 def sm90_ok(x: torch.Tensor, w) -> bool:
@@ -525,7 +590,8 @@ def sm90_ok(x: torch.Tensor, w) -> bool:
             and x.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(1) == 1
             and x.data_ptr() % 16 == 0 and (x.stride(0) * 2) % 16 == 0 and x.shape[0] > 0
             and w.quant_type == "nf4" and w.double_quant and w.block_size == BLOCK_K and w.packed.is_cuda
-            and w.out_features % BLOCK_N == 0 and w.packed.data_ptr() % 16 == 0)
+            and w.out_features % BLOCK_N == 0 and w.packed.data_ptr() % 16 == 0
+            and w.packed.shape[1] >= BLOCK_K)
 
 
 def fused_matmul_sm90(x: torch.Tensor, w, stages: int = STAGES) -> torch.Tensor:
@@ -552,7 +618,7 @@ def _split_last_wave(tiles: int, programs: int, num_k: int, device):
     through a float32 workspace. The flags are zeroed for each call (a memset launch, about 2 us):
     shared between calls, two calls on different streams could see each other's."""
     r = tiles % programs
-    split = min(programs // r, MAX_SPLIT, num_k) if 0 < r <= programs // 2 else 1
+    split = min(programs // r, MAX_SPLIT, num_k // 2) if 0 < r <= programs // 2 else 1
     if split == 1:  # not read by the kernel
         ws = torch.empty(1, dtype=torch.float32, device=device)
         return split, ws, ws.view(torch.int32)
@@ -579,15 +645,19 @@ def _table_candidates(kernel, device) -> torch.Tensor:
     return torch.tensor(ok + [-1], dtype=torch.int32, device=device)
 
 
-def descriptors(x, packed, n: int, kp: int):
-    """The TMA descriptors of x (BLOCK_M x BLOCK_K tiles, wgmma's swizzle) and of W's packed bytes
-    (BLOCK_N x BLOCK_K / 2, plain)."""
+def descriptors(x, packed, y, kp: int):
+    """The TMA descriptors of x (BLOCK_M x BLOCK_K tiles, wgmma's swizzle), of W's packed bytes
+    (BLOCK_N x BLOCK_K / 2, plain) and of y (BLOCK_M / 2 x BLOCK_N / 2 boxes, with x's swizzle:
+    they leave from x stages)."""
     m, k = x.shape
+    n = y.shape[1]
     x_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.bfloat16)
     x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [BLOCK_M, BLOCK_K], x_layout)
     plain = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
     p_desc = TensorDescriptor(packed, [n, kp // 2], [kp // 2, 1], [BLOCK_N, BLOCK_K // 2], plain)
-    return x_desc, p_desc
+    y_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_N // 2], gl.bfloat16)
+    y_desc = TensorDescriptor(y, [m, n], [y.stride(0), 1], [BLOCK_M // 2, BLOCK_N // 2], y_layout)
+    return x_desc, p_desc, y_desc
 
 
 def launch_into(y, x, tensors, kp, dq_block, stages: int = STAGES):
@@ -615,7 +685,7 @@ def kernel_call(y, x, tensors, kp: int, dq_block: int, stages: int, programs: in
     offsets, ending in -1 (just [-1] before the first call has found them)."""
     packed, scales, _zeros, absmax2, code, code8, offset = tensors
     m, n = x.shape[0], y.shape[1]
-    args = (*descriptors(x, packed, n, kp), y, y.stride(0), scales, absmax2, code, code8, offset,
+    args = (*descriptors(x, packed, y, kp), scales, absmax2, code, code8, offset,
             cands, ws, flags, m, n, kp, cands.numel() - 1, split)
     options = dict(DQ_BLOCK=dq_block, BLOCK_N=BLOCK_N, STAGES=stages, GROUP_M=GROUP_M,
                    WORKER_REGS=WORKER_REGS, num_warps=WARPS, **FP_FUSION)

@@ -1004,17 +1004,21 @@ SM90 = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
 @pytest.mark.cuda
 @pytest.mark.skipif(not SM90, reason="the Gluon kernel kernels/fused_matmul_sm90.py needs an sm_90 GPU")
 @pytest.mark.parametrize("fmt", ["nf4dq"])
-@pytest.mark.parametrize("n,k", [(256, 320), (4096, 4096), (11008, 4096), (4096, 11008), (128, 296), (17024, 128)],
-                         ids=["256x320", "4096x4096", "11008x4096", "4096x11008", "128x296pad", "17024x128"])
+@pytest.mark.parametrize("n,k", [(256, 320), (4096, 4096), (11008, 4096), (4096, 11008), (128, 296), (17024, 128),
+                                 (17024, 256)],
+                         ids=["256x320", "4096x4096", "11008x4096", "4096x11008", "128x296pad", "17024x128",
+                              "17024x256"])
 def test_gpu_fused_sm90(fmt, n, k):
     """The Hopper kernel against x @ prmt_weight(qw).T (its weights are LOOKUP 3's) with M not a
     multiple of its 256 tokens, few K steps and K padded to 320, and fused_matmul's dispatch to
     it for M > 128 (a second call: the same bits). The last wave's tiles split along K
     (_split_last_wave) on an H100's 132 SMs: 11008x4096 at M = 333 (172 tiles: 40 in 3 parts)
-    and 4096 (1376: 56 in 2), 17024x128 at M = 1 and 129 (133 tiles: 1 in 2 parts of one
-    step each), 333 and 4096 (266 and 2128 tiles: 2 and 16 in 2). Where sm90_ok refuses (x
-    strided along K, N not a multiple of 128, NF4 without double quantization), fused_matmul
-    runs the Triton kernel."""
+    and 4096 (1376: 56 in 2), 17024x256 at M = 1 and 129 (133 tiles: 1 in 2 parts of two
+    steps), 333 and 4096 (266 and 2128 tiles: 2 and 16 in 2); 17024x128 (two K steps, too few
+    to split: a stored tile keeps two stages for y) is not, and at M = 4096 runs 16 tiles of
+    two steps in a row on a program. Where sm90_ok refuses (x strided along K, N not a
+    multiple of 128, NF4 without double quantization, a single K step), fused_matmul runs the
+    Triton kernel."""
     sm90 = importlib.import_module("kernels.fused_matmul_sm90")
     dtype = torch.bfloat16
     qw = make_weight(fmt, n, k, seed=60)
@@ -1029,8 +1033,9 @@ def test_gpu_fused_sm90(fmt, n, k):
     x = gaussian(300, 2 * k, seed=62, dtype=dtype)[:, ::2]  # stride along K: not for TMA
     assert not sm90.sm90_ok(x, qw)
     assert_matmul_close(kernels.fused_matmul(x, qw), x, w.t(), dtype)  # the Triton kernel
-    for other in (make_weight(fmt, n + 72, k, seed=63), make_weight("nf4", n, k, seed=64)):
-        x = gaussian(300, k, seed=65, dtype=dtype)
+    for other in (make_weight(fmt, n + 72, k, seed=63), make_weight("nf4", n, k, seed=64),
+                  make_weight(fmt, n, 64, seed=68)):
+        x = gaussian(300, other.in_features, seed=65, dtype=dtype)
         assert not sm90.sm90_ok(x, other)
         assert_matmul_close(kernels.fused_matmul(x, other), x, prmt_weight(other).t(), dtype)
 
