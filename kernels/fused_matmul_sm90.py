@@ -52,6 +52,8 @@ wave: T tiles on G programs leave T % G for it; when that is G / 2 or fewer
 into up to 4 parts run by different programs, whose float32 sums meet in a workspace (parts
 1.. write theirs and raise a flag, zeroed for each call; part 0 waits for each flag, adds in
 order and stores y: deterministic), so that most SMs do not idle through a whole last tile.
+With no more tiles than half the SMs (few tokens: 32 at 4096x4096, M = 256), every tile is
+split so, on as many programs as its parts.
 Why the weights go to wgmma in registers (seventeenth session): with both operands in shared
 memory, a step moved about 152 KB through it by our count (TMA writes 36 KB, wgmma reads 80: each
 warp group reads the whole x tile; the decoding wrote 16 and read 20), against cuBLAS's 128 KB at
@@ -135,7 +137,7 @@ import triton
 # (without Gluon, or without sm_90, fused_matmul is used)
 from ._gluon import (HAVE_GLUON, TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma,
                      warpgroup_mma, warpgroup_mma_wait)
-from ._launch import FP_FUSION, check_activation, weight_args
+from ._launch import FP_FUSION, check_activation, sm_count, weight_args
 
 BLOCK_N, BLOCK_M, BLOCK_K, STAGES, GROUP_M, WARPS = 128, 256, 64, 5, 1, 8
 # Decoding through the shared-memory table: byte c of word $1 ($2 = 0x4440 + c: prmt's selector
@@ -610,21 +612,29 @@ _TABLE_CANDIDATES = {}  # (device, stages, dq_block) -> int32 offsets (_table_ca
 MAX_SPLIT = 4  # parts of a split tile at most: part 0 reads the others' sums one after another
 
 
-def _split_last_wave(tiles: int, programs: int, num_k: int, device):
-    """(SPLIT, workspace, flags) for the kernel's work items (_work_item). T tiles on G programs
-    leave R = T % G tiles for the last wave; when R <= G / 2, most programs would wait idle for
-    it (11008x4096 at M = 4096: 1376 tiles, 10 waves of 132 and 56 tiles), so each of those
-    tiles is split along K into SPLIT = G // R parts (at most MAX_SPLIT and num_k), summed
-    through a float32 workspace. The flags are zeroed for each call (a memset launch, about 2 us):
-    shared between calls, two calls on different streams could see each other's."""
-    r = tiles % programs
-    split = min(programs // r, MAX_SPLIT, num_k // 2) if 0 < r <= programs // 2 else 1
+def _split_last_wave(tiles: int, sms: int, num_k: int, device):
+    """(G, SPLIT, workspace, flags): the programs and the kernel's work items (_work_item) for T
+    tiles on a GPU of S SMs. With T > S, G = S programs leave R = T % G tiles for the last wave;
+    when R <= G / 2, most programs would wait idle for it (11008x4096 at M = 4096: 1376 tiles,
+    10 waves of 132 and 56 tiles), so each of those tiles is split along K into SPLIT = G // R
+    parts (at most MAX_SPLIT, and num_k / 2: a part that stores y keeps two steps' stages for
+    it), summed through a float32 workspace. With T <= S / 2 (few tokens: 32 tiles at 4096x4096,
+    M = 256) all T tiles are that last wave: SPLIT = S // T parts each (the same bounds), on G =
+    T * SPLIT programs. The flags are zeroed for each call (a memset launch, about 2 us): shared
+    between calls, two calls on different streams could see each other's."""
+    if tiles <= sms // 2:
+        r, split = tiles, min(sms // tiles, MAX_SPLIT, num_k // 2)
+        programs = tiles * split
+    else:
+        programs = min(tiles, sms)
+        r = tiles % programs
+        split = min(programs // r, MAX_SPLIT, num_k // 2) if 0 < r <= programs // 2 else 1
     if split == 1:  # not read by the kernel
         ws = torch.empty(1, dtype=torch.float32, device=device)
-        return split, ws, ws.view(torch.int32)
+        return programs, split, ws, ws.view(torch.int32)
     slots = (split - 1) * r
     ws = torch.empty(slots * BLOCK_N * BLOCK_M, dtype=torch.float32, device=device)
-    return split, ws, torch.zeros(slots, dtype=torch.int32, device=device)
+    return programs, split, ws, torch.zeros(slots, dtype=torch.int32, device=device)
 
 
 def table_offset(device, stages: int = STAGES, dq_block: int = 256):
@@ -665,8 +675,7 @@ def launch_into(y, x, tensors, kp, dq_block, stages: int = STAGES):
     check_activation, sm90_ok): fused_matmul's dispatch, which has done all three, calls it."""
     m, n = x.shape[0], y.shape[1]
     tiles = triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N)
-    programs = min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count)
-    split, ws, flags = _split_last_wave(tiles, programs, kp // BLOCK_K, x.device)
+    programs, split, ws, flags = _split_last_wave(tiles, sm_count(x.device), kp // BLOCK_K, x.device)
     key = (x.device, stages, dq_block)
     cands = _TABLE_CANDIDATES.get(key)
     grid, args, options = kernel_call(
