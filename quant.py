@@ -89,6 +89,7 @@ __all__ = [
     "SKINNY_MAX_M",
     "DEQUANT_MATMUL_MIN_M",
     "FUSED_SM90_MIN_TILES",
+    "FUSED_SM90_MIN_WEIGHTS",
     "graph_bound",
     "nf4_code",
     "dynamic_code_8bit",
@@ -114,8 +115,9 @@ __all__ = [
 # benchmarks/bench_kernels.py on the target GPU and change these numbers there).
 #   M = number of rows of x (tokens in the batch).
 #   M <= SKINNY_MAX_M                 -> kernels.skinny_matmul (decoding; reads each byte once)
-#   in a pass replayed from a CUDA graph (inside graph_bound()), on Hopper, when the Gluon fused
-#   kernel's grid has FUSED_SM90_MIN_TILES tiles or more
+#   in a pass replayed from a CUDA graph (inside graph_bound()), on Hopper, M > 128, when the
+#   Gluon fused kernel's grid has FUSED_SM90_MIN_TILES tiles or more, or W has
+#   FUSED_SM90_MIN_WEIGHTS weights or more
 #                                     -> kernels.fused_matmul, which runs the Gluon kernel there
 #                                        (kernels/fused_matmul_sm90.py, when its sm90_ok says so)
 #   M >= DEQUANT_MATMUL_MIN_M         -> kernels.dequantize into a temporary 16-bit weight, then
@@ -142,6 +144,13 @@ DEQUANT_MATMUL_MIN_M: Optional[int] = 64
 # 4 x 512, +3% at 8 x 512).
 # Its backward counterpart does not exist: dx keeps the paths above. None: never.
 FUSED_SM90_MIN_TILES: Optional[int] = 128
+# Since the forty-first session the kernel also splits every tile along K when it has no more
+# tiles than half the SMs, and then wins below 128 tiles wherever W is large (GPU time, H100,
+# BENCHMARKS.md; Gluon / dequantize+cuBLAS, us): 4096x4096 at M = 256 37.4 / 40.7, 512 40.3 /
+# 46.3; 4096x11008 at 256 55.0 / 108.6, 512 76.2 / 117.8; 11008x4096 at 256 (86 tiles) 51.9 /
+# 92.6; but 1024x4096 (a grouped-query k / v projection) lost at every M from 256 to 2048
+# (33-41 / 19-34): dequantizing a small W costs little. None: the tiles alone decide.
+FUSED_SM90_MIN_WEIGHTS: Optional[int] = 4096 * 4096
 _graph_bound = False  # set by graph_bound()
 # ---------------------------------------------------------------------------------------------
 
@@ -469,12 +478,15 @@ def graph_bound():
         _graph_bound = before
 
 
-def _fills_the_gpu(sm90, m: int, n: int) -> bool:
-    """Whether the Gluon fused kernel's grid (module sm90: its tiles of BLOCK_M tokens x BLOCK_N
-    weight rows) has at least FUSED_SM90_MIN_TILES tiles for y (m, n) (and m > 128, where
-    kernels.fused_matmul runs it)."""
+def _gluon_wins(sm90, m: int, n: int, k: int) -> bool:
+    """Whether the Gluon fused kernel beats dequantize+cuBLAS on x (m, k) @ W.T, W (n, k), by the
+    measured rule above: m > 128 (where kernels.fused_matmul runs it), and its grid (module sm90:
+    tiles of BLOCK_M tokens x BLOCK_N weight rows) has at least FUSED_SM90_MIN_TILES tiles, or W
+    at least FUSED_SM90_MIN_WEIGHTS weights."""
     if FUSED_SM90_MIN_TILES is None or m <= 128:
         return False
+    if FUSED_SM90_MIN_WEIGHTS is not None and n * k >= FUSED_SM90_MIN_WEIGHTS:
+        return True
     return -(-m // sm90.BLOCK_M) * -(-n // sm90.BLOCK_N) >= FUSED_SM90_MIN_TILES
 
 
@@ -489,7 +501,7 @@ def _matmul(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     if 0 < m <= SKINNY_MAX_M:
         return k.skinny_matmul(x, qw)
     sm90 = k.fused_matmul_sm90
-    if _graph_bound and _fills_the_gpu(sm90, m, qw.out_features) and sm90.sm90_ok(x, qw):
+    if _graph_bound and _gluon_wins(sm90, m, qw.out_features, qw.in_features) and sm90.sm90_ok(x, qw):
         return k.fused_matmul(x, qw)
     if DEQUANT_MATMUL_MIN_M is not None and m >= DEQUANT_MATMUL_MIN_M:
         return x @ k.dequantize(qw, x.dtype).t()

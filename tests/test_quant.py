@@ -493,6 +493,11 @@ def test_cuda_dispatch_follows_its_thresholds(monkeypatch):
         assert pick(quant._matmul, 3841, 1024) == "fused"
         assert pick(quant._matmul, 3840, 1024) == "dequantize+cuBLAS"
         assert pick(quant._matmul, 128, 32768) == "dequantize+cuBLAS"  # M <= 128: not the Gluon kernel's
+        # or a large W (4096 x 4096 weights and more) at any M > 128: few tiles are split along K
+        assert quant.FUSED_SM90_MIN_WEIGHTS == 4096 * 4096
+        assert pick(quant._matmul, 129, 4096, k=4096) == "fused"
+        assert pick(quant._matmul, 129, 4096, k=4032) == "dequantize+cuBLAS"
+        assert pick(quant._matmul, 128, 4096, k=4096) == "dequantize+cuBLAS"
         assert pick(quant._matmul_dx, 4096, 4096) == "dequantize+cuBLAS"  # no Gluon dx
         Kernels.fused_matmul_sm90.hopper = False  # elsewhere the Triton fused kernel loses from M = 64
         assert pick(quant._matmul, 4096, 4096) == "dequantize+cuBLAS"
