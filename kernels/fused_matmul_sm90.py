@@ -15,10 +15,10 @@ of BLOCK_N = 128 weight rows x BLOCK_M = 256 tokens, in turn. Per program: 8 dec
 warp groups, group g owns weight rows 64 g .. 64 g + 63 of the tile, one loader warp, one scale
 warp and one store warp (Gluon's warp_specialize runs each on its own function; 12 warps
 launch, warp groups being whole). The K loop steps by BLOCK_K = 64 = one NF4 block (one scale
-per row per step). A ring of STAGES (5) stages in shared memory holds, per step, the (256, 64) bf16 x tile and the
-(128, 32) packed W bytes, brought by two TMA copies, and the 128 rows' scales, each as the bf16
-pair (absmax, absmax); the stage's mbarrier ready[s] completes when both copies have landed
-and the scale warp has arrived. The loader and scale warps each fill their part of step j's
+per row per step). A ring of STAGES (5) stages in shared memory holds, per step, the (256, 64)
+bf16 x tile and the (128, 32) packed W bytes, brought by two TMA copies, and the 128 rows'
+scales, each as the bf16 pair (absmax, absmax); the stage's mbarrier ready[s] completes when
+both copies have landed and the scale warp has arrived. The loader and scale warps each fill their part of step j's
 stage once it is free again (empty[j % STAGES]); the ring runs on across tiles, so the next
 tile's first steps are there when the decoding warps finish the last tile. The
 scale warp computes absmax = code8[q] * absmax2 + offset (double quantization) from global
@@ -236,8 +236,8 @@ if HAVE_GLUON:
         return tiles + (tiles % gl.num_programs(0)) * (SPLIT - 1)
 
     @gluon.jit
-    def _decode_and_mma(x_ring, p_ring, s_ring, table, ready, empty, y_ready, y_free, code_ptr, cands_ptr,
-                        n_cands, ws_ptr, flags_ptr, SPLIT, M, N, KP,
+    def _decode_and_mma(x_ring, p_ring, s_ring, table, ready, empty, y_ready, y_free, code_ptr,
+                        cands_ptr, n_cands, ws_ptr, flags_ptr, SPLIT, M, N, KP,
                         BLOCK_M: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
                         num_warps: gl.constexpr):
         """The 8 decoding warps (steps 1-4 of the module docstring), for each of this program's
@@ -559,7 +559,7 @@ if HAVE_GLUON:
             mbarrier.init(y_free.index(h), count=1)
         STEP_BYTES: gl.constexpr = x_desc.block_type.nbytes + p_desc.block_type.nbytes
 
-        # the decoding warps (num_warps of them), the loader warp and the scale warp, each running
+        # the decoding warps (num_warps of them), the loader, scale and store warps, each running
         # its function
         gl.warp_specialize([
             (_decode_and_mma, (x_ring, p_ring, s_ring, table, ready, empty, y_ready, y_free, code_ptr,
@@ -583,8 +583,9 @@ def sm90_ok(x: torch.Tensor, w) -> bool:
     """Whether fused_matmul_sm90 can take this call: Gluon, an sm_90 GPU, bf16 x that TMA can
     read (unit stride along K, 16-byte aligned base and rows), an NF4 weight with blocks of 64
     and double quantization (quant.py's default) whose packed bytes start 16-byte aligned (TMA
-    reads them too), and out_features a multiple of 128 (every LLaMA / Mistral projection). Not
-    enabled, because they faulted ("illegal instruction") in their first GPU tests and were not
+    reads them too), at least two blocks along K (y's tile leaves through the stages of a
+    tile's last two K steps), and out_features a multiple of 128 (every LLaMA / Mistral
+    projection). Not enabled, because they faulted ("illegal instruction") in their first GPU tests and were not
     debugged: out_features not a multiple of 128 (a partial last tile; the 1-D TMA of its scales,
     since replaced by the scale warp's loads, was a suspect), and NF4 with float32 absmax (a
     variant reading them, since removed). fused_matmul runs the Triton kernel there."""
@@ -620,8 +621,8 @@ def _split_last_wave(tiles: int, sms: int, num_k: int, device):
     parts (at most MAX_SPLIT, and num_k / 2: a part that stores y keeps two steps' stages for
     it), summed through a float32 workspace. With T <= S / 2 (few tokens: 32 tiles at 4096x4096,
     M = 256) all T tiles are that last wave: SPLIT = S // T parts each (the same bounds), on G =
-    T * SPLIT programs. The flags are zeroed for each call (a memset launch, about 2 us): shared
-    between calls, two calls on different streams could see each other's."""
+    T * SPLIT programs. The flags are zeroed for each call (a memset launch, about 4 us of GPU
+    time): shared between calls, two calls on different streams could see each other's."""
     if tiles <= sms // 2:
         r, split = tiles, min(sms // tiles, MAX_SPLIT, num_k // 2)
         programs = tiles * split

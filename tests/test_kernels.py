@@ -1014,10 +1014,10 @@ def test_gpu_fused_sm90(fmt, n, k):
     it for M > 128 (a second call: the same bits). The last wave's tiles split along K
     (_split_last_wave) on an H100's 132 SMs: 11008x4096 at M = 333 (172 tiles: 40 in 3 parts)
     and 4096 (1376: 56 in 2); with at most 66 tiles all of them, 4096x4096 at M = 1 and 129 (32
-    tiles in 4 parts), 333 (64 in 2), 256x320 and 128x296 (2-3 steps a part); 17024x256 at M = 1 and 129 (133 tiles: 1 in 2 parts of two
-    steps), 333 and 4096 (266 and 2128 tiles: 2 and 16 in 2); 17024x128 (two K steps, too few
-    to split: a stored tile keeps two stages for y) is not, and at M = 4096 runs 16 tiles of
-    two steps in a row on a program. Where sm90_ok refuses (x strided along K, N not a
+    tiles in 4 parts), 333 (64 in 2), 256x320 and 128x296 (2-3 steps a part); 17024x256 at
+    M = 1 and 129 (133 tiles: 1 in 2 parts of two steps), 333 and 4096 (266 and 2128 tiles: 2
+    and 16 in 2); 17024x128 (two K steps, too few to split: a stored tile keeps two stages for
+    y) is not, and at M = 4096 runs 16 tiles of two steps in a row on a program. Where sm90_ok refuses (x strided along K, N not a
     multiple of 128, NF4 without double quantization, a single K step), fused_matmul runs the
     Triton kernel."""
     sm90 = importlib.import_module("kernels.fused_matmul_sm90")
