@@ -50,8 +50,8 @@ goes out, and the writes to global memory overlap its K loop. And the last
 wave: T tiles on G programs leave T % G for it; when that is G / 2 or fewer
 (11008x4096 at M = 4096: 1376 tiles, 10 waves of 132, then 56), those tiles are split along K
 into up to 4 parts run by different programs, whose float32 sums meet in a workspace (parts
-1.. write theirs and raise a flag, zeroed for each call; part 0 waits for each flag, adds in
-order and stores y: deterministic), so that most SMs do not idle through a whole last tile.
+1.. write theirs and raise a flag; part 0 waits for each flag, adds in order, lowers the flags
+for the next call and stores y: deterministic), so that most SMs do not idle through a whole last tile.
 With no more tiles than half the SMs (few tokens: 32 at 4096x4096, M = 256), every tile is
 split so, on as many programs as its parts.
 Why the weights go to wgmma in registers (seventeenth session): with both operands in shared
@@ -114,7 +114,9 @@ Hazards, and what orders them:
     (tiles of few steps: the next one need not wait for the stages the store warp frees).
   - a split tile's part 0 spins on flags that parts 1.. raise after writing their sums (a
     barrier, then a release); they wait for nothing, so the spin ends as soon as they have run,
-    on other SMs (G is at most the number of SMs, one program each).
+    on other SMs (G is at most the number of SMs, one program each). Part 0 lowers the flags
+    after a barrier (every thread of it has seen them raised); the next call on the stream
+    starts after this one ends, so it finds them down.
   - the decoding table is filled before the decoding warps' first barrier and only read after;
     it is an argument of their function, so the compiler keeps its memory while they run
     (it does not see the reads, which are by address).
@@ -288,10 +290,11 @@ if HAVE_GLUON:
     @gluon.jit
     def _split_sums(acc, ws_ptr, flags_ptr, v, r, SPLIT):
         """Part v // r of split tile v % r: a part s >= 1 writes its float32 sums to the
-        workspace (slot v - r) and raises its flag (zeroed by the launcher); part 0 waits for
+        workspace (slot v - r) and raises its flag (0 before the call: _flags); part 0 waits for
         each other part's flag in turn and adds its sums (in the order of the parts: the same
-        result every call). Parts run at the same time on different SMs (one program
-        per SM, and part 0 waits for nobody that waits), so the wait is for the slower part."""
+        result every call), then lowers the flags again. Parts run at the same time on different
+        SMs (one program per SM, and part 0 waits for nobody that waits), so the wait is for the
+        slower part."""
         BLOCK_N: gl.constexpr = acc.shape[0]
         BLOCK_M: gl.constexpr = acc.shape[1]
         rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc.type.layout))
@@ -307,6 +310,9 @@ if HAVE_GLUON:
                 while gl.atomic_add(flags_ptr + slot, 0, sem="acquire", scope="gpu") == 0:
                     pass
                 acc = acc + gl.load(ws_ptr + slot.to(gl.int64) * (BLOCK_N * BLOCK_M) + offs)
+            gl.barrier()  # every thread has seen every flag raised: down again, for the next call
+            for s in range(1, SPLIT):
+                gl.store(flags_ptr + (s - 1) * r + v, 0)
         return acc
 
     @gluon.jit
@@ -621,8 +627,7 @@ def _split_last_wave(tiles: int, sms: int, num_k: int, device):
     parts (at most MAX_SPLIT, and num_k / 2: a part that stores y keeps two steps' stages for
     it), summed through a float32 workspace. With T <= S / 2 (few tokens: 32 tiles at 4096x4096,
     M = 256) all T tiles are that last wave: SPLIT = S // T parts each (the same bounds), on G =
-    T * SPLIT programs. The flags are zeroed for each call (a memset launch, about 4 us of GPU
-    time): shared between calls, two calls on different streams could see each other's."""
+    T * SPLIT programs. The flags: _flags."""
     if tiles <= sms // 2:
         r, split = tiles, min(sms // tiles, MAX_SPLIT, num_k // 2)
         programs = tiles * split
@@ -635,7 +640,28 @@ def _split_last_wave(tiles: int, sms: int, num_k: int, device):
         return programs, split, ws, ws.view(torch.int32)
     slots = (split - 1) * r
     ws = torch.empty(slots * BLOCK_N * BLOCK_M, dtype=torch.float32, device=device)
-    return programs, split, ws, torch.zeros(slots, dtype=torch.int32, device=device)
+    return programs, split, ws, _flags(device, slots, sms)
+
+
+_FLAGS = {}  # device -> the split tiles' flags, all 0 between calls (_flags)
+
+
+def _flags(device, slots: int, sms: int) -> torch.Tensor:
+    """The flags of a call's split tiles, one int32 per part s >= 1, all 0: zeroed once per
+    device and lowered again by each call's parts 0 (_split_sums), which saves a memset launch
+    a call (1.3-2.9 us of GPU time a split call, forty-first session). One buffer for every call on the device:
+    calls on one stream run one after another, but two calls on different streams at the same
+    time would share it. A first call while a CUDA graph is being captured gets flags of its
+    own, zeroed by the graph (allocating the shared buffer there would tie it to the graph's
+    memory)."""
+    flags = _FLAGS.get(device)
+    if flags is None or flags.numel() < slots:
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(slots, dtype=torch.int32, device=device)
+        # (MAX_SPLIT - 1) parts of at most sms / 2 tiles: every call fits
+        flags = torch.zeros(max(slots, (MAX_SPLIT - 1) * sms), dtype=torch.int32, device=device)
+        _FLAGS[device] = flags
+    return flags
 
 
 def table_offset(device, stages: int = STAGES, dq_block: int = 256):

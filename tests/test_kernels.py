@@ -1031,6 +1031,8 @@ def test_gpu_fused_sm90(fmt, n, k):
         assert_matmul_close(y, x, w.t(), dtype)
         if m > 128:
             assert torch.equal(kernels.fused_matmul(x, qw), y)
+        flags = sm90._FLAGS.get(x.device)  # the split tiles' flags: lowered again after each call
+        assert flags is None or not flags.any()
     x = gaussian(300, 2 * k, seed=62, dtype=dtype)[:, ::2]  # stride along K: not for TMA
     assert not sm90.sm90_ok(x, qw)
     assert_matmul_close(kernels.fused_matmul(x, qw), x, w.t(), dtype)  # the Triton kernel
@@ -1062,6 +1064,38 @@ def test_gpu_fused_sm90_table():
     finally:
         sm90._TABLE_CANDIDATES[key] = saved
     assert torch.equal(y, y_global)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not SM90, reason="the Gluon kernel kernels/fused_matmul_sm90.py needs an sm_90 GPU")
+def test_gpu_fused_sm90_in_cuda_graph(monkeypatch):
+    """The Hopper kernel with split tiles (4096x4096 at M = 256: 32 tiles in 4 parts) captured in
+    a CUDA graph before any eager call has made the shared flags (_flags: the graph zeroes its
+    own), replayed on new x, and eager calls after it (the shared flags, made then): every result
+    equals the eager one bit for bit, and the flags are down after each."""
+    sm90 = importlib.import_module("kernels.fused_matmul_sm90")
+    dtype = torch.bfloat16
+    qw = make_weight("nf4dq", 4096, 4096, seed=69)
+    x = gaussian(256, 4096, seed=70, dtype=dtype)
+    monkeypatch.setattr(sm90, "_FLAGS", {})
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiled (and the table found) outside the capture
+        sm90.fused_matmul_sm90(x, qw)
+    torch.cuda.current_stream().wait_stream(side)
+    sm90._FLAGS.clear()  # as if no eager call had come first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = sm90.fused_matmul_sm90(x, qw)
+    assert sm90._FLAGS == {}
+    for seed in (71, 72):
+        x.copy_(gaussian(256, 4096, seed=seed, dtype=dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = sm90.fused_matmul_sm90(x, qw)
+        assert torch.equal(y, eager)
+        assert not sm90._FLAGS[x.device].any()
+    assert_matmul_close(y, x, prmt_weight(qw).t(), dtype)
 
 
 @pytest.mark.cuda
