@@ -18,10 +18,10 @@ launch, warp groups being whole). The K loop steps by BLOCK_K = 64 = one NF4 blo
 per row per step). A ring of STAGES (5) stages in shared memory holds, per step, the (256, 64)
 bf16 x tile and the (128, 32) packed W bytes, brought by two TMA copies, and the 128 rows'
 scales, each as the bf16 pair (absmax, absmax); the stage's mbarrier ready[s] completes when
-both copies have landed and the scale warp has arrived. The loader and scale warps each fill their part of step j's
-stage once it is free again (empty[j % STAGES]); the ring runs on across tiles, so the next
-tile's first steps are there when the decoding warps finish the last tile. The
-scale warp computes absmax = code8[q] * absmax2 + offset (double quantization) from global
+both copies have landed and the scale warp has arrived. The loader and scale warps each fill
+their part of step j's stage once it is free again (empty[j % STAGES]); the ring runs on across
+tiles, so the next tile's first steps are there when the decoding warps finish the last tile.
+The scale warp computes absmax = code8[q] * absmax2 + offset (double quantization) from global
 memory: its loads are issued before it waits for the stage, so their latency is off every
 critical path. Decoding warps, step i:
   1. wait for stage i % STAGES; each thread reads the 32 packed bytes of each of its two rows
@@ -591,10 +591,11 @@ def sm90_ok(x: torch.Tensor, w) -> bool:
     and double quantization (quant.py's default) whose packed bytes start 16-byte aligned (TMA
     reads them too), at least two blocks along K (y's tile leaves through the stages of a
     tile's last two K steps), and out_features a multiple of 128 (every LLaMA / Mistral
-    projection). Not enabled, because they faulted ("illegal instruction") in their first GPU tests and were not
-    debugged: out_features not a multiple of 128 (a partial last tile; the 1-D TMA of its scales,
-    since replaced by the scale warp's loads, was a suspect), and NF4 with float32 absmax (a
-    variant reading them, since removed). fused_matmul runs the Triton kernel there."""
+    projection). Not enabled, because they faulted ("illegal instruction") in their first GPU
+    tests and were not debugged: out_features not a multiple of 128 (a partial last tile; the
+    1-D TMA of its scales, since replaced by the scale warp's loads, was a suspect), and NF4
+    with float32 absmax (a variant reading them, since removed). fused_matmul runs the Triton
+    kernel there."""
     return (HAVE_GLUON and x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0)
             and x.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(1) == 1
             and x.data_ptr() % 16 == 0 and (x.stride(0) * 2) % 16 == 0 and x.shape[0] > 0
@@ -649,18 +650,17 @@ _FLAGS = {}  # device -> the split tiles' flags, all 0 between calls (_flags)
 def _flags(device, slots: int, sms: int) -> torch.Tensor:
     """The flags of a call's split tiles, one int32 per part s >= 1, all 0: zeroed once per
     device and lowered again by each call's parts 0 (_split_sums), which saves a memset launch
-    a call (1.3-2.9 us of GPU time a split call, forty-first session). One buffer for every call on the device:
-    calls on one stream run one after another, but two calls on different streams at the same
-    time would share it. A first call while a CUDA graph is being captured gets flags of its
-    own, zeroed by the graph (allocating the shared buffer there would tie it to the graph's
-    memory)."""
+    a call (1.3-2.9 us of GPU time a split call, forty-first session). One buffer for every
+    call on the device, (MAX_SPLIT - 1) * sms flags: a call has at most MAX_SPLIT - 1 parts
+    s >= 1 of at most sms / 2 tiles (_split_last_wave). Calls on one stream run one after
+    another, but two calls on different streams at the same time would share it. A first call
+    while a CUDA graph is being captured gets flags of its own, zeroed by the graph (allocating
+    the shared buffer there would tie it to the graph's memory)."""
     flags = _FLAGS.get(device)
-    if flags is None or flags.numel() < slots:
+    if flags is None:
         if torch.cuda.is_current_stream_capturing():
             return torch.zeros(slots, dtype=torch.int32, device=device)
-        # (MAX_SPLIT - 1) parts of at most sms / 2 tiles: every call fits
-        flags = torch.zeros(max(slots, (MAX_SPLIT - 1) * sms), dtype=torch.int32, device=device)
-        _FLAGS[device] = flags
+        flags = _FLAGS[device] = torch.zeros((MAX_SPLIT - 1) * sms, dtype=torch.int32, device=device)
     return flags
 
 
